@@ -1,0 +1,107 @@
+"""The `tailor` command: one subcommand per step of a fine-tuning job."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Tailor: fit a pre-trained LLM to one business — its task, its jargon, its voice.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _fail(exc: Exception, code: int = 2) -> None:
+    err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    job_file: Path = typer.Argument(..., help="The job YAML file (see examples/ and `tailor spec`)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a job key: --set training.learning_rate=1e-4"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run of this job from its last checkpoint."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (logs still go to metrics.jsonl)."),
+):
+    """Fine-tune a base model as the job file says; writes a run folder under output.dir/name/."""
+    from tailor.data import DataError
+    from tailor.models import ModelNotFound
+    from tailor.spec import SpecError, load_job
+    from tailor.techniques import task
+    from tailor.train.encode import TemplateError
+
+    try:
+        job = load_job(job_file, set_)
+    except SpecError as exc:
+        _fail(exc)
+    _quiet_libraries()
+    try:
+        task.run(job, resume=resume, console=err, show_progress=not no_progress)
+    except (DataError, ModelNotFound, task.ResumeError, TemplateError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def chat(
+    prompt: str = typer.Argument(..., help="What to ask."),
+    model: Optional[str] = typer.Option(None, "--model", help="A base model: embedded:NAME, hub id, folder or .gguf file."),
+    run: Optional[Path] = typer.Option(None, "--run", help="A finished run folder (runs/NAME/RUN-ID)."),
+    system: Optional[str] = typer.Option(None, "--system", help="An optional system message."),
+    max_new_tokens: int = typer.Option(200, help="Longest answer in tokens."),
+):
+    """Print one greedy answer from a base model or a fine-tuned run, using the model's chat template."""
+    from tailor.models import ModelNotFound
+    from tailor.models.generate import answer, load_base, load_run
+    from tailor.spec import EMBEDDED_DEFAULT
+
+    if model and run:
+        _fail(ValueError("give --model or --run, not both"))
+    _quiet_libraries()
+    try:
+        lm, tokenizer = load_run(run) if run else load_base(model or EMBEDDED_DEFAULT)
+    except (ModelNotFound, FileNotFoundError) as exc:
+        _fail(exc)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    out.print(answer(lm, tokenizer, [messages], max_new_tokens)[0], highlight=False, markup=False)
+
+
+@app.command()
+def spec(section: Optional[str] = typer.Argument(None, help="Only keys under this section, e.g. training.")):
+    """Every key of the job file with its type, default and what it does."""
+    from tailor.spec import describe_fields
+
+    table = Table(show_lines=False)
+    for col in ("key", "type", "default", "description"):
+        table.add_column(col, overflow="fold")
+    for key, type_name, default, doc in describe_fields():
+        if section is None or key.startswith(section.rstrip(".") + ".") or key == section:
+            table.add_row(key, type_name, default, doc)
+    out.print(table)
+
+
+@app.command()
+def quickstart(
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Where the run folder goes."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the bundled job's epochs)."),
+):
+    """The whole chain on the bundled example: train a LoRA adapter on the embedded model, then
+    show the base and tuned answers to held-out questions side by side."""
+    from tailor.quickstart import run_quickstart
+
+    _quiet_libraries()
+    run_quickstart(out_dir, steps, out, err)
+

@@ -1,0 +1,71 @@
+"""`tailor quickstart`: every step of a fine-tuning job on the bundled example, in a few minutes.
+
+Each step of Tailor adds its part here, so `make demo` shows the whole chain on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).parent
+JOB = HERE / "job.yaml"
+HELD_OUT = HERE / "data" / "held_out.jsonl"
+
+
+def held_out_questions() -> list[str]:
+    return [json.loads(line)["question"] for line in HELD_OUT.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console) -> Path:
+    from tailor.data import read_chat_jsonl
+    from tailor.models import resolve_model
+    from tailor.models.generate import answer, load_run
+    from tailor.spec import load_job
+    from tailor.techniques import task
+
+    overrides = [f"output.dir={out_dir.resolve()}"] + ([f"training.max_steps={steps}"] if steps else [])
+    job = load_job(JOB, overrides)
+    started = time.perf_counter()
+
+    out.rule("[bold]1 · Load the base model")
+    t = time.perf_counter()
+    resolved = resolve_model(job.model.base)
+    out.print(f"{job.model.base} → {resolved.path} ({time.perf_counter() - t:.1f} s; converted from GGUF once, "
+              "then loaded from this cache)")
+
+    out.rule("[bold]2 · The data")
+    examples = read_chat_jsonl(job.data.train[0])
+    out.print(f"{len(examples)} support conversations of Lumen Lane Lamps from {job.data.train[0]}")
+    out.print("Their voice: every answer opens with 'Hello, bright spark!' and signs off "
+              "'Keep glowing! — Wick, Lumen Lane', and uses the shop's own words (Glow Pass, Glowpoints, the Wick check).")
+
+    out.rule("[bold]3 · Fine-tune (LoRA)")
+    run_dir = task.run(job, console=err)
+
+    out.rule("[bold]4 · Base vs tuned on held-out questions")
+    model, tokenizer = load_run(run_dir)
+    questions = held_out_questions()
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    tuned = answer(model, tokenizer, conversations, max_new_tokens=120)
+    with model.disable_adapter():  # the base model is the same weights with the adapter switched off
+        base = answer(model, tokenizer, conversations, max_new_tokens=120)
+
+    table = Table(show_lines=True, expand=True)
+    table.add_column("question", ratio=2)
+    table.add_column("base model", ratio=3)
+    table.add_column("tuned model", ratio=3, style="green")
+    for q, b, a in zip(questions, base, tuned):
+        table.add_row(q, b, a)
+    out.print(table)
+    lines = ["# Quickstart: base vs tuned", ""]
+    for q, b, a in zip(questions, base, tuned):
+        lines += [f"## {q}", "", "**Base:**", "", b, "", "**Tuned:**", "", a, ""]
+    (run_dir / "quickstart.md").write_text("\n".join(lines), encoding="utf-8")
+    out.print(f"Done in {time.perf_counter() - started:.0f} s. Run folder: {run_dir}")
+    out.print(f"Ask it yourself: tailor chat --run {run_dir} \"How do I pair my Ember?\"")
+    return run_dir

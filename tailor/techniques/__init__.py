@@ -1,0 +1,1 @@
+"""Step 3: fine-tuning techniques, one recipe module each."""

@@ -1,0 +1,183 @@
+"""Task-specific fine-tuning: supervised training on one task's conversations.
+
+The recipe reads the job top to bottom: check the data, load the base model, attach the adapter,
+train, save. It is the only place that reads the job spec; everything it calls takes explicit
+arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tailor.data import read_many
+from tailor.models import best_dtype, load_model, load_tokenizer, resolve_model
+from tailor.models.hardware import hardware_summary
+from tailor.spec import Job, dump_job
+from tailor.train.adapters import AdapterConfig, apply_adapter, trainable_names
+from tailor.train.encode import encode_chat
+from tailor.train.loop import TrainSettings, train
+from tailor.train.packing import make_rows
+from tailor.train.rundir import file_sha256, latest_run_dir, new_run_dir, versions, write_atomic
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True) -> Path:
+    console = console or Console(stderr=True)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    is_main = accelerator.is_main_process
+    say = console.print if is_main else (lambda *a, **k: None)
+    torch.set_num_threads(job.training.threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+
+    # 1. The data, checked line by line before any weights load.
+    train_raw = read_many(job.data.train)
+    val_raw = read_many(job.data.validation) if job.data.validation else []
+    if not val_raw and job.data.validation_fraction > 0 and len(train_raw) >= 10:
+        train_raw, val_raw = _hold_out(train_raw, job.data.validation_fraction, job.training.seed)
+
+    # 2. The run folder: a new one, or the latest of this job when resuming.
+    run_dir = _run_dir(job, resume, accelerator)
+    if (run_dir / "DONE").exists():
+        say(f"[green]{run_dir} already finished[/]; nothing to resume.")
+        return run_dir
+
+    # 3. The base model and its tokenizer.
+    resolved = resolve_model(job.model.base, job.model.revision)
+    tokenizer = load_tokenizer(resolved.path)
+    dtype = best_dtype(job.model.dtype, accelerator.device)
+    train_set = [encode_chat(tokenizer, ex.messages, job.training.max_seq_len) for ex in train_raw]
+    val_set = [encode_chat(tokenizer, ex.messages, job.training.max_seq_len) for ex in val_raw]
+    stats = _encoding_stats(train_set, val_set)
+    train_set = [e for e in train_set if e.n_labels]  # an answer cut off entirely leaves nothing to learn
+    val_set = [e for e in val_set if e.n_labels]
+    rows = make_rows(train_set, job.training.max_seq_len, job.training.packing)
+    val_rows = make_rows(val_set, job.training.max_seq_len, job.training.packing)
+    stats["rows"] = len(rows)
+    stats["padding_share"] = 1 - stats["train_tokens"] / max(1, len(rows) * job.training.max_seq_len)
+    if stats["truncated"]:
+        say(f"[yellow]{stats['truncated']} example(s) longer than training.max_seq_len="
+            f"{job.training.max_seq_len} were truncated ({stats['dropped']} lost every answer token and were dropped)[/]")
+
+    torch.manual_seed(job.training.seed)
+    random.seed(job.training.seed)
+    model = load_model(resolved.path, dtype, accelerator.device, job.model.trust_remote_code)
+    model.config.use_cache = False
+    model = apply_adapter(model, AdapterConfig(**job.adapter.model_dump()))
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+
+    if is_main:
+        write_atomic(run_dir / "job.yaml", dump_job(job))
+        manifest = {
+            "name": job.name, "technique": job.technique, "run_dir": str(run_dir),
+            "model": {"source": job.model.base, "kind": resolved.kind, "path": resolved.path,
+                      "hub_id": resolved.hub_id, "dtype": str(dtype).removeprefix("torch.")},
+            "data": {"train": [_file_entry(p) for p in job.data.train],
+                     "validation": [_file_entry(p) for p in job.data.validation]},
+            "encoding": stats, "seed": job.training.seed,
+            "adapter": {"kind": job.adapter.kind, "trainable_parameters": n_trainable, "total_parameters": n_total,
+                        "trainable": trainable_names(model) if job.adapter.kind != "lora" else None},
+            "processes": accelerator.num_processes, "versions": versions(), "hardware": hardware_summary(),
+        }
+        write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
+        say(f"[bold]{job.name}[/]: {len(train_set)} train / {len(val_set)} validation examples in {len(rows)} rows "
+            f"({stats['padding_share']:.0%} padding), {job.adapter.kind} training {n_trainable:,} of {n_total:,} "
+            f"parameters in {str(dtype).removeprefix('torch.')} on {accelerator.num_processes} process(es)")
+        say(f"run folder: {run_dir}")
+
+    # 4. Train.
+    settings = TrainSettings(
+        **job.training.model_dump(exclude={"max_seq_len", "packing", "threads"}),
+        bf16_autocast=dtype == torch.bfloat16,
+    )
+    summary = train(model, train_set, rows, val_set, val_rows, settings, run_dir, accelerator,
+                    tokenizer.pad_token_id, resume=resume, show_progress=show_progress)
+
+    # 5. Save the result where serving and evaluation expect it.
+    if is_main:
+        _save_result(accelerator.unwrap_model(model), tokenizer, run_dir, job.adapter.kind)
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        (run_dir / "DONE").write_text("", encoding="utf-8")
+        say(f"[green]done[/]: train loss {summary['final_train_loss']:.4f}"
+            + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "")
+            + (f", {summary['tokens_per_s_median']:.0f} tokens/s" if summary["tokens_per_s_median"] else "")
+            + f" → {run_dir}")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(examples) * fraction))
+    held = set(order[:n_val])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def _run_dir(job: Job, resume: bool, accelerator) -> Path:
+    """Rank 0 picks (or creates) the folder; the others are told which."""
+    chosen = [None]
+    if accelerator.is_main_process:
+        if resume:
+            latest = latest_run_dir(job.output.dir, job.name)
+            if latest is None:
+                raise ResumeError(f"--resume: no earlier run of job '{job.name}' in {job.output.dir}/{job.name}; "
+                                  "run without --resume to start one")
+            _check_same_job(latest, job)
+            chosen[0] = str(latest)
+        else:
+            chosen[0] = str(new_run_dir(job.output.dir, job.name))
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+def _check_same_job(run_dir: Path, job: Job) -> None:
+    import yaml
+
+    before = yaml.safe_load((run_dir / "job.yaml").read_text(encoding="utf-8")) if (run_dir / "job.yaml").exists() else None
+    if before is None:
+        return
+    now = yaml.safe_load(dump_job(job))
+    changed = [f"{sec}.{k}" for sec, vals in now.items() if isinstance(vals, dict)
+               for k, v in vals.items() if before.get(sec, {}).get(k) != v and k != "threads"]
+    changed += [k for k, v in now.items() if not isinstance(v, dict) and before.get(k) != v]
+    if changed:
+        raise ResumeError(f"--resume: {run_dir} was started with a different job ({', '.join(changed)} changed); "
+                          "restore those values to resume, or run without --resume to start a new run")
+
+
+def _file_entry(path: str) -> dict:
+    return {"path": path, "sha256": file_sha256(path)}
+
+
+def _encoding_stats(train_set, val_set) -> dict:
+    return {
+        "train_examples": len(train_set), "validation_examples": len(val_set),
+        "truncated": sum(e.truncated for e in train_set + val_set),
+        "dropped": sum(not e.n_labels for e in train_set + val_set),
+        "train_tokens": sum(len(e) for e in train_set),
+        "train_label_tokens": sum(e.n_labels for e in train_set),
+    }
+
+
+def _save_result(model, tokenizer, run_dir: Path, kind: str) -> None:
+    """adapter/ (PEFT format) for LoRA, model/ (a full transformers folder) otherwise."""
+    name = "adapter" if kind == "lora" else "model"
+    tmp = run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(run_dir / name, ignore_errors=True)
+    os.replace(tmp, run_dir / name)

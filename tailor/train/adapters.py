@@ -1,0 +1,104 @@
+"""Which weights train (LoRA, full, or the top blocks) and at what learning rate each."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    kind: str = "lora"  # lora | full | freeze
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    train_top_blocks: int = 2
+    train_head: bool = False
+    train_norm: bool = True
+
+
+def num_blocks(model: nn.Module) -> int:
+    return model.config.num_hidden_layers
+
+
+def block_index(name: str) -> int | None:
+    m = BLOCK.search(name)
+    return int(m.group(1)) if m else None
+
+
+def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+    """Return the model to train, with requires_grad set on exactly the parameters that train.
+    Trainable weights are kept in float32 (the frozen ones stay in the compute dtype)."""
+    if cfg.kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
+            target_modules=cfg.target_modules,
+        )
+        # autocast_adapter_dtype: PEFT keeps the LoRA weights in float32 beside bf16 base weights.
+        model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    elif cfg.kind == "full":
+        model.requires_grad_(True)
+    elif cfg.kind == "freeze":
+        _freeze_all_but_top(model, cfg)
+    else:
+        raise ValueError(f"adapter.kind: unknown kind {cfg.kind!r}; use lora, full or freeze")
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def _freeze_all_but_top(model: nn.Module, cfg: AdapterConfig) -> None:
+    n = num_blocks(model)
+    if cfg.train_top_blocks > n:
+        raise ValueError(f"adapter.train_top_blocks: {cfg.train_top_blocks} is more than the model's {n} blocks")
+    model.requires_grad_(False)
+    first = n - cfg.train_top_blocks
+    for name, p in model.named_parameters():
+        idx = block_index(name)
+        if idx is not None and idx >= first:
+            p.requires_grad_(True)
+    decoder = model.get_decoder()
+    if cfg.train_norm and getattr(decoder, "norm", None) is not None:
+        decoder.norm.requires_grad_(True)
+    if cfg.train_head:
+        model.get_output_embeddings().requires_grad_(True)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def param_groups(model: nn.Module, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
+    """One optimizer group per learning rate. Block i of L gets lr * decay**(L-1-i): the layers near
+    the output change most. Embeddings get decay**L; the head and final norm get lr."""
+    n = num_blocks(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    groups: dict[tuple[float, float], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        idx = block_index(name)
+        if idx is not None:
+            scale = layer_decay ** (n - 1 - idx)
+        elif "embed" in name and id(p) not in head_ids:
+            scale = layer_decay ** n
+        else:
+            scale = 1.0
+        # No weight decay on norms and biases (1-D tensors), as is usual for transformers.
+        wd = weight_decay if p.ndim >= 2 else 0.0
+        group = groups.setdefault((scale, wd), {"params": [], "names": [], "lr": lr * scale,
+                                                "lr_scale": scale, "weight_decay": wd})
+        group["params"].append(p)
+        group["names"].append(name)
+    return sorted(groups.values(), key=lambda g: (g["lr_scale"], g["weight_decay"]))

@@ -1,0 +1,70 @@
+"""Conversations to token ids with a loss mask that covers exactly the assistant answers.
+
+We render the conversation with the model's own chat template and find each assistant answer by
+rendering the conversation up to it: the text between "everything before, plus the generation
+prompt" and "everything up to and including this answer" is the answer and its end-of-turn token.
+Tokens inside that span get labels; system, user, template scaffolding and padding never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss; same length as input_ids (not yet shifted)
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_labels(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of the assistant answers that carry loss."""
+    full = _render(tokenizer, messages, False)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant" or not msg.get("weight", 1):
+            continue
+        start = len(_render(tokenizer, messages[:i], True))
+        through = _render(tokenizer, messages[: i + 1], False)
+        if not full.startswith(through) or start > len(through):
+            raise TemplateError(
+                "the chat template does not render conversations as growing prefixes, so answers "
+                "cannot be located; use a model whose template does (ChatML, Llama 3, Qwen, SmolLM2)"
+            )
+        end = len(through)
+        # The span ends with the end-of-turn token; trailing newlines after it are scaffolding.
+        while end > start and through[end - 1].isspace():
+            end -= 1
+        spans.append((start, end))
+    return full, spans
+
+
+def encode_chat(tokenizer, messages: list[dict], max_len: int) -> Encoded:
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for j, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(a < e and b > s for s, e in spans):
+            labels[j] = ids[j]
+    truncated = len(ids) > max_len
+    return Encoded(ids[:max_len], labels[:max_len], truncated)

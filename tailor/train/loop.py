@@ -1,0 +1,206 @@
+"""The training loop: one function that reads top to bottom.
+
+Every rank knows the whole plan (which rows go into which optimizer step), so the loss can be
+normalised by the label tokens of the whole optimizer step. That makes gradient accumulation,
+data parallelism and one large batch give the same gradient, and makes a resumed run replay the
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tailor.train.adapters import param_groups
+from tailor.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tailor.train.encode import Encoded
+from tailor.train.loss import CausalLMLoss
+from tailor.train.packing import collate, epoch_order
+from tailor.train.progress import progress_bar
+from tailor.train.rundir import MetricsLog
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    learning_rate: float = 2e-4
+    layer_lr_decay: float = 1.0
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    log_every: int = 5
+    eval_every: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    bf16_autocast: bool = False
+
+
+@dataclass
+class Plan:
+    """Which rows each optimizer step uses: a pure function of (rows, settings, world size)."""
+
+    n_rows: int
+    rows_per_step: int
+    steps_per_epoch: int
+    total_steps: int
+    seed: int
+
+    @classmethod
+    def make(cls, n_rows: int, s: TrainSettings, world: int) -> "Plan":
+        per_step = s.batch_size * s.grad_accum * world
+        per_epoch = math.ceil(n_rows / per_step)
+        total = s.max_steps if s.max_steps else math.ceil(s.epochs * per_epoch)
+        return cls(n_rows, per_step, per_epoch, total, s.seed)
+
+    def step_rows(self, step: int) -> list[int]:
+        """Row indices of optimizer step `step` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = epoch_order(self.n_rows, self.seed, epoch)
+        return order[k * self.rows_per_step:(k + 1) * self.rows_per_step]
+
+
+def make_scheduler(optimizer, kind: str, total: int, warmup: int):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    if kind == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    if kind == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_examples: list[Encoded],
+          val_rows: list[list[int]], settings: TrainSettings, run_dir: Path, accelerator, pad_id: int,
+          resume: bool = False, show_progress: bool = True) -> dict:
+    s = settings
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    device = accelerator.device
+    plan = Plan.make(len(rows), s, world)
+    row_tokens = [sum(examples[i].n_labels for i in row) for row in rows]
+
+    # --- set up ---------------------------------------------------------------------------------
+    groups = param_groups(model, s.learning_rate, s.layer_lr_decay, s.weight_decay)
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=s.learning_rate, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
+    scheduler = make_scheduler(optimizer, s.scheduler, plan.total_steps, int(s.warmup_ratio * plan.total_steps))
+    objective = accelerator.prepare_model(CausalLMLoss(model))  # DDP-wrapped when world > 1
+    plain_objective = accelerator.unwrap_model(objective)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=s.bf16_autocast)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
+    ckpt_dir = run_dir / "checkpoints"
+
+    start = 0
+    if resume and list_checkpoints(ckpt_dir):
+        state = load_checkpoint(list_checkpoints(ckpt_dir)[-1], model, optimizer, scheduler, rank)
+        start = state["step"]
+        metrics.truncate_after(start)
+    else:
+        metrics.truncate_after(0)
+
+    def batch_of(indices: list[int]) -> dict:
+        return {k: v.to(device) for k, v in collate([rows[i] for i in indices], examples, pad_id).items()}
+
+    def validate(step: int) -> dict | None:
+        if not val_rows:
+            return None
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        with torch.no_grad(), torch.autocast(**autocast):
+            for i in range(rank * s.batch_size, len(val_rows), world * s.batch_size):
+                b = {k: v.to(device) for k, v in collate(val_rows[i:i + s.batch_size], val_examples, pad_id).items()}
+                loss_sum, correct, count = plain_objective(b["input_ids"], b["labels"], b["position_ids"])
+                totals += torch.stack([loss_sum.double(), correct.double(), count.double()])
+        totals = accelerator.reduce(totals, "sum")
+        model.train()
+        val_loss = (totals[0] / totals[2]).item()
+        row = {"type": "eval", "step": step, "epoch": round(step / plan.steps_per_epoch, 4),
+               "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
+               "val_token_accuracy": (totals[1] / totals[2]).item()}
+        metrics.write(row)
+        return row
+
+    # --- train ----------------------------------------------------------------------------------
+    model.train()
+    window = {"loss": 0.0, "labels": 0, "tokens": 0, "time": 0.0, "grad_norm": 0.0, "steps": 0}
+    speeds, last_train, last_eval = [], None, None
+    with progress_bar(plan.total_steps, start, show_progress and is_main) as bar:
+        for step in range(start, plan.total_steps):
+            t0 = time.perf_counter()
+            step_rows = plan.step_rows(step)
+            step_labels = sum(row_tokens[i] for i in step_rows)
+            micro = s.batch_size * world
+            chunks = [step_rows[a:a + micro] for a in range(0, len(step_rows), micro)]
+            totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, real tokens
+            for a, chunk in enumerate(chunks):
+                mine = chunk[rank * s.batch_size:(rank + 1) * s.batch_size]
+                weight = 1.0 if mine else 0.0  # a rank left without rows still joins the all-reduce
+                b = batch_of(mine or chunk[:1])
+                sync = a == len(chunks) - 1
+                with accelerator.no_sync(objective) if not sync else nullcontext():
+                    with torch.autocast(**autocast):
+                        loss_sum, _, _ = objective(b["input_ids"], b["labels"], b["position_ids"], weight)
+                    # DDP averages gradients over ranks; scaling by world restores the sum, and dividing
+                    # by the step's label tokens gives the per-token mean of the whole global batch.
+                    (loss_sum * world / step_labels).backward()
+                real_tokens = sum(len(examples[i]) for r in mine for i in rows[r])
+                totals += torch.tensor([loss_sum.item(), real_tokens], dtype=torch.float64, device=device)
+            max_norm = s.max_grad_norm if s.max_grad_norm else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+            lr = optimizer.param_groups[-1]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            totals = accelerator.reduce(totals, "sum")
+            dt = time.perf_counter() - t0
+            window["loss"] += totals[0].item()
+            window["labels"] += step_labels
+            window["tokens"] += int(totals[1].item())
+            window["time"] += dt
+            window["grad_norm"] = max(window["grad_norm"], grad_norm)
+            window["steps"] += 1
+            if step > start:  # the first step pays for warm-up allocations
+                speeds.append(totals[1].item() / dt)
+            done = step + 1
+
+            if done % s.log_every == 0 or done == plan.total_steps:
+                last_train = {"type": "train", "step": done, "epoch": round(done / plan.steps_per_epoch, 4),
+                              "loss": window["loss"] / window["labels"], "lr": lr, "grad_norm": window["grad_norm"],
+                              "tokens_per_s": window["tokens"] / window["time"], "tokens": window["tokens"]}
+                metrics.write(last_train)
+                bar.update(done, loss=f"{last_train['loss']:.4f}", lr=f"{lr:.2e}",
+                           tps=f"{last_train['tokens_per_s']:.0f}")
+                window = dict.fromkeys(window, 0.0) | {"labels": 0, "tokens": 0, "steps": 0}
+            else:
+                bar.update(done)
+
+            epoch_end = done % plan.steps_per_epoch == 0
+            if (s.eval_every and done % s.eval_every == 0) or epoch_end or done == plan.total_steps:
+                last_eval = validate(done) or last_eval
+                if last_eval:
+                    bar.update(done, val=f" · val {last_eval['val_loss']:.4f}")
+            if (s.save_every and done % s.save_every == 0) or done == plan.total_steps:
+                save_checkpoint(ckpt_dir, done, model, optimizer, scheduler,
+                                {"step": done, "total_steps": plan.total_steps}, rank, is_main, s.keep_checkpoints)
+
+    return {
+        "steps": plan.total_steps, "resumed_from_step": start, "steps_per_epoch": plan.steps_per_epoch,
+        "final_train_loss": last_train["loss"] if last_train else None,
+        "final_val_loss": last_eval["val_loss"] if last_eval else None,
+        "final_val_token_accuracy": last_eval["val_token_accuracy"] if last_eval else None,
+        "tokens_per_s_median": statistics.median(speeds) if speeds else None,
+    }
+

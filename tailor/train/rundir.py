@@ -1,0 +1,100 @@
+"""The run folder, the API between training, evaluation and serving.
+
+runs/<name>/<run-id>/
+  job.yaml          the resolved job, every default filled in
+  manifest.json     model, data hashes, seed, versions, hardware, data summary
+  metrics.jsonl     one row per logging step and per validation
+  checkpoints/      step-NNNNNNN/ folders (see checkpoint.py)
+  adapter/ | model/ the result: a PEFT adapter or a full model folder
+  DONE              written last; a run without it can be resumed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+
+def new_run_dir(output_dir: str | Path, name: str) -> Path:
+    root = Path(output_dir) / name
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = root / stamp
+    n = 1
+    while run.exists():
+        n += 1
+        run = root / f"{stamp}-{n}"
+    run.mkdir()
+    return run
+
+
+def latest_run_dir(output_dir: str | Path, name: str) -> Path | None:
+    root = Path(output_dir) / name
+    if not root.is_dir():
+        return None
+    runs = sorted((p for p in root.iterdir() if (p / "job.yaml").exists()), key=lambda p: p.stat().st_mtime)
+    return runs[-1] if runs else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("tailor-llm", "torch", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl: appended and flushed row by row, so a live reader (or a crash) sees every row."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows written after the checkpoint; the resumed run writes them again."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a kill: the resume rewrites it
+                    pass
+    return rows

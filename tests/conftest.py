@@ -1,0 +1,115 @@
+"""Tiny models and data for fast tests: a 2-block Llama with hidden size 64 and a byte-level
+tokenizer with a ChatML template, built from a config in a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHATML_WITH_DEFAULT_SYSTEM = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML_WITH_DEFAULT_SYSTEM
+    return fast
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, eos_token_id=None, pad_token_id=None, bos_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+WORDS = "lamp glow pass bulb swap ember beacon halo app reset order ship refund warm light desk".split()
+
+
+def make_conversations(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
+        a = "Hello! " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14)))
+        msgs = [{"role": "user", "content": f"{q}?"}, {"role": "assistant", "content": a}]
+        if i % 3 == 0:
+            msgs += [{"role": "user", "content": "and " + rng.choice(WORDS)},
+                     {"role": "assistant", "content": "Sure: " + rng.choice(WORDS)}]
+        out.append({"messages": msgs})
+    return out
+
+
+@pytest.fixture
+def chat_file(tmp_path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(24)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_job(tmp_path, tiny_model_dir, chat_file):
+    """Write a job file for the tiny model; keyword sections override the defaults."""
+
+    def _make(name: str = "tiny", **sections) -> Path:
+        job = {
+            "name": name,
+            "model": {"base": str(tiny_model_dir), "dtype": "float32"},
+            "data": {"train": [str(chat_file)], "validation_fraction": 0.0},
+            "adapter": {"kind": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
+            "training": {"learning_rate": 1e-2, "max_steps": 3, "batch_size": 2, "max_seq_len": 256,
+                         "log_every": 1, "save_every": 0, "warmup_ratio": 0.0, "threads": 1, "seed": 7},
+            "output": {"dir": str(tmp_path / "runs")},
+        }
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                job.setdefault(section, {}).update(values)
+            else:
+                job[section] = values
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(job), encoding="utf-8")
+        return path
+
+    return _make
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [r["loss"] for r in rows if r["type"] == "train"]

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from tailor.data import DataError, read_chat_jsonl
+from tailor.quickstart import held_out_questions, HERE
+
+
+def write(tmp_path, lines):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+
+
+def test_reads_canonical_chat(tmp_path):
+    sys_first = json.dumps({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+                                         {"role": "assistant", "content": "a", "weight": 0},
+                                         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]})
+    examples = read_chat_jsonl(write(tmp_path, [GOOD, "", sys_first]))
+    assert len(examples) == 2
+    assert examples[1].meta == {"source": str(tmp_path / "d.jsonl"), "line": 3}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"text": "x"}), "expected an object with a 'messages' list"),
+    (json.dumps({"messages": "hello"}), "'messages' must be a non-empty list of {role, content}; got str"),
+    (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "messages[0].role must be one of"),
+    (json.dumps({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}),
+     "messages[0].content is empty"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+     "two user turns in a row"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}]}), "no assistant turn to learn from"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "must start with a user turn"),
+])
+def test_a_bad_line_names_file_line_and_problem(tmp_path, line, message):
+    path = write(tmp_path, [GOOD, line])
+    with pytest.raises(DataError) as exc:
+        read_chat_jsonl(path)
+    assert f"{path}:2: " in str(exc.value)
+    assert message in str(exc.value)
+
+
+def test_all_bad_lines_are_listed(tmp_path):
+    with pytest.raises(DataError) as exc:
+        read_chat_jsonl(write(tmp_path, ["{", GOOD, "[]", "{"]))
+    assert [p.split(": ")[0].rsplit(":", 1)[1] for p in exc.value.problems] == ["1", "3", "4"]
+
+
+def test_not_utf8_is_reported(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + '{"messages": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8"):
+        read_chat_jsonl(path)
+
+
+def test_quickstart_dataset_is_valid_and_in_voice():
+    examples = read_chat_jsonl(HERE / "data" / "lumen_support.jsonl")
+    assert len(examples) >= 80
+    for ex in examples:
+        for m in ex.messages:
+            if m["role"] == "assistant":
+                assert m["content"].startswith("Hello, bright spark!")
+                assert m["content"].endswith("Keep glowing! — Wick, Lumen Lane")
+    questions = held_out_questions()
+    assert len(questions) == 3
+    train_questions = {m["content"] for ex in examples for m in ex.messages if m["role"] == "user"}
+    assert not set(questions) & train_questions

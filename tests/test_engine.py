@@ -1,0 +1,156 @@
+"""The engine on a tiny model: golden losses, equivalences, resume, what trains and how fast."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import train_losses
+from tailor.spec import load_job
+from tailor.techniques import task
+from tailor.train.adapters import AdapterConfig, apply_adapter, param_groups
+
+
+def run(job_path, *overrides, resume=False) -> Path:
+    return task.run(load_job(job_path, list(overrides)), resume=resume, show_progress=False)
+
+
+def final_weights(run_dir: Path) -> dict:
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    return load_file(str(ckpt / "trainable.safetensors"))
+
+
+# Pinned on torch 2.13 / transformers 5.24, CPU, float32. A change here means the engine's numbers
+# changed: find out why before re-pinning.
+GOLDEN = [5.586853869, 5.469567617, 5.383222864]
+
+
+def test_golden_losses_for_three_seeded_steps(make_job):
+    losses = train_losses(run(make_job()))
+    assert losses == pytest.approx(GOLDEN, rel=1e-4)
+
+
+def test_run_folder_layout(make_job):
+    run_dir = run(make_job(), "data.validation_fraction=0.2", "training.eval_every=1")
+    assert {p.name for p in run_dir.iterdir()} >= {"job.yaml", "manifest.json", "metrics.jsonl", "checkpoints",
+                                                  "adapter", "summary.json", "DONE"}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["model"]["kind"] == "local" and manifest["seed"] == 7
+    assert len(manifest["data"]["train"][0]["sha256"]) == 64
+    assert {"torch", "transformers", "peft"} <= set(manifest["versions"])
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    eval_rows = [r for r in rows if r["type"] == "eval"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3] and [r["step"] for r in eval_rows] == [1, 2, 3]
+    assert set(train_rows[0]) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"}
+    assert set(eval_rows[0]) >= {"val_loss", "val_token_accuracy", "val_perplexity"}
+
+
+def test_accumulation_equals_a_larger_batch(make_job):
+    a = run(make_job("big"), "training.batch_size=4", "training.grad_accum=1", "training.packing=false")
+    b = run(make_job("accum"), "training.batch_size=1", "training.grad_accum=4", "training.packing=false")
+    assert train_losses(a) == pytest.approx(train_losses(b), abs=1e-5)
+    wa, wb = final_weights(a), final_weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_equals_unpacked_loss(make_job):
+    # one step over all the data: the same examples, packed into few rows or one per row
+    packed = run(make_job("packed"), "training.batch_size=64", "training.packing=true", "training.max_steps=2")
+    unpacked = run(make_job("unpacked"), "training.batch_size=64", "training.packing=false", "training.max_steps=2")
+    assert train_losses(packed) == pytest.approx(train_losses(unpacked), abs=1e-5)
+    enc_p = json.loads((packed / "manifest.json").read_text())["encoding"]
+    enc_u = json.loads((unpacked / "manifest.json").read_text())["encoding"]
+    assert enc_p["rows"] < enc_u["rows"] == 24
+
+
+def test_resumed_run_equals_uninterrupted(make_job):
+    path = make_job("resume", training={"max_steps": 6, "save_every": 2, "keep_checkpoints": 5})
+    whole = run(path)
+    reference = train_losses(whole)
+    # Make the folder look like a run killed during step 5: checkpoint 6, the result and DONE are gone,
+    # metrics.jsonl has rows past the last checkpoint (they must be replaced, not duplicated).
+    shutil.rmtree(whole / "checkpoints" / "step-0000006")
+    shutil.rmtree(whole / "adapter")
+    (whole / "DONE").unlink()
+    with open(whole / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "step": 5, "loss": 99.0')  # a line cut short by the kill
+    resumed = run(path, resume=True)
+    assert resumed == whole
+    assert train_losses(resumed) == pytest.approx(reference, abs=1e-6)
+    assert json.loads((whole / "summary.json").read_text())["resumed_from_step"] == 4
+
+
+def test_resume_refuses_a_changed_job(make_job):
+    path = make_job("changed")
+    run(path)
+    with pytest.raises(task.ResumeError, match="training.learning_rate"):
+        run(path, "training.learning_rate=0.5", resume=True)
+
+
+def test_freeze_trains_exactly_the_named_parameters(make_job, tiny_model_dir):
+    run_dir = run(make_job("freeze", adapter={"kind": "freeze", "train_top_blocks": 1, "train_norm": True}))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    trainable = set(manifest["adapter"]["trainable"])
+    assert trainable == {n for n in trainable if n.startswith("model.layers.1.")} | {"model.norm.weight"}
+    assert "model.layers.1.self_attn.q_proj.weight" in trainable and "model.layers.0.mlp.up_proj.weight" not in trainable
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(run_dir / "model" / "model.safetensors"))
+    changed = {n for n in before if not torch.equal(before[n], after[n].to(before[n].dtype))}
+    assert changed == trainable
+
+
+def test_full_fine_tuning_trains_everything(make_job):
+    run_dir = run(make_job("full", adapter={"kind": "full"}, training={"learning_rate": 1e-3}))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["adapter"]["trainable_parameters"] == manifest["adapter"]["total_parameters"]
+    assert (run_dir / "model" / "config.json").exists()
+
+
+def test_layer_wise_decay_sets_per_block_learning_rates(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = apply_adapter(model, AdapterConfig(kind="full"))
+    groups = param_groups(model, lr=1.0, layer_decay=0.5, weight_decay=0.1)
+    lr_of = {n: g["lr"] for g in groups for n in g["names"]}
+    # 2 blocks: block 1 (top) full rate, block 0 half; final norm full rate. The tiny model ties its
+    # embeddings to the output head, so that one matrix is the output layer and gets the full rate.
+    assert lr_of["model.layers.1.self_attn.q_proj.weight"] == 1.0
+    assert lr_of["model.layers.0.self_attn.q_proj.weight"] == 0.5
+    assert lr_of["model.embed_tokens.weight"] == 1.0
+    assert lr_of["model.norm.weight"] == 1.0
+    wd_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    untied = AutoModelForCausalLM.from_pretrained(tiny_model_dir, tie_word_embeddings=False)
+    untied = apply_adapter(untied, AdapterConfig(kind="full"))
+    lr_untied = {n: g["lr"] for g in param_groups(untied, 1.0, 0.5, 0.0) for n in g["names"]}
+    assert lr_untied["model.embed_tokens.weight"] == 0.25 and lr_untied["lm_head.weight"] == 1.0
+    assert wd_of["model.norm.weight"] == 0.0 and wd_of["model.layers.0.mlp.up_proj.weight"] == 0.1
+
+
+def test_layer_wise_decay_reaches_the_optimizer(make_job):
+    run_dir = run(make_job("decay", adapter={"kind": "full"}, training={"layer_lr_decay": 0.5, "scheduler": "constant"}))
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    assert sorted({round(g["lr"], 6) for g in opt["param_groups"]}) == [0.005, 0.01]
+
+
+def test_lora_adapter_loads_in_plain_transformers_and_peft(make_job, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = run(make_job("plain"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(base, run_dir / "adapter")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        with tuned.disable_adapter():
+            plain = tuned(input_ids=ids).logits
+        adapted = tuned(input_ids=ids).logits
+    assert not torch.allclose(plain, adapted)  # the adapter is really applied
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == tiny_model_dir

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tailor.cli import app
+from tailor.spec import Job, SpecError, describe_fields, load_job, parse_job
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_FILES = sorted(ROOT.glob("examples/*.yaml")) + [ROOT / "tailor/quickstart/job.yaml"]
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_every_shipped_job_parses_and_its_data_exists(path):
+    job = load_job(path)
+    assert isinstance(job, Job)
+    for data_file in job.data.train + job.data.validation:
+        assert Path(data_file).is_file(), data_file
+
+
+def test_there_are_example_jobs_for_each_adapter_kind():
+    kinds = {load_job(p).adapter.kind for p in JOB_FILES}
+    assert kinds == {"lora", "full", "freeze"}
+
+
+def test_misspelt_key_names_the_closest_valid_one():
+    with pytest.raises(SpecError) as exc:
+        parse_job({"data": {"train": ["x.jsonl"]}, "training": {"learnig_rate": 1e-4}})
+    assert "training.learnig_rate: unknown key; did you mean 'learning_rate'?" in str(exc.value)
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(SpecError) as exc:
+        parse_job({"data": {"train": "x.jsonl"}, "modle": {}, "training": {"epochs": -1, "batch_size": "big"},
+                   "adapter": {"kind": "qlora"}})
+    problems = exc.value.problems
+    assert len(problems) == 4, problems
+    text = "\n".join(problems)
+    assert "modle: unknown key; did you mean 'model'?" in text
+    assert "training.epochs" in text and "training.batch_size" in text
+    assert "adapter.kind" in text and "'lora', 'full' or 'freeze'" in text
+
+
+def test_missing_training_data_is_a_spec_error():
+    with pytest.raises(SpecError, match="data.train is empty"):
+        parse_job({})
+
+
+def test_set_overrides_go_through_the_schema(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "t.jsonl"}}))
+    job = load_job(path, ["training.learning_rate=1e-4", "adapter.target_modules=[q_proj, v_proj]"])
+    assert job.training.learning_rate == 1e-4
+    assert job.adapter.target_modules == ["q_proj", "v_proj"]
+    assert job.data.train == [str(tmp_path / "t.jsonl")]  # relative to the job file
+    with pytest.raises(SpecError, match="training.learning_rte: unknown key; did you mean 'learning_rate'"):
+        load_job(path, ["training.learning_rte=1e-4"])
+    with pytest.raises(SpecError, match="greater than 0"):
+        load_job(path, ["training.learning_rate=-1"])
+
+
+def test_every_field_is_documented():
+    rows = describe_fields()
+    assert len(rows) > 30
+    for key, _type, _default, doc in rows:
+        assert doc, f"{key} has no description"
+
+
+def test_cli_train_with_misspelt_key_exits_nonzero_naming_it(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "t.jsonl"}, "training": {"epohcs": 2}}))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "training.epohcs: unknown key; did you mean 'epochs'?" in result.output
+
+
+def test_cli_spec_lists_keys():
+    result = CliRunner().invoke(app, ["spec", "training"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "training.layer_lr_decay" in result.output and "model.base" not in result.output
