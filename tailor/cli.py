@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,8 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # PEFT still calls a transformers method that transformers 5 renamed; nothing for users to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _fail(exc: Exception, code: int = 2) -> None:
@@ -80,9 +83,16 @@ def chat(
 
 
 @app.command()
-def spec(section: Optional[str] = typer.Argument(None, help="Only keys under this section, e.g. training.")):
+def spec(
+    section: Optional[str] = typer.Argument(None, help="Only keys under this section, e.g. training."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown table of docs/job-spec.md."),
+):
     """Every key of the job file with its type, default and what it does."""
-    from tailor.spec import describe_fields
+    from tailor.spec import describe_fields, spec_markdown
+
+    if markdown:
+        print(spec_markdown(), end="")
+        return
 
     table = Table(show_lines=False)
     for col in ("key", "type", "default", "description"):

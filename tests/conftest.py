@@ -113,3 +113,21 @@ def make_job(tmp_path, tiny_model_dir, chat_file):
 def train_losses(run_dir: Path) -> list[float]:
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     return [r["loss"] for r in rows if r["type"] == "train"]
+
+
+@pytest.fixture(scope="session")
+def embedded_path(tmp_path_factory) -> Path:
+    """The embedded SmolLM2 converted from its GGUF file (about 15 s, once per test session) into a
+    cache that the tests share with nothing else."""
+    cache = os.environ.get("TAILOR_TEST_CACHE") or str(tmp_path_factory.mktemp("tailor-cache"))
+    os.environ["TAILOR_CACHE"] = cache
+    from tailor.models import resolve_model
+
+    return Path(resolve_model("embedded:smollm2-135m-instruct").path)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_path):
+    from tailor.models import load_tokenizer
+
+    return load_tokenizer(str(embedded_path))

@@ -154,3 +154,15 @@ def test_lora_adapter_loads_in_plain_transformers_and_peft(make_job, tiny_model_
     assert not torch.allclose(plain, adapted)  # the adapter is really applied
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert Path(config["base_model_name_or_path"]) == tiny_model_dir
+
+
+def test_cli_chat_with_a_run(make_job):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    run_dir = run(make_job("chat"))
+    result = CliRunner().invoke(app, ["chat", "--run", str(run_dir), "hello", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["chat", "--run", str(run_dir.parent), "hello"])
+    assert result.exit_code == 2 and "no adapter/ or model/ folder" in result.output

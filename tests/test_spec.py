@@ -79,3 +79,10 @@ def test_cli_spec_lists_keys():
     result = CliRunner().invoke(app, ["spec", "training"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "training.layer_lr_decay" in result.output and "model.base" not in result.output
+
+
+def test_docs_job_spec_table_is_generated_from_the_schema():
+    from tailor.spec import spec_markdown
+
+    doc = (ROOT / "docs" / "job-spec.md").read_text(encoding="utf-8")
+    assert doc.endswith(spec_markdown()), "regenerate the table: tailor spec --markdown"

@@ -1,0 +1,37 @@
+"""The embedded SmolLM2-135M for real: a short LoRA run, and the quickstart end to end."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import train_losses
+from tailor.cli import app
+from tailor.quickstart import JOB
+from tailor.spec import load_job
+from tailor.techniques import task
+
+pytestmark = pytest.mark.integration
+
+
+def test_lora_on_the_embedded_model_learns_and_saves_a_peft_adapter(embedded_path, tmp_path):
+    job = load_job(JOB, [f"output.dir={tmp_path}", "training.max_steps=4", "training.log_every=1",
+                         "training.learning_rate=2e-3", "training.warmup_ratio=0", "training.threads=2"])
+    run_dir = task.run(job, show_progress=False)
+    losses = train_losses(run_dir)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["base_model_name_or_path"] == str(embedded_path)
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["model"]["kind"] == "embedded" and manifest["encoding"]["truncated"] == 0
+
+
+def test_quickstart_runs_every_step(embedded_path, tmp_path):
+    result = CliRunner().invoke(app, ["quickstart", "--steps", "2", "--out", str(tmp_path)], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    for heading in ("1 · Load the base model", "2 · The data", "3 · Fine-tune", "4 · Base vs tuned"):
+        assert heading in result.output
+    run_dir = next((tmp_path / "quickstart").iterdir())
+    comparison = (run_dir / "quickstart.md").read_text()
+    assert comparison.count("**Base:**") == 3 and comparison.count("**Tuned:**") == 3
