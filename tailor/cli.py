@@ -14,7 +14,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Tailor: fit a pre-trained LLM to one business — its task, its jargon, its voice.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error messages stay whole lines, greppable
 out = Console()
 
 
