@@ -45,6 +45,7 @@ def train(
     from tailor.models import ModelNotFound
     from tailor.spec import SpecError, load_job
     from tailor.techniques import task
+    from tailor.train.adapters import AdapterError
     from tailor.train.encode import TemplateError
 
     try:
@@ -54,7 +55,7 @@ def train(
     _quiet_libraries()
     try:
         task.run(job, resume=resume, console=err, show_progress=not no_progress)
-    except (DataError, ModelNotFound, task.ResumeError, TemplateError, ValueError) as exc:
+    except (DataError, ModelNotFound, task.ResumeError, TemplateError, AdapterError) as exc:
         _fail(exc)
 
 

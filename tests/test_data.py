@@ -69,3 +69,16 @@ def test_quickstart_dataset_is_valid_and_in_voice():
     assert len(questions) == 3
     train_questions = {m["content"] for ex in examples for m in ex.messages if m["role"] == "user"}
     assert not set(questions) & train_questions
+
+
+def test_cli_train_stops_on_a_malformed_line_before_loading_weights(make_job, chat_file):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    with open(chat_file, "a") as f:
+        f.write('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}\n')
+    job = make_job("bad", model={"base": "Nobody/never-loaded"})  # would fail loudly if it were reached
+    result = CliRunner().invoke(app, ["train", str(job)])
+    assert result.exit_code == 2
+    assert f"{chat_file}:25: messages[1].role must be one of system, user, assistant; got 'bot'" in result.output

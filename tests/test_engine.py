@@ -166,3 +166,16 @@ def test_cli_chat_with_a_run(make_job):
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["chat", "--run", str(run_dir.parent), "hello"])
     assert result.exit_code == 2 and "no adapter/ or model/ folder" in result.output
+
+
+def test_resume_after_the_last_checkpoint_only_saves_the_result(make_job):
+    path = make_job("late-kill", training={"max_steps": 3, "save_every": 1})
+    whole = run(path)
+    summary = json.loads((whole / "summary.json").read_text())
+    shutil.rmtree(whole / "adapter")
+    (whole / "DONE").unlink()
+    (whole / "summary.json").unlink()
+    run(path, resume=True)
+    assert (whole / "DONE").exists() and (whole / "adapter" / "adapter_config.json").exists()
+    again = json.loads((whole / "summary.json").read_text())
+    assert again["final_train_loss"] == summary["final_train_loss"] and again["resumed_from_step"] == 3

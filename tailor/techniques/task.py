@@ -109,7 +109,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         _save_result(accelerator.unwrap_model(model), tokenizer, run_dir, job.adapter.kind)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
         (run_dir / "DONE").write_text("", encoding="utf-8")
-        say(f"[green]done[/]: train loss {summary['final_train_loss']:.4f}"
+        say("[green]done[/]"
+            + (f": train loss {summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "")
             + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "")
             + (f", {summary['tokens_per_s_median']:.0f} tokens/s" if summary["tokens_per_s_median"] else "")
             + f" → {run_dir}")

@@ -11,6 +11,10 @@ from torch import nn
 BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
+class AdapterError(ValueError):
+    """An adapter setting that does not fit the model (named by its job key)."""
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     kind: str = "lora"  # lora | full | freeze
@@ -49,7 +53,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     elif cfg.kind == "freeze":
         _freeze_all_but_top(model, cfg)
     else:
-        raise ValueError(f"adapter.kind: unknown kind {cfg.kind!r}; use lora, full or freeze")
+        raise AdapterError(f"adapter.kind: unknown kind {cfg.kind!r}; use lora, full or freeze")
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -59,7 +63,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
 def _freeze_all_but_top(model: nn.Module, cfg: AdapterConfig) -> None:
     n = num_blocks(model)
     if cfg.train_top_blocks > n:
-        raise ValueError(f"adapter.train_top_blocks: {cfg.train_top_blocks} is more than the model's {n} blocks")
+        raise AdapterError(f"adapter.train_top_blocks: {cfg.train_top_blocks} is more than the model's {n} blocks")
     model.requires_grad_(False)
     first = n - cfg.train_top_blocks
     for name, p in model.named_parameters():

@@ -24,7 +24,7 @@ from tailor.train.encode import Encoded
 from tailor.train.loss import CausalLMLoss
 from tailor.train.packing import collate, epoch_order
 from tailor.train.progress import progress_bar
-from tailor.train.rundir import MetricsLog
+from tailor.train.rundir import MetricsLog, read_metrics
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,13 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
     ckpt_dir = run_dir / "checkpoints"
 
-    start = 0
+    start, last_train, last_eval = 0, None, None
     if resume and list_checkpoints(ckpt_dir):
         state = load_checkpoint(list_checkpoints(ckpt_dir)[-1], model, optimizer, scheduler, rank)
         start = state["step"]
         metrics.truncate_after(start)
+        # A run killed after its last checkpoint has nothing left to train; its summary comes from here.
+        last_train, last_eval = _last_rows(run_dir / "metrics.jsonl")
     else:
         metrics.truncate_after(0)
 
@@ -135,7 +137,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     # --- train ----------------------------------------------------------------------------------
     model.train()
     window = {"loss": 0.0, "labels": 0, "tokens": 0, "time": 0.0, "grad_norm": 0.0, "steps": 0}
-    speeds, last_train, last_eval = [], None, None
+    speeds = []
     with progress_bar(plan.total_steps, start, show_progress and is_main) as bar:
         for step in range(start, plan.total_steps):
             t0 = time.perf_counter()
@@ -204,3 +206,8 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
         "tokens_per_s_median": statistics.median(speeds) if speeds else None,
     }
 
+
+def _last_rows(path: Path) -> tuple[dict | None, dict | None]:
+    rows = read_metrics(path) if path.exists() else []
+    last = {r.get("type"): r for r in rows}
+    return last.get("train"), last.get("eval")
