@@ -66,6 +66,7 @@ def chat(
     run: Optional[Path] = typer.Option(None, "--run", help="A finished run folder (runs/NAME/RUN-ID)."),
     system: Optional[str] = typer.Option(None, "--system", help="An optional system message."),
     max_new_tokens: int = typer.Option(200, help="Longest answer in tokens."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware is fast at it), bfloat16 or float32."),
 ):
     """Print one greedy answer from a base model or a fine-tuned run, using the model's chat template."""
     from tailor.models import ModelNotFound
@@ -74,9 +75,11 @@ def chat(
 
     if model and run:
         _fail(ValueError("give --model or --run, not both"))
+    if dtype not in ("auto", "bfloat16", "float32"):
+        _fail(ValueError(f"--dtype {dtype}: use auto, bfloat16 or float32"))
     _quiet_libraries()
     try:
-        lm, tokenizer = load_run(run) if run else load_base(model or EMBEDDED_DEFAULT)
+        lm, tokenizer = load_run(run, dtype) if run else load_base(model or EMBEDDED_DEFAULT, dtype)
     except (ModelNotFound, FileNotFoundError) as exc:
         _fail(exc)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -55,7 +55,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(tiny_model_dir):
 
 def test_cli_chat_on_a_local_model(tiny_model_dir):
     result = subprocess.run([sys.executable, "-m", "tailor", "chat", "--model", str(tiny_model_dir), "hello",
-                             "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
+                             "--max-new-tokens", "5", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     result = subprocess.run([sys.executable, "-m", "tailor", "chat", "--model", "Nope/missing", "hi"],
                             capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
