@@ -72,3 +72,74 @@ def test_padding_carries_no_loss_and_restarts_positions():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 9, 9]]
     assert batch["labels"][1].tolist() == [6, IGNORE, IGNORE, IGNORE]
     assert batch["position_ids"][1].tolist() == [0, 1, 0, 1]
+
+
+def test_per_example_attention_equals_the_masked_packed_attention(tiny_model_dir):
+    from tailor.train.attention import NAME, set_attention
+    from tailor.train.loss import CausalLMLoss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    examples = _examples(12, model.config.vocab_size, seed=3)
+    batch = collate(make_rows(examples, 64, packing=True), examples, pad_id=0)
+    with torch.no_grad():
+        masked = _token_losses(model, batch)  # transformers' block-diagonal mask from the position ids
+        set_attention(model, NAME)
+        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                             segments=batch["segments"]).last_hidden_state
+        logits = model.lm_head(hidden)
+        mask = batch["labels"] != IGNORE
+        per_example = F.cross_entropy(logits[mask].float(), batch["labels"][mask], reduction="none")
+        loss_sum, _, count = CausalLMLoss(model)(**batch)
+    torch.testing.assert_close(per_example, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_sum / count, masked.mean(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the example boundaries"):
+        model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+
+
+def test_chunked_head_loss_equals_the_plain_loss_with_gradients():
+    from tailor.train.loss import head_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    plain = F.cross_entropy(head(hidden), targets, reduction="sum")
+    g_plain = torch.autograd.grad(plain, (hidden, head.weight))
+    chunked, correct = head_loss(head, hidden, targets, chunk=8)  # 5 chunks, the last one short
+    g_chunked = torch.autograd.grad(chunked, (hidden, head.weight))
+    torch.testing.assert_close(chunked, plain)
+    for a, b in zip(g_chunked, g_plain):
+        torch.testing.assert_close(a, b)
+    assert correct == (head(hidden).argmax(-1) == targets).sum()
+
+
+def test_bf16_training_step_stays_close_to_float32(tiny_model_dir):
+    """The bf16 path (bf16 frozen weights, autocast, per-example attention) gives the fp32 loss and
+    gradients within bf16 tolerance."""
+    from tailor.train.adapters import AdapterConfig, apply_adapter
+    from tailor.train.attention import NAME, set_attention
+    from tailor.train.loss import CausalLMLoss
+
+    examples = _examples(8, 259, seed=5)
+    batch = collate(make_rows(examples, 64, packing=True), examples, pad_id=0)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+        model = apply_adapter(model, AdapterConfig(kind="lora", rank=4, dropout=0.0))
+        set_attention(model, NAME)
+        # LoRA B starts at zero; give it values so the adapter's gradients are not trivially equal
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss_sum, _, count = CausalLMLoss(model)(**batch)
+        loss = loss_sum / count
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((loss.item(), grads))
+    (l32, g32), (l16, g16) = results
+    assert abs(l16 - l32) / l32 < 1e-2
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99

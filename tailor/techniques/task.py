@@ -21,6 +21,8 @@ from tailor.models import best_dtype, load_model, load_tokenizer, resolve_model
 from tailor.models.hardware import hardware_summary
 from tailor.spec import Job, dump_job
 from tailor.train.adapters import AdapterConfig, apply_adapter, trainable_names
+from tailor.train.attention import NAME as PACKED_ATTENTION
+from tailor.train.attention import set_attention
 from tailor.train.encode import encode_chat
 from tailor.train.loop import TrainSettings, train
 from tailor.train.packing import make_rows
@@ -74,6 +76,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     model = load_model(resolved.path, dtype, accelerator.device, job.model.trust_remote_code)
     model.config.use_cache = False
     model = apply_adapter(model, AdapterConfig(**job.adapter.model_dump()))
+    set_attention(model, PACKED_ATTENTION)  # each packed example attends only to itself, at its own cost
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
 
@@ -105,6 +108,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
                     tokenizer.pad_token_id, resume=resume, show_progress=show_progress)
 
     # 5. Save the result where serving and evaluation expect it.
+    set_attention(model, "sdpa")  # the saved model runs anywhere, without Tailor
     if is_main:
         _save_result(accelerator.unwrap_model(model), tokenizer, run_dir, job.adapter.kind)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))

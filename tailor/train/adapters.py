@@ -48,6 +48,11 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
         )
         # autocast_adapter_dtype: PEFT keeps the LoRA weights in float32 beside bf16 base weights.
         model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+        # Training runs under autocast, which computes the LoRA matmuls in bf16 whatever the input;
+        # PEFT's own cast of every LoRA input to float32 would only add two copies per module.
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
     elif cfg.kind == "full":
         model.requires_grad_(True)
     elif cfg.kind == "freeze":

@@ -113,7 +113,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
         metrics.truncate_after(0)
 
     def batch_of(indices: list[int]) -> dict:
-        return {k: v.to(device) for k, v in collate([rows[i] for i in indices], examples, pad_id).items()}
+        return _to_device(collate([rows[i] for i in indices], examples, pad_id), device)
 
     def validate(step: int) -> dict | None:
         if not val_rows:
@@ -122,8 +122,8 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
         totals = torch.zeros(3, dtype=torch.float64, device=device)
         with torch.no_grad(), torch.autocast(**autocast):
             for i in range(rank * s.batch_size, len(val_rows), world * s.batch_size):
-                b = {k: v.to(device) for k, v in collate(val_rows[i:i + s.batch_size], val_examples, pad_id).items()}
-                loss_sum, correct, count = plain_objective(b["input_ids"], b["labels"], b["position_ids"])
+                b = _to_device(collate(val_rows[i:i + s.batch_size], val_examples, pad_id), device)
+                loss_sum, correct, count = plain_objective(**b)
                 totals += torch.stack([loss_sum.double(), correct.double(), count.double()])
         totals = accelerator.reduce(totals, "sum")
         model.train()
@@ -153,7 +153,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
                 sync = a == len(chunks) - 1
                 with accelerator.no_sync(objective) if not sync else nullcontext():
                     with torch.autocast(**autocast):
-                        loss_sum, _, _ = objective(b["input_ids"], b["labels"], b["position_ids"], weight)
+                        loss_sum, _, _ = objective(**b, weight=weight)
                     # DDP averages gradients over ranks; scaling by world restores the sum, and dividing
                     # by the step's label tokens gives the per-token mean of the whole global batch.
                     (loss_sum * world / step_labels).backward()
@@ -211,3 +211,7 @@ def _last_rows(path: Path) -> tuple[dict | None, dict | None]:
     rows = read_metrics(path) if path.exists() else []
     last = {r.get("type"): r for r in rows}
     return last.get("train"), last.get("eval")
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

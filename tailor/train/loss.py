@@ -1,8 +1,9 @@
 """The training objective as a module, so DDP can wrap it.
 
 The head and the cross-entropy run only at positions that carry a label: an answer is a fraction
-of a row, and the full vocabulary-wide logits for every token would cost more time and memory
-than the rest of the step's output.
+of a row. And they run in chunks whose logits are recomputed in the backward pass instead of
+kept: the vocabulary-wide logits of every answer token at once (for SmolLM2 49,152 floats per
+token, three copies between forward and backward) would be the largest tensors of the step.
 """
 
 from __future__ import annotations
@@ -10,14 +11,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tailor.train.encode import IGNORE
+
+CHUNK = 256  # label positions per head + cross-entropy chunk
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(backbone, head) of a causal LM, through a PEFT wrapper if there is one."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum"), (logits.detach().argmax(-1) == targets).sum()
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK):
+    """Sum of token losses and number of argmax hits of `head` on hidden states [n, d]."""
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for i in range(0, hidden.shape[0], chunk):
+        h, t = hidden[i:i + chunk], targets[i:i + chunk]
+        if torch.is_grad_enabled():
+            part, hits = checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+        else:
+            part, hits = _chunk_loss(head, h, t)
+        loss_sum = loss_sum + part
+        correct = correct + hits
+    return loss_sum, correct
 
 
 class CausalLMLoss(nn.Module):
@@ -27,14 +51,12 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, position_ids, weight: float = 1.0):
+    def forward(self, input_ids, labels, position_ids, segments=None, weight: float = 1.0):
         backbone, head = causal_lm_parts(self.model)
-        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        extra = {"segments": segments} if segments is not None else {}  # read by tailor.train.attention
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).last_hidden_state
         mask = labels != IGNORE
-        targets = labels[mask]
-        logits = head(hidden[mask]).float()
-        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-        correct = (logits.detach().argmax(-1) == targets).sum()
+        loss_sum, correct = head_loss(head, hidden[mask], labels[mask])
         # weight 0 turns a filler batch (a rank with no rows left in the last step) into a no-op
         # that still takes part in DDP's gradient all-reduce.
         return loss_sum * weight, correct, mask.sum()

@@ -50,15 +50,18 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def collate(rows: list[list[int]], examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[list[int]], examples: list[Encoded], pad_id: int) -> dict:
     """input_ids, labels (already shifted: labels[t] is the target for position t) and position_ids,
-    padded on the right to the longest row of the batch."""
+    padded on the right to the longest row of the batch; and segments, the (start, end) of each
+    example in each row, for attention that runs per example."""
     width = max(sum(len(examples[i]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = []
     for b, row in enumerate(rows):
         t = 0
+        segments.append([])
         for i in row:
             ex = examples[i]
             n = len(ex)
@@ -66,7 +69,8 @@ def collate(rows: list[list[int]], examples: list[Encoded], pad_id: int) -> dict
             # Shift inside the example: the last token of one example never predicts the next one's first.
             labels[b, t:t + n - 1] = torch.tensor(ex.labels[1:])
             pos[b, t:t + n] = torch.arange(n)
+            segments[b].append((t, t + n))
             t += n
         # Padding gets its own restarting positions: it is a segment of its own, seen by nothing.
         pos[b, t:] = torch.arange(width - t)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "segments": segments}
