@@ -22,6 +22,7 @@ machine's bf16 matmul rate measured in the same run. The last line is machine-re
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -154,12 +155,15 @@ def run_tailor(args, train, held_out, workdir: Path) -> dict:
     }
     (workdir / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
     run_dir = task.run(load_job(workdir / "job.yaml"), show_progress=False)
+    train_peak = peak_rss_mb()
+    gc.collect()  # the trained model is garbage now; free it before loading the result for evaluation
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     model, tokenizer = load_run(run_dir)
     return {"tokens_per_s": median_after_warmup([r["tokens_per_s"] for r in rows], args.warmup_steps),
             "steps": len(rows), "tokens": sum(r["tokens"] for r in rows),
             "base_parameters": manifest["adapter"]["total_parameters"] - manifest["adapter"]["trainable_parameters"],
+            "train_peak_rss_mb": train_peak,
             "heldout_loss": heldout_loss(model, tokenizer, held_out, args.max_len)}
 
 
