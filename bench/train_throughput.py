@@ -5,7 +5,7 @@ All three train the same LoRA (rank 16, alpha 32, no dropout, every linear proje
 base model, the same seeded long-tailed chat examples in the same order, with the same learning
 rate, schedule and maximum length, for one epoch. Each peer gets its best documented CPU settings:
 
-  tailor   packed rows without cross-attention, bf16, loss only at answer positions
+  tailor   packed rows, attention per example, bf16, loss only at answer positions, training.compile
   trainer  Trainer + PEFT, bf16 autocast, group_by_length, padding to the longest in the batch
   trl      SFTTrainer, packing (best-fit decreasing, padding-free), bf16, completion-only loss
 
@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop each variant after this many steps")
     p.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the tokens/s median")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per variant")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="Tailor without training.compile (its one-time compile is left out of the tokens/s "
+                        "median like every variant's warm-up steps, but counts in its wall time)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant and print JSON
     return p.parse_args(argv)
 
@@ -150,7 +153,7 @@ def run_tailor(args, train, held_out, workdir: Path) -> dict:
         "adapter": {"kind": "lora", "rank": LORA["r"], "alpha": LORA["lora_alpha"], "dropout": 0.0},
         "training": {"learning_rate": args.lr, "epochs": 1, "max_steps": args.max_steps, "batch_size": args.rows,
                      "max_seq_len": args.max_len, "scheduler": "cosine", "warmup_ratio": 0.0, "log_every": 1,
-                     "save_every": 0, "threads": args.threads, "seed": 0},
+                     "save_every": 0, "threads": args.threads, "seed": 0, "compile": args.compile},
         "output": {"dir": str(workdir / "runs")},
     }
     (workdir / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
@@ -280,8 +283,8 @@ def matmul_tflops(threads: int, seconds: float = 2.0) -> float:
 
 def run_child(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--variant", variant] + [
-        a for k, v in vars(args).items() if k not in ("variant", "passes", "variants") and v is not None
-        for a in (f"--{k.replace('_', '-')}", str(v))]
+        a for k, v in vars(args).items() if k not in ("variant", "passes", "variants", "compile") and v is not None
+        for a in (f"--{k.replace('_', '-')}", str(v))] + ([] if args.compile else ["--no-compile"])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -298,7 +301,8 @@ def main(argv=None) -> None:
     if unknown:
         sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     print(f"# {args.examples} examples, LoRA r16 all-linear, max length {args.max_len}, lr {args.lr}, "
-          f"{args.threads} threads, {args.passes} pass(es); model {args.model}", flush=True)
+          f"{args.threads} threads, {args.passes} pass(es); model {args.model}; "
+          f"tailor {'with' if args.compile else 'without'} training.compile", flush=True)
     rate = matmul_tflops(args.threads)
     print(f"# bf16 matmul rate on this machine: {rate:.2f} TFLOP/s", flush=True)
 

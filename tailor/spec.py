@@ -139,6 +139,11 @@ class TrainingSpec(Section):
         50, ge=0, description="Checkpoint every N steps (0: only at the end). Checkpoints make --resume possible."
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    compile: bool = Field(
+        False,
+        description="torch.compile each block's MLP and norms: about +10% tokens/s and -10% memory on CPU, "
+        "after a one-time compile of about 25 s (pays after ~70 steps of the 135M model). Needs a C++ compiler.",
+    )
     threads: int | None = Field(
         None, ge=1,
         description="CPU threads for torch (null: all cores divided by the processes on this machine).",

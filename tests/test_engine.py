@@ -179,3 +179,9 @@ def test_resume_after_the_last_checkpoint_only_saves_the_result(make_job):
     assert (whole / "DONE").exists() and (whole / "adapter" / "adapter_config.json").exists()
     again = json.loads((whole / "summary.json").read_text())
     assert again["final_train_loss"] == summary["final_train_loss"] and again["resumed_from_step"] == 3
+
+
+def test_compiled_blocks_give_the_same_losses(make_job):
+    eager = train_losses(run(make_job("eager")))
+    compiled = train_losses(run(make_job("compiled", training={"compile": True})))
+    assert compiled == pytest.approx(eager, abs=1e-4)

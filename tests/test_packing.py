@@ -143,3 +143,12 @@ def test_bf16_training_step_stays_close_to_float32(tiny_model_dir):
     (l32, g32), (l16, g16) = results
     assert abs(l16 - l32) / l32 < 1e-2
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
+def test_cpu_and_gpu_attention_paths_agree():
+    from tailor.train.attention import _causal_attention, _fused_causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 13, 8), torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 8)
+    torch.testing.assert_close(_causal_attention(q, k, v, None), _fused_causal_attention(q, k, v, None),
+                               rtol=1e-5, atol=1e-5)

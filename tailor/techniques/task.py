@@ -23,10 +23,15 @@ from tailor.spec import Job, dump_job
 from tailor.train.adapters import AdapterConfig, apply_adapter, trainable_names
 from tailor.train.attention import NAME as PACKED_ATTENTION
 from tailor.train.attention import set_attention
+from tailor.train.compiled import compile_blocks
 from tailor.train.encode import encode_chat
 from tailor.train.loop import TrainSettings, train
 from tailor.train.packing import make_rows
 from tailor.train.rundir import file_sha256, latest_run_dir, new_run_dir, versions, write_atomic
+
+
+# Settings that change how fast a run goes, never its result: a resume may change them.
+SPEED_ONLY = {"threads", "compile"}
 
 
 class ResumeError(RuntimeError):
@@ -77,6 +82,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     model.config.use_cache = False
     model = apply_adapter(model, AdapterConfig(**job.adapter.model_dump()))
     set_attention(model, PACKED_ATTENTION)  # each packed example attends only to itself, at its own cost
+    if job.training.compile:
+        compile_blocks(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
 
@@ -101,7 +108,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
 
     # 4. Train.
     settings = TrainSettings(
-        **job.training.model_dump(exclude={"max_seq_len", "packing", "threads"}),
+        **job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile"}),
         bf16_autocast=dtype == torch.bfloat16,
     )
     summary = train(model, train_set, rows, val_set, val_rows, settings, run_dir, accelerator,
@@ -156,7 +163,7 @@ def _check_same_job(run_dir: Path, job: Job) -> None:
         return
     now = yaml.safe_load(dump_job(job))
     changed = [f"{sec}.{k}" for sec, vals in now.items() if isinstance(vals, dict)
-               for k, v in vals.items() if before.get(sec, {}).get(k) != v and k != "threads"]
+               for k, v in vals.items() if before.get(sec, {}).get(k) != v and k not in SPEED_ONLY]
     changed += [k for k, v in now.items() if not isinstance(v, dict) and before.get(k) != v]
     if changed:
         raise ResumeError(f"--resume: {run_dir} was started with a different job ({', '.join(changed)} changed); "

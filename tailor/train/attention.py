@@ -13,6 +13,7 @@ mask implementation transformers knows, it builds no 4-D mask at all, which save
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 
@@ -38,7 +39,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 def _row_attention(query, key, value, row: list[tuple[int, int]], scaling):
-    parts = [_causal_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling) for s, e in row]
+    attend = _causal_attention if query.device.type == "cpu" else _fused_causal_attention
+    parts = [attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling) for s, e in row]
     tail = query.shape[2] - (row[-1][1] if row else 0)
     if tail:
         parts.append(query.new_zeros(1, query.shape[1], tail, query.shape[3]))
@@ -62,6 +64,11 @@ def _causal_attention(q, k, v, scaling):
     probs = torch.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(v.dtype)
     out = probs.view(1, k.shape[1], groups * length, length) @ v
     return out.view(1, heads, length, dim)
+
+
+def _fused_causal_attention(q, k, v, scaling):
+    """The same through PyTorch's fused kernels, for GPUs, where they are fastest."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
 AttentionInterface.register(NAME, packed_attention)
