@@ -30,7 +30,7 @@ from tailor.train.packing import make_rows
 from tailor.train.rundir import file_sha256, latest_run_dir, new_run_dir, versions, write_atomic
 
 
-# Settings that change how fast a run goes, never its result: a resume may change them.
+# Settings that change how fast a run goes, not what it computes: a resume may change them.
 SPEED_ONLY = {"threads", "compile"}
 
 
