@@ -27,6 +27,11 @@ class AdapterConfig:
     train_norm: bool = True
 
 
+def base_of(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def num_blocks(model: nn.Module) -> int:
     return model.config.num_hidden_layers
 
@@ -90,8 +95,7 @@ def param_groups(model: nn.Module, lr: float, layer_decay: float, weight_decay: 
     """One optimizer group per learning rate. Block i of L gets lr * decay**(L-1-i): the layers near
     the output change most. Embeddings get decay**L; the head and final norm get lr."""
     n = num_blocks(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
+    head = base_of(model).get_output_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     groups: dict[tuple[float, float], dict] = {}
     for name, p in model.named_parameters():

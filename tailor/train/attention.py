@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 
+from tailor.train.adapters import base_of
+
 NAME = "tailor_packed"
 
 
@@ -76,5 +78,4 @@ AttentionInterface.register(NAME, packed_attention)
 
 def set_attention(model, name: str) -> None:
     """Switch the attention implementation of a (possibly PEFT-wrapped) model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(name)
+    base_of(model).set_attn_implementation(name)

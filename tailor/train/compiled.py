@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from tailor.train.adapters import base_of
+
 PARTS = ("mlp", "input_layernorm", "post_attention_layernorm")
 
 
 def compile_blocks(model: nn.Module) -> int:
     """Compile the MLP and norms of every decoder block in place; returns how many modules."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     n = 0
-    for layer in base.get_decoder().layers:
+    for layer in base_of(model).get_decoder().layers:
         for name in PARTS:
             part = getattr(layer, name, None)
             if part is not None:

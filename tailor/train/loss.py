@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tailor.train.adapters import base_of
 from tailor.train.encode import IGNORE
 
 CHUNK = 256  # label positions per head + cross-entropy chunk
@@ -20,7 +21,7 @@ CHUNK = 256  # label positions per head + cross-entropy chunk
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(backbone, head) of a causal LM, through a PEFT wrapper if there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     return base.get_decoder(), base.get_output_embeddings()
 
 
