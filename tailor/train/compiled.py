@@ -17,14 +17,11 @@ from tailor.train.adapters import base_of
 PARTS = ("mlp", "input_layernorm", "post_attention_layernorm")
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compile the MLP and norms of every decoder block in place; returns how many modules."""
-    n = 0
+def compile_blocks(model: nn.Module) -> None:
+    """Compile the MLP and norms of every decoder block in place."""
     for layer in base_of(model).get_decoder().layers:
         for name in PARTS:
             part = getattr(layer, name, None)
             if part is not None:
                 # dynamic: rows change length from step to step; one graph serves them all
                 part.compile(dynamic=True)
-                n += 1
-    return n
