@@ -50,25 +50,103 @@ class ModelSpec(Section):
     )
 
 
-class DataSpec(Section):
-    train: list[str] = Field(
-        default_factory=list,
-        description="Training files: chat JSONL, one {\"messages\": [{role, content}, ...]} per line. "
-        "Relative paths are relative to the job file.",
+FormatName = Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "preference", "openai_preference", "text"]
+
+
+class SourceSpec(Section):
+    path: str = Field(description="A file (JSONL/JSON, CSV/TSV, Parquet, text) or a folder of them, or a saved "
+                      "Hugging Face dataset folder.")
+    format: FormatName = Field("auto", description="Record format; auto: detected per record from its keys.")
+    task: str | None = Field(None, description="Task name for every record of this input (multi-task training).")
+    task_column: str | None = Field(None, description="Column or key that holds each record's task name.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical field name → the input's column name, e.g. {prompt: question, completion: answer}.",
     )
-    validation: list[str] = Field(
+
+
+class CleanSpec(Section):
+    unicode: Literal["NFC", "NFKC", "none"] = Field(
+        "NFC", description="Unicode normalization. NFKC also folds look-alikes (ﬁ → fi, ² → 2), which can change meaning."
+    )
+    fix_encoding: bool = Field(True, description="Repair mojibake such as 'cafÃ©' → 'café' (ftfy).")
+    strip_html: bool = Field(False, description="Remove HTML tags and decode entities in every text.")
+    min_tokens: int = Field(2, ge=0, description="Drop records shorter than this many tokens (of the base model's tokenizer).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Drop records longer than this many tokens; null: keep them (training truncates).")
+    languages: list[str] = Field(
         default_factory=list,
-        description="Validation files in the same format. Empty: hold out validation_fraction of train.",
+        description="Keep only records in these languages (ISO 639-1 codes, detected offline); empty: keep all.",
+    )
+
+
+class DedupSpec(Section):
+    exact: bool = Field(True, description="Remove records identical after normalization (case, whitespace, Unicode).")
+    near: bool = Field(True, description="Remove near-duplicates (MinHash LSH), keeping the first of each cluster.")
+    threshold: float = Field(
+        0.8, gt=0.0, le=1.0,
+        description="Near-duplicate when the estimated Jaccard similarity of word n-grams reaches this. Lower: more removed.")
+    ngram: int = Field(3, ge=1, description="Words per shingle for near-duplicate detection.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations. More: a sharper threshold, slower.")
+
+
+class PrivacySpec(Section):
+    enabled: bool = Field(True, description="Find and replace personal data before anything is written.")
+    ner: bool = Field(
+        True, description="Also find names with spaCy's NER model (installed with Tailor); false: patterns only "
+        "(emails, phones, cards, IBANs, IPs, id numbers).")
+    entities: list[str] | None = Field(None, description="Entity types to replace; null: Tailor's default list (see docs/data.md).")
+    strategy: Literal["placeholder", "mask", "pseudonym", "drop"] = Field(
+        "placeholder",
+        description="placeholder: <EMAIL>; mask: ****; pseudonym: a consistent fake value; drop: drop the record.")
+    allow: list[str] = Field(
+        default_factory=list, description="Strings never replaced: your support address, brand or agent names.")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Minimum detector confidence to replace a match.")
+
+
+class SplitSpec(Section):
+    validation: float = Field(0.1, ge=0.0, description="Validation split: a share (< 1) or a number of records (≥ 1).")
+    test: float = Field(0.1, ge=0.0, description="Test split: a share (< 1) or a number of records (≥ 1).")
+    seed: int = Field(42, description="Seed of the split; the same data and seed give the same split.")
+    stratify: bool = Field(True, description="Split each task in the same proportions.")
+
+
+class CardSpec(Section):
+    perplexity_sample: int = Field(
+        32, ge=0, description="Records on which the base model's perplexity is measured (0: skip; loads the model).")
+    html: bool = Field(True, description="Also write card.html with interactive charts (works offline).")
+
+
+class DataSpec(Section):
+    train: list[str | SourceSpec] = Field(
+        default_factory=list,
+        description="Training data: files or folders in any supported format (chat JSONL, Alpaca, ShareGPT, "
+        "prompt/completion, preference pairs, CSV/TSV/Parquet, text, saved HF datasets), or a folder written by "
+        "`tailor prepare`. An entry may be {path, format, task, task_column, columns}. Relative to the job file.",
+    )
+    validation: list[str | SourceSpec] = Field(
+        default_factory=list,
+        description="Validation data, as train. Empty: the prepared folder's validation split, or validation_fraction of train.",
     )
     validation_fraction: float = Field(
         0.1, ge=0.0, lt=0.5,
-        description="Share of train examples held out for validation when no validation files are given.",
+        description="Share of train examples held out for validation when no validation data is given.",
     )
+    prepare: bool = Field(
+        False, description="true: prepare data.train first (clean, de-duplicate, anonymize, split) into the run "
+        "folder's data/, then train on its train split and validate on its validation split.")
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="Preparing: skip writes bad records to rejects.jsonl with the reason; fail stops at them.")
+    clean: CleanSpec = Field(default_factory=CleanSpec, description="Preparing: text cleaning and filters.")
+    dedup: DedupSpec = Field(default_factory=DedupSpec, description="Preparing: duplicate removal.")
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec, description="Preparing: personal data.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Preparing: train/validation/test split.")
+    card: CardSpec = Field(default_factory=CardSpec, description="Preparing: the data card.")
 
     @field_validator("train", "validation", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+        return [value] if isinstance(value, (str, dict)) else value
 
 
 class AdapterSpec(Section):
@@ -193,11 +271,64 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> Job:
     return resolve_paths(job, path.parent)
 
 
+def load_data_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[DataSpec, str | None]:
+    """The options of `tailor prepare`: a data.yaml (the keys of a job's `data:` section) or a whole
+    job file (its `data:` section and its model). Returns the section and the job's model, if any."""
+    raw: dict = {}
+    source = str(path) if path else "--set"
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise SpecError(source, ["file not found; pass a data.yaml or a job file"]) from None
+        except yaml.YAMLError as exc:
+            raise SpecError(source, [f"not valid YAML: {exc}"]) from None
+        if not isinstance(raw, dict):
+            raise SpecError(source, [f"the top level must be a mapping, got {type(raw).__name__}"])
+    model = None
+    if "data" in raw:  # a job file
+        model = (raw.get("model") or {}).get("base")
+        raw = raw["data"] or {}
+    raw = apply_overrides(raw, overrides, source)
+    try:
+        data = DataSpec.model_validate(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("data", *e["loc"])} for e in exc.errors()]
+        raise SpecError(source, [_describe(e).removeprefix("data.") for e in _union_errors(errors)]) from None
+    if path is not None:
+        data = resolve_paths(Job.model_construct(data=data, model=ModelSpec()), Path(path).parent).data
+    return data, model
+
+
 def parse_job(raw: dict, source: str = "<job>") -> Job:
     try:
         return Job.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(source, [_describe(err) for err in exc.errors()]) from None
+        raise SpecError(source, [_describe(err) for err in _union_errors(exc.errors())]) from None
+
+
+def _union_errors(errors: list[dict]) -> list[dict]:
+    """A `str | SourceSpec` entry fails once per member; keep the member the input was meant for
+    (an object → SourceSpec, anything else → str) and drop the member's name from the key."""
+    kept = []
+    for err in errors:
+        loc = list(err["loc"])
+        if "str" in loc or "SourceSpec" in loc:
+            member = "str" if "str" in loc else "SourceSpec"
+            at = loc.index(member)
+            meant = "SourceSpec" if isinstance(_input_at(errors, loc[:at]), dict) else "str"
+            if member != meant:
+                continue
+            err = {**err, "loc": tuple(loc[:at] + loc[at + 1:])}
+        kept.append(err)
+    return kept
+
+
+def _input_at(errors: list[dict], prefix: list) -> Any:
+    for err in errors:  # the 'str' member's error carries the entry itself as its input
+        if list(err["loc"])[:len(prefix)] == prefix and list(err["loc"])[len(prefix):] == ["str"]:
+            return err.get("input")
+    return {}
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
@@ -229,8 +360,11 @@ def resolve_paths(job: Job, base_dir: Path) -> Job:
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base_dir / q).resolve())
 
-    job.data.train = [resolve(p) for p in job.data.train]
-    job.data.validation = [resolve(p) for p in job.data.validation]
+    def resolve_source(src):
+        return resolve(src) if isinstance(src, str) else src.model_copy(update={"path": resolve(src.path)})
+
+    job.data.train = [resolve_source(p) for p in job.data.train]
+    job.data.validation = [resolve_source(p) for p in job.data.validation]
     base = job.model.base
     if base.startswith((".", "/", "~")) or base.endswith(".gguf"):
         job.model.base = resolve(base)
@@ -266,12 +400,25 @@ def _describe(err: dict) -> str:
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = Job
-    for part in loc:
+    parts = [p for p in loc if not str(p).isdigit()]  # list entries: data.train.1.columns → data.train.columns
+    for part in parts:
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        inner = _section_in(field.annotation) if field is not None else None
+        if inner is None:
             return None
-        model = field.annotation
+        model = inner
     return model
+
+
+def _section_in(ann) -> type[BaseModel] | None:
+    """The section type in an annotation: X, list[str | X], X | None."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in get_args(ann):
+        found = _section_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _fields_at(loc: list[str]) -> list[str]:

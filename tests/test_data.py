@@ -26,7 +26,7 @@ def test_reads_canonical_chat(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "not valid JSON"),
-    (json.dumps({"text": "x"}), "expected an object with a 'messages' list"),
+    (json.dumps({"text": "x"}), "'messages' must be a non-empty list"),
     (json.dumps({"messages": "hello"}), "'messages' must be a non-empty list of {role, content}; got str"),
     (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "messages[0].role must be one of"),
     (json.dumps({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}),
@@ -57,9 +57,13 @@ def test_not_utf8_is_reported(tmp_path):
         read_chat_jsonl(path)
 
 
-def test_quickstart_dataset_is_valid_and_in_voice():
-    examples = read_chat_jsonl(HERE / "data" / "lumen_support.jsonl")
-    assert len(examples) >= 80
+def test_quickstart_dataset_is_in_voice_with_the_planted_mess():
+    from tailor.data import Reject, read_source
+
+    items = list(read_source(HERE / "data" / "lumen_support.jsonl"))
+    examples = [e for e in items if not isinstance(e, Reject)]
+    assert len(items) - len(examples) == 2  # a cut-off line and a turn by "bot": prepare rejects them
+    assert len(examples) >= 120
     for ex in examples:
         for m in ex.messages:
             if m["role"] == "assistant":

@@ -1,59 +1,62 @@
-"""Canonical chat JSONL: one {"messages": [{"role", "content"}, ...]} object per line."""
+"""Reading training data for a run: any supported format, or a folder written by `tailor prepare`.
+
+Training is strict where `tailor prepare` is forgiving: a bad record stops the run before any
+weights load, listing every file:line problem, because a silently smaller dataset is a worse model
+nobody asked for. To skip bad records instead, prepare the data first (their reasons go to
+rejects.jsonl).
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tailor.data.example import DataError, Example, check_messages
+from tailor.data.example import DataError, Example
 
 
 def read_chat_jsonl(path: str | Path) -> list[Example]:
-    """Read and check every line; any bad line raises DataError listing each file:line problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError([f"{path}: file not found; check data.train / data.validation in the job file"])
-    examples, problems = [], []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                problems.append(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start}); re-save the file as UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(record, dict) or "messages" not in record:
-                problems.append(f"{where}: expected an object with a 'messages' list, "
-                                f"like {{\"messages\": [{{\"role\": \"user\", \"content\": \"…\"}}, …]}}")
-                continue
-            problem = check_messages(record["messages"])
-            if problem:
-                problems.append(f"{where}: {problem}")
-                continue
-            examples.append(Example(messages=record["messages"], task=record.get("task"),
-                                    meta={"source": str(path), "line": lineno}))
-    if problems:
-        raise DataError(problems)
-    if not examples:
-        raise DataError([f"{path}: no examples; the file is empty"])
-    return examples
+    """Canonical chat JSONL; any bad line raises DataError listing each file:line problem."""
+    return read_many([{"path": str(path), "format": "chat"}])
 
 
-def read_many(paths: list[str]) -> list[Example]:
-    """Read several files, reporting the problems of all of them together."""
+def read_many(sources: list, split: str = "train") -> list[Example]:
+    """Read several inputs (paths, or {path, format, task, task_column, columns} / SourceSpec),
+    reporting the problems of all of them together. A prepared folder contributes its `split`."""
+    from tailor.data.formats import Reject, read_source
+    from tailor.data.store import is_prepared, read_prepared
+
     examples, problems = [], []
-    for p in paths:
+    for src in sources:
+        opts = _options(src)
+        if is_prepared(opts["path"]):
+            examples.extend(read_prepared(opts["path"], split))
+            continue
         try:
-            examples.extend(read_chat_jsonl(p))
+            before = len(examples)
+            for item in read_source(**opts):
+                if isinstance(item, Reject):
+                    problems.append(str(item))
+                else:
+                    examples.append(item)
+            if len(examples) == before and not problems:
+                problems.append(f"{opts['path']}: no examples; the file is empty")
         except DataError as exc:
             problems.extend(exc.problems)
     if problems:
         raise DataError(problems)
     return examples
+
+
+def prepared_folders(sources: list) -> list[str]:
+    from tailor.data.store import is_prepared
+
+    return [p for p in (_options(s)["path"] for s in sources) if is_prepared(p)]
+
+
+def _options(src) -> dict:
+    if isinstance(src, (str, Path)):
+        return {"path": str(src)}
+    if isinstance(src, dict):
+        return {k: v for k, v in src.items() if v is not None}
+    d = src.model_dump()
+    return {"path": d["path"], "format": d["format"], "task": d["task"], "columns": d["columns"] or None,
+            "task_column": d["task_column"]}

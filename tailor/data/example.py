@@ -10,10 +10,27 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Example:
+    """One record in one of three kinds:
+
+    chat        `messages` is a whole conversation that ends with something to learn from
+    preference  `messages` is the prompt (ending with a user turn); `chosen` and `rejected` are the
+                preferred and the dispreferred assistant turn(s) that continue it
+    text        `text` is a plain document (continued pre-training); `messages` is empty
+    """
+
     # [{"role": "system"|"user"|"assistant", "content": str, "weight": 0|1 (assistant only, optional)}]
     messages: list[dict]
     task: str | None = None
-    meta: dict = field(default_factory=dict)  # source file and line, for messages that point back
+    meta: dict = field(default_factory=dict)  # {"source": file, "line": line/row/record number}
+    chosen: list[dict] | None = None
+    rejected: list[dict] | None = None
+    text: str | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.text is not None:
+            return "text"
+        return "preference" if self.chosen is not None else "chat"
 
 
 class DataError(ValueError):
@@ -58,4 +75,48 @@ def check_messages(messages) -> str | None:
         return "the conversation must start with a user turn (after an optional system message)"
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         return "no assistant turn to learn from; add the answer as a {\"role\": \"assistant\"} message"
+    return None
+
+
+def check_example(ex: Example) -> str | None:
+    """What is wrong with a record of any kind, or None."""
+    if ex.task is not None and (not isinstance(ex.task, str) or not ex.task.strip()):
+        return f"'task' must be a non-empty string; got {ex.task!r}"
+    if ex.kind == "text":
+        if not isinstance(ex.text, str):
+            return f"'text' must be a string; got {type(ex.text).__name__}"
+        return None if ex.text.strip() else "'text' is empty"
+    if ex.kind == "chat":
+        return check_messages(ex.messages)
+    prompt_problem = _check_prompt(ex.messages)
+    if prompt_problem:
+        return prompt_problem
+    for name, answer in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+        problem = _check_answer(name, answer)
+        if problem:
+            return problem
+    if ex.chosen == ex.rejected:
+        return "'chosen' and 'rejected' are the same answer; a preference pair needs two different ones"
+    return None
+
+
+def _check_prompt(messages) -> str | None:
+    """A preference prompt: a conversation that ends with the user's turn."""
+    if not isinstance(messages, list) or not messages:
+        return "'prompt' must be a non-empty string or list of {role, content}"
+    closed = messages + [{"role": "assistant", "content": "x"}]
+    problem = check_messages(closed)
+    if problem:
+        return "prompt: " + problem
+    return None
+
+
+def _check_answer(name: str, answer) -> str | None:
+    if not isinstance(answer, list) or not answer:
+        return f"'{name}' must be a non-empty string or list of assistant messages"
+    for i, msg in enumerate(answer):
+        if not isinstance(msg, dict) or msg.get("role") != "assistant":
+            return f"{name}[{i}] must be an assistant message {{role: assistant, content}}"
+        if not isinstance(msg.get("content"), str) or not msg["content"].strip():
+            return f"{name}[{i}].content must be a non-empty string"
     return None

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tailor.data import read_many
+from tailor.data import DataError, read_many
+from tailor.data.chat import prepared_folders
 from tailor.models import best_dtype, load_model, load_tokenizer, resolve_model
 from tailor.models.hardware import hardware_summary
 from tailor.spec import Job, dump_job
@@ -27,7 +28,7 @@ from tailor.train.compiled import compile_blocks
 from tailor.train.encode import encode_chat
 from tailor.train.loop import TrainSettings, train
 from tailor.train.packing import make_rows
-from tailor.train.rundir import file_sha256, latest_run_dir, new_run_dir, versions, write_atomic
+from tailor.train.rundir import path_sha256, latest_run_dir, new_run_dir, versions, write_atomic
 
 
 # Settings that change how fast a run goes, not what it computes: a resume may change them.
@@ -47,14 +48,14 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     say = console.print if is_main else (lambda *a, **k: None)
     torch.set_num_threads(job.training.threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
-    # 1. The data, checked line by line before any weights load.
-    train_raw = read_many(job.data.train)
-    val_raw = read_many(job.data.validation) if job.data.validation else []
-    if not val_raw and job.data.validation_fraction > 0 and len(train_raw) >= 10:
-        train_raw, val_raw = _hold_out(train_raw, job.data.validation_fraction, job.training.seed)
-
-    # 2. The run folder: a new one, or the latest of this job when resuming.
-    run_dir = _run_dir(job, resume, accelerator)
+    # 1. The data, checked record by record before any weights load, and 2. the run folder. With
+    # data.prepare the raw data is prepared into the run folder first, so the folder comes first.
+    if job.data.prepare:
+        run_dir = _run_dir(job, resume, accelerator)
+        train_raw, val_raw = _prepared_data(job, run_dir, accelerator, say)
+    else:
+        train_raw, val_raw = _read_data(job)
+        run_dir = _run_dir(job, resume, accelerator)
     if (run_dir / "DONE").exists():
         say(f"[green]{run_dir} already finished[/]; nothing to resume.")
         return run_dir
@@ -94,7 +95,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
             "model": {"source": job.model.base, "kind": resolved.kind, "path": resolved.path,
                       "hub_id": resolved.hub_id, "dtype": str(dtype).removeprefix("torch.")},
             "data": {"train": [_file_entry(p) for p in job.data.train],
-                     "validation": [_file_entry(p) for p in job.data.validation]},
+                     "validation": [_file_entry(p) for p in job.data.validation],
+                     "prepared": str(run_dir / "data") if job.data.prepare else None},
             "encoding": stats, "seed": job.training.seed,
             "adapter": {"kind": job.adapter.kind, "trainable_parameters": n_trainable, "total_parameters": n_total,
                         "trainable": trainable_names(model) if job.adapter.kind != "lora" else None},
@@ -127,6 +129,45 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
             + f" → {run_dir}")
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _read_data(job: Job) -> tuple[list, list]:
+    """Train and validation records. Validation: data.validation, else the validation split of
+    prepared folders in data.train, else a seeded share of train."""
+    train_raw = read_many(job.data.train)
+    if job.data.validation:
+        val_raw = read_many(job.data.validation, split="validation")
+    else:
+        val_raw = [ex for folder in prepared_folders(job.data.train) for ex in read_many([folder], split="validation")]
+    if not val_raw and job.data.validation_fraction > 0 and len(train_raw) >= 10:
+        train_raw, val_raw = _hold_out(train_raw, job.data.validation_fraction, job.training.seed)
+    _only_conversations(train_raw + val_raw)
+    return train_raw, val_raw
+
+
+def _prepared_data(job: Job, run_dir: Path, accelerator, say) -> tuple[list, list]:
+    """data.prepare: prepare data.train into RUN/data once (a resumed run reuses it), then read its splits."""
+    from tailor.data.prepare import prepare
+    from tailor.data.store import is_prepared, read_prepared
+
+    folder = run_dir / "data"
+    if accelerator.is_main_process and not is_prepared(folder):
+        say(f"preparing {len(job.data.train)} input(s) → {folder}")
+        prepare(job.data.train, folder, model=job.model.base, config=job.data, say=say)
+    accelerator.wait_for_everyone()
+    train_raw, val_raw = read_prepared(folder, "train"), read_prepared(folder, "validation")
+    if job.data.validation:
+        val_raw = read_many(job.data.validation, split="validation")
+    _only_conversations(train_raw + val_raw)
+    return train_raw, val_raw
+
+
+def _only_conversations(examples: list) -> None:
+    other = [ex for ex in examples if ex.kind != "chat"]
+    if other:
+        where = ", ".join(f"{ex.meta.get('source')}:{ex.meta.get('line')} ({ex.kind})" for ex in other[:5])
+        raise DataError([f"technique 'task' trains on conversations; {len(other)} record(s) are preference pairs "
+                         f"or plain text, e.g. {where}. Remove them, or use a technique that trains on them."])
 
 
 def _hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -170,8 +211,9 @@ def _check_same_job(run_dir: Path, job: Job) -> None:
                           "restore those values to resume, or run without --resume to start a new run")
 
 
-def _file_entry(path: str) -> dict:
-    return {"path": path, "sha256": file_sha256(path)}
+def _file_entry(src) -> dict:
+    path = src if isinstance(src, str) else src.path
+    return {"path": path, "sha256": path_sha256(path)}
 
 
 def _encoding_stats(train_set, val_set) -> dict:

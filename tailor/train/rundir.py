@@ -55,6 +55,17 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def path_sha256(path: str | Path) -> str:
+    """A file's sha256, or a folder's: over its files' relative paths and contents, in order."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("tailor-llm", "torch", "transformers", "peft", "accelerate"):
