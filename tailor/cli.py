@@ -18,6 +18,10 @@ err = Console(stderr=True, soft_wrap=True)  # error messages stay whole lines, g
 out = Console()
 
 
+def _print_out(line: str) -> None:
+    out.print(escape(line), highlight=False, soft_wrap=True)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -31,6 +35,45 @@ def _quiet_libraries() -> None:
 def _fail(exc: Exception, code: int = 2) -> None:
     err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code)
+
+
+@app.command()
+def prepare(
+    inputs: list[Path] = typer.Argument(None, help="Files or folders: chat JSONL, Alpaca, ShareGPT, prompt/completion, "
+                                        "preference pairs, CSV/TSV/Parquet, text, saved HF datasets."),
+    out: Path = typer.Option(..., "--out", help="The prepared dataset folder to write (replaced if it exists)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="data.yaml (the keys of a job's data: section) or a job file."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model whose tokenizer measures lengths "
+                                        "[default: the job's model, or the embedded one]."),
+    format_: str = typer.Option("auto", "--format", help="Record format of INPUTs; auto: detected per record."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task name for every record of INPUTs."),
+    set_: list[str] = typer.Option([], "--set", help="Override an option: --set privacy.strategy=pseudonym"),
+    num_proc: Optional[int] = typer.Option(None, "--num-proc", help="Worker processes for cleaning [default: up to 2]."),
+):
+    """Clean, de-duplicate, anonymize and split raw data into a prepared dataset folder with a data card."""
+    from tailor.data import DataError
+    from tailor.data.card import summary_lines
+    from tailor.data.prepare import prepare as run_prepare
+    from tailor.data.privacy import PrivacyError
+    from tailor.models import ModelNotFound
+    from tailor.spec import EMBEDDED_DEFAULT, SourceSpec, SpecError, load_data_config
+
+    try:
+        data, job_model = load_data_config(config, set_)
+        sources = [SourceSpec(path=str(p), format=format_, task=task) for p in inputs or []]
+    except SpecError as exc:
+        _fail(exc)
+    except ValueError as exc:
+        _fail(ValueError(f"--format {format_}: {exc}"))
+    _quiet_libraries()
+    try:
+        result = run_prepare(sources, out, model=model or job_model or EMBEDDED_DEFAULT, config=data,
+                             num_proc=num_proc, say=lambda m: err.print(escape(m), highlight=False))
+    except (DataError, ModelNotFound, PrivacyError) as exc:
+        _fail(exc)
+    for line in summary_lines(result.card):
+        _print_out(line)
+    _print_out(f"→ {result.out} (card.md, card.html, rejects.jsonl)")
 
 
 @app.command()

@@ -23,7 +23,7 @@ _TAG = re.compile(r"<[a-zA-Z/!][^>]*>")
 
 
 def clean_text(text: str, unicode: str = "NFC", fix_encoding: bool = True, strip_html: bool = False) -> str:
-    if fix_encoding:
+    if fix_encoding and not text.isascii():  # mojibake needs non-ASCII characters; most text has none
         import ftfy
 
         # ftfy repairs mojibake ('cafÃ©'); its own normalization and quote folding stay off so that

@@ -1,0 +1,477 @@
+"""`tailor prepare`: raw files in, a prepared dataset folder out.
+
+read → clean and measure → filter → exact and near duplicates → anonymize → split → write + card
+
+Records live in Arrow files (Hugging Face `datasets`) between stages, so memory stays flat as the
+input grows; cleaning and measuring run in worker processes. Every record read ends up in exactly
+one place: a split, or rejects.jsonl with its stage and reason, so the card's counts add up. The
+folder is built under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tailor.data.clean import clean_text, normalized, prompt_of, texts_of, with_texts
+from tailor.data.dedup import NearDuplicates, exact_key, signatures
+from tailor.data.example import DataError, check_example
+from tailor.data.split import SPLITS, assign_splits, group_records, shared_prompts
+from tailor.data.store import column, features, from_row, record_id, to_row
+from tailor.spec import EMBEDDED_DEFAULT, DataSpec, SourceSpec
+
+BATCH = 512
+MAX_FAIL_PROBLEMS = 10
+
+
+@dataclass
+class Prepared:
+    out: Path
+    card: dict
+
+
+def prepare(inputs: list, out: str | Path, model: str = EMBEDDED_DEFAULT, config: DataSpec | dict | None = None,
+            num_proc: int | None = None, say=print, **options: Any) -> Prepared:
+    """Prepare `inputs` (paths, or {path, format, task, task_column, columns}) into `out`.
+
+    `config` is a DataSpec or its dict (the `data:` section of a job, or data.yaml); keyword
+    options override its sections, e.g. `privacy={"strategy": "pseudonym"}`, `on_error="fail"`.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()  # `say` reports each stage; bars from every map would drown it
+    spec = _spec(config, options)
+    sources = [SourceSpec(path=str(s)) if isinstance(s, (str, Path)) else SourceSpec.model_validate(s)
+               if isinstance(s, dict) else s for s in (inputs or spec.train)]
+    if not sources:
+        raise DataError(["no input: name at least one file or folder to prepare"])
+    out = Path(out)
+    work = out.parent / f".{out.name}.partial"
+    shutil.rmtree(work, ignore_errors=True)  # what an interrupted run left: start it again
+    work.mkdir(parents=True)
+    num_proc = num_proc if num_proc is not None else min(2, os.cpu_count() or 1)
+
+    anonymizer = _anonymizer(spec) if spec.privacy.enabled else None
+    tokenizer, overhead = _tokenizer(model)
+    stats: dict[str, Any] = {"model": model, "sources": [s.model_dump(exclude_defaults=True) for s in sources]}
+    clock = _Stopwatch(stats.setdefault("seconds", {}))
+
+    with _Rejects(work / "rejects.jsonl", anonymizer) as rejects:
+        with clock("read"):
+            ds = _read(sources, work, rejects, spec.on_error)
+        stats["read"] = len(ds) + rejects.count
+        stats["rejected"] = rejects.count
+        say(f"read {stats['read']:,} records from {len(sources)} input(s); {rejects.count:,} rejected")
+
+        with clock("clean"):
+            ds = ds.map(_Measure(spec, tokenizer, overhead), batched=True, batch_size=BATCH,
+                        num_proc=num_proc if len(ds) >= 4 * BATCH else None, new_fingerprint="measured",
+                        desc="cleaning")
+        with clock("deduplicate"):
+            decision = _decide(ds, spec, rejects, stats)
+        kept = [i for i, d in enumerate(decision["status"]) if d == "kept"]
+        say(f"cleaned: {stats['filtered']:,} filtered, {stats['duplicates']['exact']:,} exact and "
+            f"{stats['duplicates']['near']:,} near duplicates removed")
+
+        ds = ds.select(kept)
+        if anonymizer is not None:
+            with clock("anonymize"):
+                ds, dropped, pii = _anonymize(ds, anonymizer, spec.privacy.strategy == "drop", spec.privacy.ner,
+                                                 rejects, work)
+            stats["privacy"] = pii
+            if dropped:
+                keep = sorted(set(range(len(ds))) - set(dropped))
+                ds, kept = ds.select(keep), [kept[i] for i in keep]
+                stats["filtered"] += len(dropped)
+                stats["filter_reasons"]["personal data (privacy.strategy: drop)"] = len(dropped)
+            say(f"anonymized: {pii['records_with_pii']:,} records had personal data "
+                f"({', '.join(f'{k} {v:,}' for k, v in pii['entities'].items()) or 'none'})")
+        stats["rejects_by_stage"] = dict(rejects.by_stage)
+
+    # Split the kept records; clusters name their representative by its index before `select`.
+    position = {old: new for new, old in enumerate(kept)}
+    clusters = [decision["cluster"][i] for i in kept]
+    with clock("split"):
+        split_of = _split(ds, [position.get(c) if c is not None else None for c in clusters], spec)
+        stats["kept"] = len(ds)
+        _write_splits(ds, split_of, work)
+        stats["leakage"] = {"shared_prompts": shared_prompts(split_of, column(ds, "prompt")),
+                            "near_duplicates_across_splits": _near_leaks(ds, split_of, spec)}
+
+    from tailor.data.card import write_card
+
+    with clock("card"):
+        card = write_card(work, ds, split_of, stats, spec, model, anonymizer)
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    _replace(work, out)
+    return Prepared(out=out, card=card)
+
+
+class _Stopwatch:
+    """`with clock("stage"):` adds the stage's wall time to the card's `seconds`."""
+
+    def __init__(self, seconds: dict):
+        self.seconds = seconds
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0) + time.perf_counter() - start, 2)
+
+
+def _spec(config, options) -> DataSpec:
+    base = config.model_dump() if isinstance(config, DataSpec) else dict(config or {})
+    for key, value in options.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return DataSpec.model_validate(base)
+
+
+def _anonymizer(spec: DataSpec):
+    from tailor.data.privacy import Anonymizer
+
+    p = spec.privacy
+    # "drop" still needs a redacted copy of the record for rejects.jsonl: detect with placeholders.
+    strategy = "placeholder" if p.strategy == "drop" else p.strategy
+    return Anonymizer(entities=p.entities, strategy=strategy, allow=p.allow, ner=p.ner,
+                      score_threshold=p.score_threshold, seed=spec.split.seed)
+
+
+def _tokenizer(model: str):
+    from tailor.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model).path)
+
+    # The chat template adds tokens around each message, and maybe a default system prompt; measure
+    # both once instead of rendering every record: tokens ≈ contents + fixed + per_message × messages.
+    def rendered(n_turns: int) -> int:
+        turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x"} for i in range(n_turns)]
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) - n_turns
+
+    per_message = max(0, rendered(2) - rendered(1))
+    fixed = max(0, rendered(1) - per_message)
+    return tokenizer, (fixed, per_message)
+
+
+# --- read ----------------------------------------------------------------------------------------
+
+
+class _Rejects:
+    """rejects.jsonl: every record that did not make it, with where it came from and why. The
+    record's text is anonymized like the data; duplicates point at the copy that was kept."""
+
+    def __init__(self, path: Path, anonymizer):
+        self.path, self.anonymizer = path, anonymizer
+        self.count = 0
+        self.by_stage: Counter = Counter()
+        self.pending: list[dict] = []
+
+    def __enter__(self):
+        self.file = self.path.open("w", encoding="utf-8")
+        return self
+
+    def add(self, source: str, line, stage: str, reason: str, record: str | None = None, **extra) -> None:
+        self.count += 1
+        self.by_stage[stage] += 1
+        self.pending.append({"id": record_id(source, line), "source": source, "line": line, "stage": stage,
+                             "reason": reason, **extra, **({"record": record} if record is not None else {})})
+        if len(self.pending) >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        rows, self.pending = self.pending, []
+        with_text = [r for r in rows if "record" in r]
+        if self.anonymizer is not None and with_text:
+            for r, (text, _) in zip(with_text, self.anonymizer.anonymize_batch([r["record"] for r in with_text])):
+                r["record"] = text
+        self.file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+    def __exit__(self, *exc):
+        self.flush()
+        self.file.close()
+
+
+def _read(sources: list[SourceSpec], work: Path, rejects: _Rejects, on_error: str):
+    from tailor.data.formats import Reject, read_source
+
+    problems: list[str] = []
+
+    def records():
+        for src in sources:
+            for item in read_source(src.path, src.format, src.task, src.columns or None, src.task_column):
+                if isinstance(item, Reject):
+                    if on_error == "fail":
+                        problems.append(f"{record_id(item.source, item.line)}: {item.reason}")
+                        if len(problems) >= MAX_FAIL_PROBLEMS:
+                            return
+                        continue
+                    rejects.add(item.source, item.line, "read", item.reason, item.record)
+                else:
+                    yield to_row(item)
+
+    ds = _write_arrow(records(), work / "cache" / "read.arrow")
+    if problems:
+        raise DataError(problems + ["(data.on_error is fail; set it to skip to write bad records to rejects.jsonl "
+                                    "and go on)"])
+    return ds
+
+
+def _write_arrow(rows, path: Path):
+    """Stream rows into an Arrow file in batches and open it memory-mapped as a Dataset."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    schema = features().arrow_schema
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        batch = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) == 10 * BATCH:
+                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+                batch = []
+        if batch:
+            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+    return Dataset.from_file(str(path))
+
+
+# --- clean and measure (worker processes) ----------------------------------------------------------
+
+
+class _Measure:
+    """Clean every text of a batch of records and compute what the later stages need: token count,
+    turns, language, exact and prompt keys, MinHash signature, and why the record is filtered."""
+
+    def __init__(self, spec: DataSpec, tokenizer, overhead: tuple[int, int]):
+        self.clean, self.dedup = spec.clean, spec.dedup
+        self.tokenizer, self.overhead = tokenizer, overhead
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        c = self.clean
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        examples, all_texts = [], []
+        for row in rows:
+            ex = from_row(row)
+            texts = [clean_text(t, c.unicode, c.fix_encoding, c.strip_html) for t in texts_of(ex)]
+            examples.append(with_texts(ex, texts))
+            all_texts.append(texts)
+        flat = [t for texts in all_texts for t in texts]
+        # The Rust tokenizer directly: transformers' wrapper costs more than the tokenization itself.
+        encoded = self.tokenizer.backend_tokenizer.encode_batch(flat, add_special_tokens=False) if flat else []
+        lengths = iter(len(e.ids) for e in encoded)
+
+        out: dict[str, list] = {k: [] for k in ("messages", "chosen", "rejected", "text", "n_tokens", "n_turns",
+                                                "language", "exact", "prompt", "problem")}
+        joined = []
+        for ex, texts in zip(examples, all_texts):
+            fixed, per_message = self.overhead
+            n_tokens = sum(next(lengths) for _ in texts) + per_message * len(texts) + (fixed if ex.kind != "text" else 0)
+            body = "\n".join(texts)
+            language = _language(body) if c.languages else None  # the card detects on a sample
+            row = to_row(ex)
+            for k in ("messages", "chosen", "rejected", "text"):
+                out[k].append(row[k])
+            prompt = prompt_of(ex)
+            out["n_tokens"].append(n_tokens)
+            out["n_turns"].append(sum(m["role"] == "user" for m in ex.messages))
+            out["language"].append(language)
+            out["exact"].append(exact_key(texts))
+            out["prompt"].append(hashlib.blake2b(normalized(prompt).encode(), digest_size=16).hexdigest() if prompt else None)
+            out["problem"].append(self._problem(ex, n_tokens, language))
+            joined.append(body)
+        out["signature"] = list(signatures(joined, self.dedup.ngram, self.dedup.num_perm))
+        return out
+
+    def _problem(self, ex, n_tokens: int, language: str) -> str | None:
+        problem = check_example(ex)  # cleaning can empty a turn that held only markup or control characters
+        if problem:
+            return f"after cleaning: {problem}"
+        if n_tokens < self.clean.min_tokens:
+            return f"too short: {n_tokens} tokens < clean.min_tokens={self.clean.min_tokens}"
+        if self.clean.max_tokens and n_tokens > self.clean.max_tokens:
+            return f"too long: {n_tokens} tokens > clean.max_tokens={self.clean.max_tokens}"
+        if self.clean.languages and language not in self.clean.languages:
+            return f"language '{language}' not in clean.languages={self.clean.languages}"
+        return None
+
+
+def _language(text: str) -> str:
+    import py3langid
+
+    return py3langid.classify(text[:2000])[0] if text.strip() else ""
+
+
+# --- filter and de-duplicate (one pass in order: the first copy is the one kept) ----------------------
+
+
+def _decide(ds, spec: DataSpec, rejects: _Rejects, stats: dict) -> dict:
+    n = len(ds)
+    status, cluster = ["kept"] * n, [None] * n
+    first_exact: dict[str, int] = {}
+    near = NearDuplicates(spec.dedup.threshold, spec.dedup.num_perm)
+    reasons: Counter = Counter()
+    dup = Counter(exact=0, near=0)
+    members: dict[int, list[int]] = {}
+    ids = column(ds, "id")
+    for start, part in _chunks(ds, ["problem", "exact", "signature", "source", "line"]):
+        sigs = part["signature"]
+        for j, (problem, key) in enumerate(zip(part["problem"], part["exact"])):
+            i = start + j
+            source, line = part["source"][j], part["line"][j]
+            if problem:
+                status[i] = "filtered"
+                reasons[problem.split(":")[0]] += 1
+                rejects.add(source, line, "filter", problem, json.dumps(_record_json(ds[i]), ensure_ascii=False))
+                continue
+            if spec.dedup.exact and key in first_exact:
+                status[i] = "duplicate"
+                dup["exact"] += 1
+                rejects.add(source, line, "duplicate", "exact duplicate", duplicate_of=ids[first_exact[key]])
+                continue
+            first_exact.setdefault(key, i)
+            rep = near.add(i, sigs[j])
+            if rep is not None:
+                cluster[i] = rep
+                members.setdefault(rep, [rep]).append(i)
+                if spec.dedup.near:
+                    status[i] = "duplicate"
+                    dup["near"] += 1
+                    rejects.add(source, line, "duplicate", f"near duplicate (similarity ≥ {spec.dedup.threshold})",
+                                duplicate_of=ids[rep])
+    stats["filtered"] = sum(reasons.values())
+    stats["filter_reasons"] = dict(reasons)
+    stats["duplicates"] = dict(dup)
+    biggest = sorted(members.values(), key=len, reverse=True)[:3]
+    stats["cluster_examples"] = [{"size": len(m), "ids": [ids[i] for i in m[:4]], "texts": [_preview(ds[i]) for i in m[:3]]}
+                                 for m in biggest]
+    return {"status": status, "cluster": cluster}
+
+
+def _chunks(ds, names: list[str], size: int = 20 * BATCH):
+    """(start, {column: values}) over `ds` in chunks: Python lists, and signatures as one numpy
+    matrix per chunk, so memory stays flat however many records there are."""
+    table = ds.with_format("arrow")
+    for start in range(0, len(ds), size):
+        part = table[start:start + size]
+        out = {}
+        for name in names:
+            col = part.column(name)
+            if name == "signature":
+                flat = col.combine_chunks().flatten().to_numpy()
+                out[name] = flat.reshape(len(col), -1) if len(col) else flat
+            else:
+                out[name] = col.to_pylist()
+        yield start, out
+
+
+def _record_json(row: dict) -> dict:
+    ex = from_row(row)
+    if ex.kind == "text":
+        return {"text": ex.text}
+    out = {"messages": ex.messages}
+    if ex.kind == "preference":
+        out |= {"chosen": ex.chosen, "rejected": ex.rejected}
+    return out
+
+
+def _preview(row: dict, width: int = 160) -> str:
+    text = " / ".join(texts_of(from_row(row)))
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# --- anonymize -------------------------------------------------------------------------------------
+
+
+def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: Path):
+    """Replace personal data in every text of the kept records; with `drop`, list the records that
+    had any. Writes pii_audit.jsonl: per record, which entity types were replaced and how often."""
+    counts_per_record: list[dict] = []
+
+    def redact(batch: dict[str, list]) -> dict[str, list]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        examples = [from_row(r) for r in rows]
+        texts = [texts_of(ex) for ex in examples]
+        results = iter(anonymizer.anonymize_batch([t for ts in texts for t in ts]))
+        out = {k: [] for k in ("messages", "chosen", "rejected", "text")}
+        for ex, ts in zip(examples, texts):
+            found: Counter = Counter()
+            new = []
+            for _ in ts:
+                text, counts = next(results)
+                new.append(text)
+                found.update(counts)
+            counts_per_record.append(dict(found))
+            row = to_row(with_texts(ex, new))
+            for k in out:
+                out[k].append(row[k])
+        return out
+
+    ds = ds.map(redact, batched=True, batch_size=BATCH, new_fingerprint="anonymized", desc="anonymizing")
+    ids = column(ds, "id")
+    dropped = [i for i, c in enumerate(counts_per_record) if c and drop]
+    entities: Counter = Counter()
+    with (work / "pii_audit.jsonl").open("w", encoding="utf-8") as audit:
+        for i, counts in enumerate(counts_per_record):
+            if counts:
+                entities.update(counts)
+                audit.write(json.dumps({"id": ids[i], "entities": dict(sorted(counts.items())),
+                                        "action": "dropped" if drop else "replaced"}) + "\n")
+    for i in dropped:
+        row = ds[i]
+        rejects.add(row["source"], row["line"], "privacy",
+                    "personal data (" + ", ".join(f"{k} ×{v}" for k, v in sorted(counts_per_record[i].items()))
+                    + "); privacy.strategy is drop", json.dumps(_record_json(row), ensure_ascii=False))
+    pii = {"strategy": "drop" if drop else anonymizer.strategy, "ner": ner,
+           "records_with_pii": sum(bool(c) for c in counts_per_record), "entities": dict(entities.most_common())}
+    return ds, dropped, pii
+
+
+# --- split and write -------------------------------------------------------------------------------
+
+
+def _split(ds, clusters: list[int | None], spec: DataSpec) -> list[str]:
+    groups = group_records(column(ds, "prompt"), clusters)
+    strata = column(ds, "task") if spec.split.stratify else [None] * len(ds)
+    return assign_splits(groups, strata, column(ds, "exact"), spec.split.validation, spec.split.test, spec.split.seed)
+
+
+def _write_splits(ds, split_of: list[str], work: Path) -> None:
+    extra = [c for c in ds.column_names if c not in features()]
+    for name in SPLITS:
+        idx = [i for i, s in enumerate(split_of) if s == name]
+        ds.select(idx).remove_columns(extra).cast(features()).save_to_disk(str(work / name))
+
+
+def _near_leaks(ds, split_of: list[str], spec: DataSpec) -> int:
+    """Validation and test records that resemble a training record: checked afresh against an index
+    of the train split alone, whatever the de-duplication settings were."""
+    index = NearDuplicates(spec.dedup.threshold, spec.dedup.num_perm)
+    for start, part in _chunks(ds, ["signature"]):
+        for j, sig in enumerate(part["signature"]):
+            if split_of[start + j] == "train":
+                index.insert(start + j, sig)
+    leaks = 0
+    for start, part in _chunks(ds, ["signature"]):
+        for j, sig in enumerate(part["signature"]):
+            if split_of[start + j] != "train" and index.similar(sig):
+                leaks += 1
+    return leaks
+
+
+def _replace(work: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,233 @@
+"""tailor prepare: cleaning, duplicates, splits without leakage, the card, and nothing lost."""
+
+import json
+
+import pytest
+
+from tailor.data import DataError, Example
+from tailor.data.clean import clean_text, prompt_of, texts_of, with_texts
+from tailor.data.dedup import NearDuplicates, exact_key, signatures
+from tailor.data.prepare import prepare
+from tailor.data.split import assign_splits, group_records, shared_prompts
+from tailor.data.store import read_prepared
+
+
+def chat(user, answer, system=None, task=None):
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"messages": msgs, **({"task": task} if task else {})}
+
+
+# --- cleaning ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("  hello   world \t ", "hello world"),
+    ("a\r\nb\rc", "a\nb\nc"),
+    ("one\n\n\n\n\ntwo", "one\n\ntwo"),
+    ("zero\u200bwidth\x07bell", "zerowidthbell"),
+    ("cafÃ© crÃ¨me", "café crème"),  # mojibake repaired
+    ("e\u0301", "\u00e9"),  # NFC composes
+])
+def test_clean_text(raw, clean):
+    assert clean_text(raw) == clean
+
+
+def test_clean_text_html_and_nfkc_are_opt_in():
+    html = "<p>Hello <b>there</b></p><p>A &amp; B</p><script>x()</script>"
+    assert "<b>" in clean_text(html)
+    assert clean_text(html, strip_html=True) == "Hello there\nA & B"
+    assert clean_text("ﬁne", unicode="NFKC") == "fine"
+    assert clean_text("ﬁne") == "ﬁne"
+
+
+def test_texts_round_trip_for_every_kind():
+    pref = Example(messages=[{"role": "user", "content": "q"}], chosen=[{"role": "assistant", "content": "good"}],
+                   rejected=[{"role": "assistant", "content": "bad"}])
+    assert texts_of(pref) == ["q", "good", "bad"]
+    upper = with_texts(pref, [t.upper() for t in texts_of(pref)])
+    assert upper.chosen[0]["content"] == "GOOD" and upper.rejected[0]["content"] == "BAD"
+    assert texts_of(with_texts(Example(messages=[], text="doc"), ["DOC"])) == ["DOC"]
+    ex = Example(messages=chat("q1", "a1", system="s")["messages"])
+    assert prompt_of(ex) == "system: s\nuser: q1"
+
+
+# --- duplicates ----------------------------------------------------------------------------------
+
+BASE = ("The Ember lamp supports three brightness levels and a warm white mode. To switch modes, hold the halo "
+        "button for two seconds until the light blinks twice, then release it and tap once more.")
+
+
+def test_exact_key_ignores_case_and_whitespace_only():
+    assert exact_key(["Hello  World"]) == exact_key(["hello world"])
+    assert exact_key(["hello world"]) != exact_key(["hello world!"])
+    assert exact_key(["a", "b"]) != exact_key(["a b"])
+
+
+def test_near_duplicates_cluster_and_distinct_texts_do_not():
+    texts = [BASE,
+             BASE.replace("three", "3"),                       # one word changed
+             BASE + " Thanks!",                                 # a word added
+             "Glowpoints are earned at one per euro and can be redeemed at checkout for discounts on lamps.",
+             BASE.replace("Ember", "Beacon").replace("halo", "side").replace("twice", "three times")]
+    sigs = signatures(texts, ngram=3, num_perm=128)
+    near = NearDuplicates(threshold=0.7, num_perm=128)
+    reps = [near.add(i, s) for i, s in enumerate(sigs)]
+    assert reps[:4] == [None, 0, 0, None]
+    assert reps[4] is None  # three words changed in a short text: similar, but below the threshold
+
+
+# --- splits --------------------------------------------------------------------------------------
+
+
+def test_groups_join_shared_prompts_and_clusters():
+    groups = group_records(["p1", "p2", "p1", None, "p3"], [None, None, None, 1, None])
+    assert groups[0] == groups[2]
+    assert groups[3] == groups[1]
+    assert len({groups[0], groups[1], groups[4]}) == 3
+
+
+def test_splits_are_deterministic_sized_and_keep_groups_whole():
+    n = 1000
+    prompts = [f"p{i // 2}" for i in range(n)]  # every prompt twice
+    groups = group_records(prompts, [None] * n)
+    keys = [f"k{i}" for i in range(n)]
+    splits = assign_splits(groups, [None] * n, keys, 0.1, 0.2, seed=1)
+    assert splits == assign_splits(groups, [None] * n, keys, 0.1, 0.2, seed=1)
+    assert splits != assign_splits(groups, [None] * n, keys, 0.1, 0.2, seed=2)
+    assert abs(splits.count("validation") - 100) <= 2 and abs(splits.count("test") - 200) <= 2
+    assert shared_prompts(splits, prompts) == 0
+    # the input order does not matter: the same record lands in the same split
+    order = list(range(n))[::-1]
+    rev = assign_splits([groups[i] for i in order], [None] * n, [keys[i] for i in order], 0.1, 0.2, seed=1)
+    assert [rev[order.index(i)] for i in range(n)] == splits
+
+
+def test_splits_stratify_by_task_and_take_counts():
+    n = 400
+    tasks = ["a"] * 300 + ["b"] * 100
+    groups = list(range(n))
+    splits = assign_splits(groups, tasks, [str(i) for i in range(n)], 40, 0.25, seed=0)
+    assert sum(s == "validation" and t == "a" for s, t in zip(splits, tasks)) == 30
+    assert sum(s == "validation" and t == "b" for s, t in zip(splits, tasks)) == 10
+    assert sum(s == "test" and t == "b" for s, t in zip(splits, tasks)) == 25
+
+
+# --- the whole pipeline --------------------------------------------------------------------------
+
+
+def messy_dataset(tmp_path):
+    rows = [chat(f"Question {i}: how do I reset lamp model {i}?",
+                 f"Hold the button on model {i} for {i % 7 + 2} seconds, then release it and wait for the blink.")
+            for i in range(60)]
+    lines = [json.dumps(r) for r in rows]
+    lines.append(json.dumps(rows[3]))                                    # exact duplicate
+    lines.append(json.dumps(chat("  QUESTION 5: how do I reset lamp model 5?", rows[5]["messages"][1]["content"])))
+    near = chat(rows[7]["messages"][0]["content"], rows[7]["messages"][1]["content"] + " Thanks")
+    lines.append(json.dumps(near))                                       # near duplicate
+    lines.append(json.dumps(chat(rows[9]["messages"][0]["content"], "A different answer to the same question entirely.")))
+    lines.append("{broken json")                                         # unreadable
+    lines.append(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))  # nothing to learn
+    lines.append(json.dumps(chat("Mail me at jane.doe@example.org", "Sure, I will write to jane.doe@example.org today.")))
+    lines.append(json.dumps(chat("x", "y")))                             # too short (min_tokens below)
+    path = tmp_path / "raw.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    alpaca = tmp_path / "faq.jsonl"
+    alpaca.write_text("\n".join(json.dumps({"instruction": f"FAQ {i}: what is the warranty for part {i}?",
+                                            "output": f"Part {i} has a {i % 3 + 1}-year warranty from the day of purchase."})
+                                for i in range(20)) + "\n", encoding="utf-8")
+    return path, alpaca
+
+
+def run_prepare(tmp_path, tiny_model_dir, **options):
+    raw, faq = messy_dataset(tmp_path)
+    options.setdefault("privacy", {"ner": False})
+    options.setdefault("card", {"perplexity_sample": 4})
+    return prepare([raw, {"path": str(faq), "task": "faq"}], tmp_path / "prepared", model=str(tiny_model_dir),
+                   num_proc=1, say=lambda m: None, clean={"min_tokens": 80}, **options)
+
+
+def test_prepare_end_to_end(tmp_path, tiny_model_dir):
+    result = run_prepare(tmp_path, tiny_model_dir)
+    card, out = result.card, result.out
+    c = card["counts"]
+    assert c["read"] == 88 and c["rejected"] == 2
+    assert card["duplicates"] == {**card["duplicates"], "exact": 2, "near": 1}
+    assert c["filtered"] == 1 and card["filter_reasons"] == {"too short": 1}
+    assert c["adds_up"] and c["kept"] == 88 - 2 - 3 - 1
+    assert sum(s["records"] for s in card["splits"].values()) == c["kept"]
+    assert card["leakage"] == {"shared_prompts": 0, "near_duplicates_across_splits": 0}
+    assert card["splits"]["test"]["tasks"].get("faq", 0) >= 1  # stratified: each task in every split
+    assert card["privacy"]["entities"] == {"EMAIL_ADDRESS": 2}
+    assert card["perplexity"]["records"] == 4 and card["perplexity"]["perplexity"] > 1
+    assert card["training_tokens_per_epoch"] == card["splits"]["train"]["tokens"] > 0
+
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == c["read"] - c["kept"]
+    assert {r["stage"] for r in rejects} == {"read", "duplicate", "filter"}
+    assert all(r["id"].startswith(str(tmp_path)) and r["reason"] for r in rejects)
+    dup = next(r for r in rejects if r["reason"] == "exact duplicate")
+    assert dup["duplicate_of"].endswith("raw.jsonl:4")
+
+    records = [ex for s in ("train", "validation", "test") for ex in read_prepared(out, s)]
+    assert len(records) == c["kept"]
+    assert {ex.task for ex in records} == {None, "faq"}
+    for name in ("card.json", "card.md", "card.html", "pii_audit.jsonl"):
+        assert (out / name).is_file()
+    assert not list(tmp_path.glob(".prepared.*"))  # the temporary folder was renamed into place
+    # the same question with two answers is one group: both in the same split
+    q9 = [s for s in ("train", "validation", "test") for ex in read_prepared(out, s)
+          if ex.messages[0]["content"].startswith("Question 9:")]
+    assert len(q9) == 2 and len(set(q9)) == 1
+
+
+def test_no_personal_data_anywhere_in_the_output(tmp_path, tiny_model_dir):
+    out = run_prepare(tmp_path, tiny_model_dir).out
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert b"jane.doe@example.org" not in f.read_bytes(), f
+
+
+def test_on_error_fail_lists_the_problems(tmp_path, tiny_model_dir):
+    with pytest.raises(DataError) as exc:
+        run_prepare(tmp_path, tiny_model_dir, on_error="fail")
+    text = str(exc.value)
+    assert "raw.jsonl:65: " in text and "raw.jsonl:66: " in text and "on_error" in text
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_keeping_near_duplicates_still_keeps_them_in_one_split(tmp_path, tiny_model_dir):
+    card = run_prepare(tmp_path, tiny_model_dir, dedup={"near": False}).card
+    assert card["duplicates"]["near"] == 0 and card["counts"]["adds_up"]
+    assert card["leakage"]["near_duplicates_across_splits"] == 0
+
+
+def test_train_reads_a_prepared_folder(tmp_path, tiny_model_dir, make_job):
+    from tailor.spec import load_job
+    from tailor.techniques import task
+
+    out = run_prepare(tmp_path, tiny_model_dir).out
+    job = load_job(make_job(data={"train": [str(out)]}, training={"max_steps": 2}))
+    run_dir = task.run(job, show_progress=False)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    n = {s: len(read_prepared(out, s)) for s in ("train", "validation")}
+    assert manifest["encoding"]["train_examples"] == n["train"]
+    assert manifest["encoding"]["validation_examples"] == n["validation"]
+
+
+def test_cli_prepare_prints_the_card_summary(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    raw, _ = messy_dataset(tmp_path)
+    config = tmp_path / "data.yaml"
+    config.write_text("privacy: {ner: false}\ncard: {perplexity_sample: 0, html: false}\n", encoding="utf-8")
+    args = ["prepare", str(raw), "--out", str(tmp_path / "p"), "--config", str(config), "--model", str(tiny_model_dir),
+            "--num-proc", "1", "--set", "split.test=5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "68 read = 63 kept + 2 rejected + 3 duplicates (2 exact, 1 near) + 0 filtered" in result.stdout
+    assert "test 5" in result.stdout
+    bad = CliRunner().invoke(app, args[:-1] + ["dedup.treshold=0.5"])
+    assert bad.exit_code == 2 and "did you mean 'threshold'" in bad.stderr
