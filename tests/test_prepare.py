@@ -231,3 +231,18 @@ def test_cli_prepare_prints_the_card_summary(tmp_path, tiny_model_dir):
     assert "test 5" in result.stdout
     bad = CliRunner().invoke(app, args[:-1] + ["dedup.treshold=0.5"])
     assert bad.exit_code == 2 and "did you mean 'threshold'" in bad.stderr
+
+
+def test_a_job_with_data_prepare_prepares_into_its_run_folder(tmp_path, make_job):
+    from tailor.spec import load_job
+    from tailor.techniques import task
+
+    raw, _ = messy_dataset(tmp_path)  # broken lines: training them raw would stop with file:line errors
+    job = load_job(make_job(data={"train": [str(raw)], "prepare": True, "privacy": {"ner": False},
+                                  "card": {"perplexity_sample": 0, "html": False}}, training={"max_steps": 1}))
+    run_dir = task.run(job, show_progress=False)
+    card = json.loads((run_dir / "data" / "card.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["data"]["prepared"] == str(run_dir / "data")
+    assert manifest["encoding"]["train_examples"] == card["splits"]["train"]["records"]
+    assert manifest["encoding"]["validation_examples"] == card["splits"]["validation"]["records"]

@@ -53,13 +53,23 @@ def prepare(inputs: list, out: str | Path, model: str = EMBEDDED_DEFAULT, config
                if isinstance(s, dict) else s for s in (inputs or spec.train)]
     if not sources:
         raise DataError(["no input: name at least one file or folder to prepare"])
+    num_proc = num_proc if num_proc is not None else min(2, os.cpu_count() or 1)
+    anonymizer = _anonymizer(spec, num_proc) if spec.privacy.enabled else None  # fails early without its model
     out = Path(out)
     work = out.parent / f".{out.name}.partial"
     shutil.rmtree(work, ignore_errors=True)  # what an interrupted run left: start it again
     work.mkdir(parents=True)
-    num_proc = num_proc if num_proc is not None else min(2, os.cpu_count() or 1)
+    try:
+        return _prepare(sources, out, work, model, spec, anonymizer, num_proc, say)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # a failed run leaves nothing half-written
+        raise
+    finally:
+        if anonymizer is not None:
+            anonymizer.close()  # its worker processes
 
-    anonymizer = _anonymizer(spec) if spec.privacy.enabled else None
+
+def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymizer, num_proc: int, say) -> Prepared:
     tokenizer, overhead = _tokenizer(model)
     stats: dict[str, Any] = {"model": model, "sources": [s.model_dump(exclude_defaults=True) for s in sources]}
     clock = _Stopwatch(stats.setdefault("seconds", {}))
@@ -137,14 +147,14 @@ def _spec(config, options) -> DataSpec:
     return DataSpec.model_validate(base)
 
 
-def _anonymizer(spec: DataSpec):
+def _anonymizer(spec: DataSpec, processes: int):
     from tailor.data.privacy import Anonymizer
 
     p = spec.privacy
     # "drop" still needs a redacted copy of the record for rejects.jsonl: detect with placeholders.
     strategy = "placeholder" if p.strategy == "drop" else p.strategy
     return Anonymizer(entities=p.entities, strategy=strategy, allow=p.allow, ner=p.ner,
-                      score_threshold=p.score_threshold, seed=spec.split.seed)
+                      score_threshold=p.score_threshold, seed=spec.split.seed, processes=processes)
 
 
 def _tokenizer(model: str):
@@ -402,13 +412,11 @@ def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: P
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         examples = [from_row(r) for r in rows]
         texts = [texts_of(ex) for ex in examples]
-        results = iter(anonymizer.anonymize_batch([t for ts in texts for t in ts]))
         out = {k: [] for k in ("messages", "chosen", "rejected", "text")}
-        for ex, ts in zip(examples, texts):
+        for ex, results in zip(examples, anonymizer.anonymize_records(texts)):
             found: Counter = Counter()
             new = []
-            for _ in ts:
-                text, counts = next(results)
+            for text, counts in results:
                 new.append(text)
                 found.update(counts)
             counts_per_record.append(dict(found))

@@ -22,7 +22,8 @@ def held_out_questions() -> list[str]:
 
 
 def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console) -> Path:
-    from tailor.data import read_chat_jsonl
+    from tailor.data.card import summary_lines
+    from tailor.data.prepare import prepare
     from tailor.models import resolve_model
     from tailor.models.generate import answer, load_run
     from tailor.spec import load_job
@@ -38,11 +39,18 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console)
     out.print(f"{job.model.base} → {resolved.path} ({time.perf_counter() - t:.1f} s; converted from GGUF once, "
               "then loaded from this cache)")
 
-    out.rule("[bold]2 · The data")
-    examples = read_chat_jsonl(job.data.train[0])
-    out.print(f"{len(examples)} support conversations of Lumen Lane Lamps from {job.data.train[0]}")
+    out.rule("[bold]2 · Prepare the data")
+    out.print(f"Raw support logs of Lumen Lane Lamps: {job.data.train[0]}")
     out.print("Their voice: every answer opens with 'Hello, bright spark!' and signs off "
-              "'Keep glowing! — Wick, Lumen Lane', and uses the shop's own words (Glow Pass, Glowpoints, the Wick check).")
+              "'Keep glowing! — Wick, Lumen Lane', and uses the shop's own words (Glow Pass, Glowpoints, the Wick check). "
+              "Like real logs they hold duplicates, customers' personal data and broken lines.")
+    t = time.perf_counter()
+    prepared = prepare(job.data.train, out_dir.resolve() / "prepared", model=job.model.base, config=job.data,
+                       say=lambda m: err.print(m, highlight=False, markup=False))
+    for line in summary_lines(prepared.card):
+        out.print(line, highlight=False, markup=False)
+    out.print(f"→ {prepared.out}: card.md, card.html, rejects.jsonl, pii_audit.jsonl ({time.perf_counter() - t:.0f} s)")
+    job.data.train, job.data.prepare = [str(prepared.out)], False  # train on its train split, validate on its validation split
 
     out.rule("[bold]3 · Fine-tune (LoRA)")
     run_dir = task.run(job, console=err)
