@@ -471,7 +471,7 @@ def test_jsonl_rejects_carry_source_line_reason_and_record(tmp_path):
                                  "re-save the file as UTF-8")
     assert path.read_bytes()[29:30] == b"\xe9"
     assert rejects[0].record == '{"text": "caf\ufffd"}'
-    assert rejects[1].reason == "not valid JSON (Expecting value at column 10)"
+    assert rejects[1].reason == "not valid JSON (Expecting value, column 10)"
     assert rejects[2].reason == 'a record must be a JSON object like {"messages": [...]}; got list'
     assert rejects[3].record == long[:2000]
     assert str(rejects[2]) == f"{path}:5: {rejects[2].reason}"

@@ -301,7 +301,7 @@ def _read_jsonl(path: Path) -> Iterator[_Row | Reject]:
         try:
             yield _Row(lineno, text, json.loads(text))
         except json.JSONDecodeError as exc:
-            yield _reject(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})", text)
+            yield _reject(path, lineno, f"not valid JSON ({exc.msg}, column {exc.colno})", text)
         except (ValueError, RecursionError) as exc:  # e.g. a number too long, nesting too deep
             yield _reject(path, lineno, f"not valid JSON ({exc})", text)
 
@@ -353,7 +353,7 @@ def _read_json_whole(path: Path) -> Iterator[_Row | Reject]:
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            yield reject(exc.pos, f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            yield reject(exc.pos, f"not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}); "
                                   f"the rest of the file is skipped", text[exc.pos:exc.pos + RECORD_CHARS])
             return
         except (ValueError, RecursionError) as exc:
