@@ -30,8 +30,13 @@ def test_lora_on_the_embedded_model_learns_and_saves_a_peft_adapter(embedded_pat
 def test_quickstart_runs_every_step(embedded_path, tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--steps", "2", "--out", str(tmp_path)], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
-    for heading in ("1 · Load the base model", "2 · The data", "3 · Fine-tune", "4 · Base vs tuned"):
+    for heading in ("1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune", "4 · Base vs tuned"):
         assert heading in result.output
+    assert "records: 132 read = 120 kept + 2 rejected + 10 duplicates (6 exact, 4 near) + 0 filtered" in result.output
+    prepared = tmp_path / "prepared"
+    for planted in ("maria.keller@gmail.com", "4111 1111 1111 1111", "DE89 3704", "Priya", "(415) 555-2671"):
+        for f in [*prepared.rglob("*.arrow"), *prepared.glob("*.json*"), prepared / "card.md"]:
+            assert planted not in f.read_text(encoding="utf-8", errors="replace"), (planted, f)
     run_dir = next((tmp_path / "quickstart").iterdir())
     comparison = (run_dir / "quickstart.md").read_text()
     assert comparison.count("**Base:**") == 3 and comparison.count("**Tuned:**") == 3
