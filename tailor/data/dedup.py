@@ -18,43 +18,49 @@ from tailor.data.clean import normalized
 _WORD = re.compile(r"\w+")
 MINHASH_SEED = 1
 SCHEME = "affine32"
-SIGNATURE_BATCH = 256  # 32-bit hash values: half the memory of the legacy scheme
+SIGNATURE_BATCH = 256
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (2^64 / golden ratio)  # 32-bit hash values: half the memory of the legacy scheme
 
 
 def exact_key(texts: list[str]) -> str:
     return hashlib.blake2b("\x00".join(normalized(t) for t in texts).encode(), digest_size=16).hexdigest()
 
 
-def shingles(text: str, n: int) -> list[bytes]:
-    words = _WORD.findall(text.casefold())
-    if len(words) <= n:
-        return [" ".join(words).encode()]
-    return [" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)]
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """64-bit hashes of the text's word n-grams: each word is hashed once (xxh64) and an n-gram's
+    hash combines its words' hashes by position, so no n-gram string is ever built."""
+    import xxhash
+
+    words = np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in _WORD.findall(text.casefold())), dtype=np.uint64)
+    if len(words) <= n:  # a short text is one shingle
+        n = max(1, len(words))
+        if not len(words):
+            return np.zeros(1, np.uint64)
+    count = len(words) - n + 1
+    h = np.zeros(count, np.uint64)
+    for k in range(n):  # h = Σ words[i + k] · M^(n-1-k): order matters, wrapping arithmetic
+        h = h * _MIX + words[k:k + count]
+    return h
 
 
 def signatures(texts: list[str], ngram: int, num_perm: int) -> np.ndarray:
     """MinHash signatures, one uint32 row per text, for a whole batch at once.
 
-    Each shingle is hashed once (xxh64); each of the `num_perm` hash functions is a multiply-shift
-    hash of that value, h(x) = (a·x + b) >> 32 with odd 64-bit a (wrapping arithmetic), a standard
-    universal family. Done as one matrix operation per batch it is about 5× faster than building a
-    datasketch MinHash per record; datasketch's LSH indexes the result as it would its own.
+    Each of the `num_perm` hash functions is a multiply-shift hash of a shingle's 64-bit hash,
+    h(x) = (a·x + b) >> 32 with odd 64-bit a (wrapping arithmetic), a standard universal family.
+    Done as one matrix operation per batch it is several times faster than building a datasketch
+    MinHash per record; datasketch's LSH indexes the result as it would its own.
     """
     if len(texts) > SIGNATURE_BATCH:  # bound the shingles × permutations matrix
         return np.concatenate([signatures(texts[i:i + SIGNATURE_BATCH], ngram, num_perm)
                                for i in range(0, len(texts), SIGNATURE_BATCH)])
-    import xxhash
-
-    a, b = _permutations(num_perm)
-    hashed, ends = [], []
-    for text in texts:
-        hashed.extend(xxhash.xxh64_intdigest(s) for s in shingles(text, ngram))
-        ends.append(len(hashed))
     if not texts:
         return np.zeros((0, num_perm), np.uint32)
-    x = np.fromiter(hashed, dtype=np.uint64, count=len(hashed))
+    a, b = _permutations(num_perm)
+    parts = [shingle_hashes(t, ngram) for t in texts]
+    x = np.concatenate(parts)
     values = ((x[:, None] * a[None, :] + b[None, :]) >> np.uint64(32)).astype(np.uint32)
-    starts = np.array([0] + ends[:-1])
+    starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
     return np.minimum.reduceat(values, starts, axis=0)
 
 
