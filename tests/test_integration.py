@@ -32,7 +32,7 @@ def test_quickstart_runs_every_step(embedded_path, tmp_path):
     assert result.exit_code == 0, result.output
     for heading in ("1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune", "4 · Base vs tuned"):
         assert heading in result.output
-    assert "records: 132 read = 120 kept + 2 rejected + 10 duplicates (6 exact, 4 near) + 0 filtered" in result.output
+    assert "records: 132 read = 121 kept + 2 rejected + 9 duplicates (6 exact, 3 near) + 0 filtered" in result.output
     prepared = tmp_path / "prepared"
     for planted in ("maria.keller@gmail.com", "4111 1111 1111 1111", "DE89 3704", "Priya", "(415) 555-2671"):
         for f in [*prepared.rglob("*.arrow"), *prepared.glob("*.json*"), prepared / "card.md"]:
