@@ -246,3 +246,13 @@ def test_a_job_with_data_prepare_prepares_into_its_run_folder(tmp_path, make_job
     assert manifest["data"]["prepared"] == str(run_dir / "data")
     assert manifest["encoding"]["train_examples"] == card["splits"]["train"]["records"]
     assert manifest["encoding"]["validation_examples"] == card["splits"]["validation"]["records"]
+
+
+def test_privacy_drop_moves_records_with_personal_data_to_rejects(tmp_path, tiny_model_dir):
+    result = run_prepare(tmp_path, tiny_model_dir, privacy={"ner": False, "strategy": "drop"})
+    c = result.card["counts"]
+    assert c["adds_up"] and c["filtered"] == 2  # too short, and the record with an email
+    assert result.card["filter_reasons"]["personal data (privacy.strategy: drop)"] == 1
+    rejects = [json.loads(line) for line in (result.out / "rejects.jsonl").read_text().splitlines()]
+    dropped = [r for r in rejects if r["stage"] == "privacy"]
+    assert len(dropped) == 1 and "<EMAIL>" in dropped[0]["record"] and "jane.doe" not in dropped[0]["record"]

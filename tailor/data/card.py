@@ -102,13 +102,18 @@ def _bucket(edges: list[int], v: int) -> int:
     return v // (edges[1] - edges[0])
 
 
+def _spread(ds, size: int):
+    """Up to `size` records spread over the whole data, not the first file's."""
+    step = max(1, -(-len(ds) // size))
+    return ds.select(range(0, len(ds), step))
+
+
 def languages(ds) -> dict:
     """Records per detected language (py3langid, offline), on up to LANGUAGE_SAMPLE records."""
     import py3langid
 
     counts: Counter = Counter()
-    step = max(1, len(ds) // LANGUAGE_SAMPLE)  # spread over the whole data, not its first file
-    for row in ds.select(range(0, len(ds), step)):
+    for row in _spread(ds, LANGUAGE_SAMPLE):
         body = "\n".join(texts_of(from_row(row)))
         counts[py3langid.classify(body[:2000])[0] if body.strip() else "(empty)"] += 1
     return dict(counts.most_common(10))
@@ -120,8 +125,9 @@ def distinctive_terms(ds, top: int = 20) -> dict:
     from wordfreq import zipf_frequency
 
     counts: Counter = Counter()
-    n = min(len(ds), TERM_SAMPLE)
-    for row in ds.select(range(n)):
+    sample = _spread(ds, TERM_SAMPLE)
+    n = len(sample)
+    for row in sample:
         for text in texts_of(from_row(row)):
             counts.update(_WORD.findall(_PLACEHOLDER.sub(" ", text).lower()))
     total = sum(counts.values())
