@@ -73,21 +73,9 @@ def base_path(model: str) -> str:
 
 def heldout_loss(model, tokenizer, conversations, max_len) -> float:
     """Mean loss per answer token on held-out conversations, the same code for every variant."""
-    import torch
+    from tailor.train.loss import answer_loss
 
-    from tailor.train.encode import encode_chat
-    from tailor.train.loss import CausalLMLoss
-    from tailor.train.packing import collate
-
-    objective = CausalLMLoss(model).eval()
-    examples = [encode_chat(tokenizer, c["messages"], max_len) for c in conversations]
-    total = count = 0.0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for i in range(len(examples)):
-            b = collate([[i]], examples, tokenizer.pad_token_id)
-            loss_sum, _, n = objective(b["input_ids"], b["labels"], b["position_ids"])
-            total += loss_sum.item()
-            count += n.item()
+    total, count, _ = answer_loss(model, tokenizer, [c["messages"] for c in conversations], max_len)
     return total / count
 
 

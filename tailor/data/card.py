@@ -158,28 +158,18 @@ def _perplexity(ds, train_idx: list[int], model: str, sample: int) -> dict | Non
     import torch
 
     from tailor.models import best_dtype, load_model, load_tokenizer, resolve_model
-    from tailor.train.encode import encode_chat
-    from tailor.train.loss import CausalLMLoss
-    from tailor.train.packing import collate
+    from tailor.train.loss import answer_loss
 
     path = resolve_model(model).path
     tokenizer = load_tokenizer(path)
     dtype = best_dtype("auto")
-    net = load_model(path, dtype)
-    objective = CausalLMLoss(net).eval()
-    encoded = [encode_chat(tokenizer, from_row(ds[i]).messages, 1024) for i in chats]
-    encoded = [e for e in encoded if e.n_labels]
-    total = count = 0.0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        for i in range(len(encoded)):
-            b = collate([[i]], encoded, tokenizer.pad_token_id)
-            loss_sum, _, n = objective(b["input_ids"], b["labels"], b["position_ids"])
-            total += loss_sum.item()
-            count += n.item()
+    conversations = [from_row(ds[i]).messages for i in chats]
+    total, count, records = answer_loss(load_model(path, dtype), tokenizer, conversations, 1024,
+                                        bf16=dtype == torch.bfloat16)
     if not count:
         return None
     loss = total / count
-    return {"records": len(encoded), "answer_tokens": int(count), "loss": round(loss, 4),
+    return {"records": records, "answer_tokens": count, "loss": round(loss, 4),
             "perplexity": round(math.exp(loss), 2)}
 
 

@@ -26,7 +26,7 @@ def read_many(sources: list, split: str = "train") -> list[Example]:
 
     examples, problems = [], []
     for src in sources:
-        opts = _options(src)
+        opts = source_options(src)
         if is_prepared(opts["path"]):
             examples.extend(read_prepared(opts["path"], split))
             continue
@@ -49,10 +49,11 @@ def read_many(sources: list, split: str = "train") -> list[Example]:
 def prepared_folders(sources: list) -> list[str]:
     from tailor.data.store import is_prepared
 
-    return [p for p in (_options(s)["path"] for s in sources) if is_prepared(p)]
+    return [p for p in (source_options(s)["path"] for s in sources) if is_prepared(p)]
 
 
-def _options(src) -> dict:
+def source_options(src) -> dict:
+    """read_source's arguments for a data source: a path, a dict or a SourceSpec."""
     if isinstance(src, (str, Path)):
         return {"path": str(src)}
     if isinstance(src, dict):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tailor.data.chat import source_options
 from tailor.data.clean import clean_text, normalized, prompt_of, texts_of, with_texts
 from tailor.data.dedup import NearDuplicates, exact_key, signatures
 from tailor.data.example import DataError, check_example
@@ -219,7 +220,7 @@ def _read(sources: list[SourceSpec], work: Path, rejects: _Rejects, on_error: st
 
     def records():
         for src in sources:
-            for item in read_source(src.path, src.format, src.task, src.columns or None, src.task_column):
+            for item in read_source(**source_options(src)):
                 if isinstance(item, Reject):
                     if on_error == "fail":
                         problems.append(f"{record_id(item.source, item.line)}: {item.reason}")
@@ -455,10 +456,11 @@ def _split(ds, clusters: list[int | None], spec: DataSpec) -> list[str]:
 
 
 def _write_splits(ds, split_of: list[str], work: Path) -> None:
-    extra = [c for c in ds.column_names if c not in features()]
+    schema = features()
+    extra = [c for c in ds.column_names if c not in schema]
     for name in SPLITS:
         idx = [i for i, s in enumerate(split_of) if s == name]
-        ds.select(idx).remove_columns(extra).cast(features()).save_to_disk(str(work / name))
+        ds.select(idx).remove_columns(extra).cast(schema).save_to_disk(str(work / name))
 
 
 def _near_leaks(ds, split_of: list[str], spec: DataSpec) -> int:

@@ -61,3 +61,22 @@ class CausalLMLoss(nn.Module):
         # weight 0 turns a filler batch (a rank with no rows left in the last step) into a no-op
         # that still takes part in DDP's gradient all-reduce.
         return loss_sum * weight, correct, mask.sum()
+
+
+def answer_loss(model: nn.Module, tokenizer, conversations: list[list[dict]], max_len: int,
+                bf16: bool = True) -> tuple[float, int, int]:
+    """(sum of token losses, answer tokens, conversations with an answer) of `model` on
+    conversations scored one at a time: held-out loss for benchmarks, perplexity for data cards."""
+    from tailor.train.encode import encode_chat
+    from tailor.train.packing import collate
+
+    objective = CausalLMLoss(model).eval()
+    encoded = [e for e in (encode_chat(tokenizer, c, max_len) for c in conversations) if e.n_labels]
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for i in range(len(encoded)):
+            b = collate([[i]], encoded, tokenizer.pad_token_id)
+            loss_sum, _, n = objective(b["input_ids"], b["labels"], b["position_ids"])
+            total += loss_sum.item()
+            count += int(n.item())
+    return total, count, len(encoded)
