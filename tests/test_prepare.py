@@ -1,12 +1,15 @@
 """tailor prepare: cleaning, duplicates, splits without leakage, the card, and nothing lost."""
 
 import json
+import random
+
+import numpy as np
 
 import pytest
 
 from tailor.data import DataError, Example
 from tailor.data.clean import clean_text, prompt_of, texts_of, with_texts
-from tailor.data.dedup import NearDuplicates, exact_key, signatures
+from tailor.data.dedup import NearDuplicates, exact_key, sharing_a_band, signatures
 from tailor.data.prepare import prepare
 from tailor.data.split import assign_splits, group_records, shared_prompts
 from tailor.data.store import read_prepared
@@ -76,6 +79,38 @@ def test_near_duplicates_cluster_and_distinct_texts_do_not():
     assert reps[:4] == [None, 0, 0, None]
     assert reps[4] is None  # three words changed in a short text: similar, but below the threshold
 
+
+
+def test_records_sharing_no_band_can_be_skipped_without_changing_the_clusters():
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(60)]  # a small vocabulary: many chance band collisions
+    texts = []
+    for _ in range(400):
+        if texts and rng.random() < 0.3:  # a near copy of an earlier text: one word changed
+            t = rng.choice(texts).split()
+            t[rng.randrange(len(t))] = rng.choice(words)
+            texts.append(" ".join(t))
+        else:
+            texts.append(" ".join(rng.choice(words) for _ in range(rng.randint(6, 30))))
+    sigs = signatures(texts, ngram=3, num_perm=128)
+    everything = NearDuplicates(threshold=0.8, num_perm=128)
+    reps_all = [everything.add(i, s) for i, s in enumerate(sigs)]
+
+    skipping = NearDuplicates(threshold=0.8, num_perm=128)
+    shared = sharing_a_band(skipping.band_keys(sigs))
+    assert 0 < shared.sum() < len(texts)  # the test means something: some skipped, some not
+    reps_skipping = [skipping.add(i, s) if shared[i] else None for i, s in enumerate(sigs)]
+    assert reps_skipping == reps_all
+    assert all(shared[i] for i, r in enumerate(reps_all) if r is not None)
+
+
+def test_sharing_a_band_with_another_set():
+    keys = np.array([[1, 2], [3, 4], [5, 6], [4, 3]], np.uint64)
+    others = np.array([[9, 4], [5, 9]], np.uint64)
+    # a key counts only in its own band: the last row's 4 and 3 are elsewhere in the wrong band
+    assert sharing_a_band(keys, others).tolist() == [False, True, True, False]
+    assert sharing_a_band(keys, others[:0]).tolist() == [False, False, False, False]
+    assert sharing_a_band(np.array([[1, 2], [3, 2], [4, 5]], np.uint64)).tolist() == [True, True, False]
 
 # --- splits --------------------------------------------------------------------------------------
 

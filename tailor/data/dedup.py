@@ -3,6 +3,11 @@
 Near-duplicates are clustered greedily in input order: a record joins the cluster of the first
 kept record it resembles, or starts its own. Only cluster representatives enter the LSH index, so
 the index grows with the number of distinct records, not with the input.
+
+Most records of a real dataset resemble nothing else. LSH makes two records candidates only when
+one of their bands (a run of signature rows) is identical, so a record none of whose band keys
+occurs twice in the whole dataset can be neither a duplicate nor a representative anyone joins:
+`sharing_a_band` finds those with one vectorized pass, and only the rest go through the index.
 """
 
 from __future__ import annotations
@@ -17,9 +22,8 @@ from tailor.data.clean import normalized
 
 _WORD = re.compile(r"\w+")
 MINHASH_SEED = 1
-SCHEME = "affine32"
 SIGNATURE_BATCH = 256
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (2^64 / golden ratio)  # 32-bit hash values: half the memory of the legacy scheme
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (2^64 / golden ratio)
 
 
 def exact_key(texts: list[str]) -> str:
@@ -49,7 +53,7 @@ def signatures(texts: list[str], ngram: int, num_perm: int) -> np.ndarray:
     Each of the `num_perm` hash functions is a multiply-shift hash of a shingle's 64-bit hash,
     h(x) = (a·x + b) >> 32 with odd 64-bit a (wrapping arithmetic), a standard universal family.
     Done as one matrix operation per batch it is several times faster than building a datasketch
-    MinHash per record; datasketch's LSH indexes the result as it would its own.
+    MinHash per record.
     """
     if len(texts) > SIGNATURE_BATCH:  # bound the shingles × permutations matrix
         return np.concatenate([signatures(texts[i:i + SIGNATURE_BATCH], ngram, num_perm)
@@ -72,9 +76,39 @@ def _permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) 64-bit keys, one per LSH band of each signature: equal bands, equal keys (and
+    different bands collide with probability 2^-64)."""
+    sig = signatures[:, :bands * rows].astype(np.uint64).reshape(len(signatures), bands, rows)
+    keys = np.zeros((len(signatures), bands), np.uint64)
+    for k in range(rows):  # polynomial hash of the band's rows, wrapping arithmetic
+        keys = keys * _MIX + sig[:, :, k]
+    return keys
+
+
+def sharing_a_band(keys: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
+    """Which rows of `keys` share at least one band key with another row (others=None) or with a
+    row of `others`, band by band: the only records an LSH query can return anything for."""
+    shared = np.zeros(len(keys), bool)
+    for band in range(keys.shape[1]):
+        col = keys[:, band]
+        if others is None:
+            _, inverse, counts = np.unique(col, return_inverse=True, return_counts=True)
+            shared |= counts[inverse] > 1
+        else:
+            shared |= np.isin(col, others[:, band])
+    return shared
+
+
 class NearDuplicates:
     """Greedy clustering of MinHash signatures: `add` returns the representative a record
-    duplicates (its key), or None when the record is the first of a new cluster."""
+    duplicates (its key), or None when the record is the first of a new cluster.
+
+    The bands are datasketch's: MinHashLSH picks the number of bands and rows that weigh missed
+    and false candidates as asked. The buckets are plain dicts keyed by `band_keys`, computed for
+    a whole chunk at once; datasketch's own index hashes each band of each record in Python, and
+    measured 70 % of the stage's time on 100,000 records (8.6 s against 2 s for these dicts).
+    """
 
     def __init__(self, threshold: float, num_perm: int):
         from datasketch import MinHashLSH
@@ -84,37 +118,50 @@ class NearDuplicates:
         # while a missed one is a duplicate left in: tune the bands for recall. With 128
         # permutations and threshold 0.8, pairs at Jaccard 0.84 become candidates 99 % of the time
         # (63 % with datasketch's default, balanced weights).
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.05, 0.95))
+        params = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.05, 0.95))
+        self.bands, self.rows = params.b, params.r
+        self.buckets: list[dict[int, list[int]]] = [{} for _ in range(self.bands)]
         self.kept: dict[int, np.ndarray] = {}
 
-    def add(self, key: int, signature: np.ndarray) -> int | None:
-        lean = _lean(signature)
-        matches = self._matches(lean, signature)
-        if not matches:
-            self.lsh.insert(key, lean)
-            self.kept[key] = signature
-            return None
-        return max(matches, key=matches.get)
+    def band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        """The keys of this index's bands (see `band_keys`)."""
+        return band_keys(signatures, self.bands, self.rows)
 
-    def insert(self, key: int, signature: np.ndarray) -> None:
-        self.lsh.insert(key, _lean(signature))
+    def add(self, key: int, signature: np.ndarray, keys=None) -> int | None:
+        """`keys`: the signature's band keys, if already computed for its chunk."""
+        keys = self._keys(signature, keys)
+        matches = self._matches(keys, signature)
+        if not matches:
+            self.insert(key, signature, keys)
+            return None
+        return max(matches, key=lambda k: (matches[k], -k))  # the most similar, then the first
+
+    def insert(self, key: int, signature: np.ndarray, keys=None) -> None:
+        for bucket, k in zip(self.buckets, self._keys(signature, keys)):
+            bucket.setdefault(k, []).append(key)
         self.kept[key] = signature
 
-    def similar(self, signature: np.ndarray) -> list[int]:
+    def similar(self, signature: np.ndarray, keys=None) -> list[int]:
         """Indexed records that `signature` resembles."""
-        return list(self._matches(_lean(signature), signature))
+        return sorted(self._matches(self._keys(signature, keys), signature))
 
-    def _matches(self, lean, signature: np.ndarray) -> dict[int, float]:
-        """{key: estimated similarity} of the LSH candidates that reach the threshold: candidates
-        are only probable matches, comparing the signatures confirms them."""
-        candidates = self.lsh.query(lean)
+    def _keys(self, signature: np.ndarray, keys) -> list[int]:
+        if keys is None:
+            keys = self.band_keys(signature[None])[0]
+        return keys if isinstance(keys, list) else keys.tolist()
+
+    def _matches(self, keys: list[int], signature: np.ndarray) -> dict[int, float]:
+        """{key: estimated similarity} of the candidates (records sharing a band) that reach the
+        threshold: candidates are only probable matches, comparing the signatures confirms them."""
+        candidates = set()
+        for bucket, k in zip(self.buckets, keys):
+            found = bucket.get(k)
+            if found:
+                candidates.update(found)
         if not candidates:
             return {}
+        candidates = sorted(candidates)
         sims = (np.stack([self.kept[c] for c in candidates]) == signature).mean(axis=1)
         return {c: float(s) for c, s in zip(candidates, sims) if s >= self.threshold}
 
 
-def _lean(signature: np.ndarray):
-    from datasketch import LeanMinHash
-
-    return LeanMinHash(seed=MINHASH_SEED, hashvalues=signature, scheme=SCHEME)

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tailor.data.chat import source_options
 from tailor.data.clean import clean_text, normalized, prompt_of, texts_of, with_texts
-from tailor.data.dedup import NearDuplicates, exact_key, signatures
+from tailor.data.dedup import NearDuplicates, exact_key, sharing_a_band, signatures
 from tailor.data.example import DataError, check_example
 from tailor.data.split import SPLITS, assign_splits, group_records, shared_prompts
 from tailor.data.store import column, features, from_row, record_id, to_row
@@ -327,6 +329,9 @@ def _language(text: str) -> str:
 
 
 def _decide(ds, spec: DataSpec, rejects: _Rejects, stats: dict) -> dict:
+    """Filter, then exact duplicates, then near duplicates, each record against those before it.
+    Exact decisions do not depend on near ones, so they come first, in one pass that also collects
+    band keys; the near pass then visits only records that share a band with another survivor."""
     n = len(ds)
     status, cluster = ["kept"] * n, [None] * n
     first_exact: dict[str, int] = {}
@@ -335,8 +340,9 @@ def _decide(ds, spec: DataSpec, rejects: _Rejects, stats: dict) -> dict:
     dup = Counter(exact=0, near=0)
     members: dict[int, list[int]] = {}
     ids = column(ds, "id")
+    survivors, keys = [], []
     for start, part in _chunks(ds, ["problem", "exact", "signature", "source", "line"]):
-        sigs = part["signature"]
+        alive = []
         for j, (problem, key) in enumerate(zip(part["problem"], part["exact"])):
             i = start + j
             source, line = part["source"][j], part["line"][j]
@@ -344,22 +350,34 @@ def _decide(ds, spec: DataSpec, rejects: _Rejects, stats: dict) -> dict:
                 status[i] = "filtered"
                 reasons[problem.split(":")[0]] += 1
                 rejects.add(source, line, "filter", problem, json.dumps(_record_json(ds[i]), ensure_ascii=False))
-                continue
-            if spec.dedup.exact and key in first_exact:
+            elif spec.dedup.exact and key in first_exact:
                 status[i] = "duplicate"
                 dup["exact"] += 1
                 rejects.add(source, line, "duplicate", "exact duplicate", duplicate_of=ids[first_exact[key]])
+            else:
+                first_exact.setdefault(key, i)
+                alive.append(j)
+        survivors.extend(start + j for j in alive)
+        keys.append(near.band_keys(part["signature"][alive]))
+    survivors = np.array(survivors, dtype=np.int64)
+    keys = np.concatenate(keys) if keys else np.zeros((0, near.bands), np.uint64)
+    candidate = sharing_a_band(keys)
+    keys_of = dict(zip(survivors[candidate].tolist(), keys[candidate]))
+
+    for start, part in _chunks(ds, ["signature", "source", "line"]):
+        for j, sig in enumerate(part["signature"]):
+            i = start + j
+            if i not in keys_of:
                 continue
-            first_exact.setdefault(key, i)
-            rep = near.add(i, sigs[j])
+            rep = near.add(i, sig, keys_of[i])
             if rep is not None:
                 cluster[i] = rep
                 members.setdefault(rep, [rep]).append(i)
                 if spec.dedup.near:
                     status[i] = "duplicate"
                     dup["near"] += 1
-                    rejects.add(source, line, "duplicate", f"near duplicate (similarity ≥ {spec.dedup.threshold})",
-                                duplicate_of=ids[rep])
+                    rejects.add(part["source"][j], part["line"][j], "duplicate",
+                                f"near duplicate (similarity ≥ {spec.dedup.threshold})", duplicate_of=ids[rep])
     stats["filtered"] = sum(reasons.values())
     stats["filter_reasons"] = dict(reasons)
     stats["duplicates"] = dict(dup)
@@ -465,16 +483,22 @@ def _write_splits(ds, split_of: list[str], work: Path) -> None:
 
 def _near_leaks(ds, split_of: list[str], spec: DataSpec) -> int:
     """Validation and test records that resemble a training record: checked afresh against an index
-    of the train split alone, whatever the de-duplication settings were."""
+    of the train split alone, whatever the de-duplication settings were. Only records that share an
+    LSH band with the other side can match, so only those are indexed and queried."""
     index = NearDuplicates(spec.dedup.threshold, spec.dedup.num_perm)
-    for start, part in _chunks(ds, ["signature"]):
-        for j, sig in enumerate(part["signature"]):
-            if split_of[start + j] == "train":
-                index.insert(start + j, sig)
+    train = np.array([s == "train" for s in split_of], bool)
+    keys = np.concatenate([index.band_keys(part["signature"]) for _, part in _chunks(ds, ["signature"])]
+                          or [np.zeros((0, index.bands), np.uint64)])
+    held_out = ~train & sharing_a_band(keys, keys[train])
+    indexed = train & sharing_a_band(keys, keys[held_out])
     leaks = 0
     for start, part in _chunks(ds, ["signature"]):
         for j, sig in enumerate(part["signature"]):
-            if split_of[start + j] != "train" and index.similar(sig):
+            if indexed[start + j]:
+                index.insert(start + j, sig, keys[start + j])
+    for start, part in _chunks(ds, ["signature"]):
+        for j, sig in enumerate(part["signature"]):
+            if held_out[start + j] and index.similar(sig, keys[start + j]):
                 leaks += 1
     return leaks
 
