@@ -157,6 +157,9 @@ def test_a_fiscal_code_without_digits_is_found_on_both_paths(patterns_only):
     text = "codice fiscale RSSMRAURTMLARSNL"
     assert patterns_only.anonymize(text) == ("codice fiscale <ID_NUMBER>", {"IT_FISCAL_CODE": 1})
     assert patterns_only.anonymize_batch([text]) == [patterns_only.anonymize(text)]
+    # the pre-filter looks for 16 letters and digits in a row, wherever they are
+    for text in ["cf:RSSMRAURTMLARSNL.", "x_RSSMRA85T10A562S_y", "codice rssmra85t10a562s", "RSSMRA85T10A56"]:
+        assert patterns_only.anonymize_batch([text]) == [patterns_only.anonymize(text)], text
 
 
 def test_fewer_than_four_digits_cannot_be_a_phone_number():

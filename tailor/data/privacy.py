@@ -69,6 +69,8 @@ ID_ENTITIES = (
 # once per region, ~2 ms): a valid number has at least 4 digits (libphonenumber's metadata: the
 # shortest anywhere, in Luxembourg and Germany, have 4), so "9 euros" or "at 9:30" skip it.
 _DIGIT, _FOUR_DIGITS, _AT, _DIGIT_OR_COLON = r"\d", r"\d(?:\D*\d){3}", "@", r"[\d:]"
+_SIXTEEN_ALNUM = r"[^\W_]{16}"  # any letters, not only A-Z: IGNORECASE lets [A-Z] match 'ſ' and 'K'
+
 _PATTERN_RECOGNIZERS = {
     "EMAIL_ADDRESS": ("EmailRecognizer", _AT),
     "PHONE_NUMBER": ("PhoneRecognizer", _FOUR_DIGITS),
@@ -83,7 +85,8 @@ _PATTERN_RECOGNIZERS = {
     "UK_NINO": ("UkNinoRecognizer", _DIGIT),
     "ES_NIF": ("EsNifRecognizer", _DIGIT),
     "ES_NIE": ("EsNieRecognizer", _DIGIT),
-    "IT_FISCAL_CODE": ("ItFiscalCodeRecognizer", None),  # "omocodia" may turn every digit into a letter
+    # "omocodia" may turn every digit into a letter, but a code is 16 letters and digits in a row
+    "IT_FISCAL_CODE": ("ItFiscalCodeRecognizer", _SIXTEEN_ALNUM),
     "SG_NRIC_FIN": ("SgFinRecognizer", _DIGIT),
     "FI_PERSONAL_IDENTITY_CODE": ("FiPersonalIdentityCodeRecognizer", _DIGIT),
     "SE_PERSONNUMMER": ("SePersonnummerRecognizer", _DIGIT),
