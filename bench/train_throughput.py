@@ -75,8 +75,7 @@ def heldout_loss(model, tokenizer, conversations, max_len) -> float:
     """Mean loss per answer token on held-out conversations, the same code for every variant."""
     from tailor.train.loss import answer_loss
 
-    total, count, _ = answer_loss(model, tokenizer, [c["messages"] for c in conversations], max_len)
-    return total / count
+    return answer_loss(model, tokenizer, [c["messages"] for c in conversations], max_len).mean
 
 
 def peak_rss_mb() -> float:

@@ -97,9 +97,53 @@ def train(
         _fail(exc)
     _quiet_libraries()
     try:
-        task.run(job, resume=resume, console=err, show_progress=not no_progress)
+        run_dir = task.run(job, resume=resume, console=err, show_progress=not no_progress)
     except (DataError, ModelNotFound, task.ResumeError, TemplateError, AdapterError) as exc:
         _fail(exc)
+    if _gate_failed(run_dir):
+        err.print(f"[red]the evaluation gate failed[/] (eval.gate): the model is saved in {run_dir}, see "
+                  f"{run_dir / 'eval' / 'summary.json'}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _gate_failed(run_dir: Path) -> bool:
+    import json
+
+    path = Path(run_dir) / "eval" / "summary.json"
+    return path.exists() and not json.loads(path.read_text(encoding="utf-8"))["gate"]["passed"]
+
+
+@app.command(name="eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (runs/NAME/RUN-ID)."),
+    data: list[Path] = typer.Option([], "--data", help="Test data: a prepared folder (its test split) or files "
+                                    "[default: the run's prepared test split]."),
+    set_: list[str] = typer.Option([], "--set", help="Override an eval key: --set eval.gate.min_gain=0.05"),
+):
+    """The tuned model against its base on the test split and a general-skills probe; exit status 1
+    when the job's gate (eval.gate) fails."""
+    from tailor.data import DataError
+    from tailor.evaluate.report import gate_lines, summary_table
+    from tailor.evaluate.run import evaluate
+    from tailor.models import ModelNotFound
+    from tailor.spec import SpecError, load_job
+
+    try:
+        spec = load_job(run_dir / "job.yaml", set_).eval if (run_dir / "job.yaml").exists() else None
+    except SpecError as exc:
+        _fail(exc)
+    _quiet_libraries()
+    try:
+        summary = evaluate(run_dir, data=[str(p) for p in data] or None, spec=spec,
+                           say=lambda m: err.print(escape(m), highlight=False))
+    except (DataError, ModelNotFound, FileNotFoundError) as exc:
+        _fail(exc)
+    out.print(summary_table(summary))
+    for line in gate_lines(summary):
+        _print_out(line)
+    _print_out(f"→ {run_dir / 'eval'} (summary.json, examples.jsonl, retention.jsonl)")
+    if not summary["gate"]["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

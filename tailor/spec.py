@@ -228,6 +228,43 @@ class TrainingSpec(Section):
     )
 
 
+METRICS = ("rouge_l", "chrf", "bleu", "exact_match", "token_accuracy", "label_accuracy", "macro_f1")
+
+
+class GateSpec(Section):
+    metric: Literal[METRICS] = Field(
+        "rouge_l", description="The task metric the gain is measured on (tuned minus base, 0-1). label_accuracy "
+        "and macro_f1 exist only when the test answers come from a small label set.")
+    min_gain: float | None = Field(
+        0.0, description="The tuned model must beat the base by at least this on gate.metric (0: no worse). "
+        "null: not checked.")
+    max_retention_drop: float | None = Field(
+        0.10, ge=0.0, le=1.0, description="Largest allowed drop in the share of general questions answered "
+        "(base minus tuned, 0-1). null: not checked.")
+    max_perplexity_increase: float | None = Field(
+        None, ge=0.0, description="Largest allowed relative rise of perplexity on general text (0.2: +20 %). "
+        "null: not checked.")
+
+
+class EvalSpec(Section):
+    enabled: bool = Field(True, description="Evaluate at the end of training (tailor eval RUN runs it any time).")
+    data: list[str | SourceSpec] = Field(
+        default_factory=list,
+        description="Test data, as data.train. Empty: the test split of the prepared data (the run's data/ with "
+        "data.prepare, or prepared folders in data.train).")
+    max_examples: int = Field(100, ge=1, description="Test conversations scored (the first N).")
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer, in tokens.")
+    batch_size: int = Field(8, ge=1, description="Conversations generated at once.")
+    retention: bool = Field(True, description="Score base and tuned model on the general-skills probe "
+                            "(120 questions, general text perplexity).")
+    gate: GateSpec = Field(default_factory=GateSpec, description="When the evaluation fails (exit status 1).")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, dict)) else value
+
+
 class OutputSpec(Section):
     dir: str = Field("runs", description="Where run folders go: DIR/NAME/RUN-ID/. Relative to the working directory.")
 
@@ -241,6 +278,7 @@ class Job(Section):
     data: DataSpec = Field(default_factory=DataSpec, description="Training and validation data.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Which weights train and how.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training parameters.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of the tuned model against its base.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
 
     @model_validator(mode="after")
@@ -365,6 +403,7 @@ def resolve_paths(job: Job, base_dir: Path) -> Job:
 
     job.data.train = [resolve_source(p) for p in job.data.train]
     job.data.validation = [resolve_source(p) for p in job.data.validation]
+    job.eval.data = [resolve_source(p) for p in job.eval.data]
     base = job.model.base
     if base.startswith((".", "/", "~")) or base.endswith(".gguf"):
         job.model.base = resolve(base)

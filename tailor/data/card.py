@@ -164,12 +164,11 @@ def _perplexity(ds, train_idx: list[int], model: str, sample: int) -> dict | Non
     tokenizer = load_tokenizer(path)
     dtype = best_dtype("auto")
     conversations = [from_row(ds[i]).messages for i in chats]
-    total, count, records = answer_loss(load_model(path, dtype), tokenizer, conversations, 1024,
-                                        bf16=dtype == torch.bfloat16)
-    if not count:
+    scored = answer_loss(load_model(path, dtype), tokenizer, conversations, 1024, bf16=dtype == torch.bfloat16)
+    if not scored.tokens:
         return None
-    loss = total / count
-    return {"records": records, "answer_tokens": count, "loss": round(loss, 4),
+    loss = scored.mean
+    return {"records": scored.examples, "answer_tokens": scored.tokens, "loss": round(loss, 4),
             "perplexity": round(math.exp(loss), 2)}
 
 

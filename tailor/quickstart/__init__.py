@@ -24,6 +24,8 @@ def held_out_questions() -> list[str]:
 def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console) -> Path:
     from tailor.data.card import summary_lines
     from tailor.data.prepare import prepare
+    from tailor.evaluate.report import gate_lines, summary_table
+    from tailor.evaluate.run import evaluate
     from tailor.models import resolve_model
     from tailor.models.generate import answer, load_run
     from tailor.spec import load_job
@@ -51,6 +53,7 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console)
         out.print(line, highlight=False, markup=False)
     out.print(f"→ {prepared.out}: card.md, card.html, rejects.jsonl, pii_audit.jsonl ({time.perf_counter() - t:.0f} s)")
     job.data.train, job.data.prepare = [str(prepared.out)], False  # train on its train split, validate on its validation split
+    job.eval.enabled = False  # step 5 evaluates, with its own heading
 
     out.rule("[bold]3 · Fine-tune (LoRA)")
     run_dir = task.run(job, console=err)
@@ -74,6 +77,14 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console)
     for q, b, a in zip(questions, base, tuned):
         lines += [f"## {q}", "", "**Base:**", "", b, "", "**Tuned:**", "", a, ""]
     (run_dir / "quickstart.md").write_text("\n".join(lines), encoding="utf-8")
+
+    out.rule("[bold]5 · Evaluate: tuned vs base on the test split, and general skills kept")
+    summary = evaluate(run_dir, spec=job.eval, say=lambda m: err.print(m, highlight=False, markup=False))
+    out.print(summary_table(summary))
+    for line in gate_lines(summary):
+        out.print(line, highlight=False, markup=False)
+    out.print(f"→ {run_dir / 'eval'}: summary.json, examples.jsonl (every test answer, base and tuned), "
+              f"retention.jsonl ({summary['seconds']:.0f} s)")
     out.print(f"Done in {time.perf_counter() - started:.0f} s. Run folder: {run_dir}")
     out.print(f"Ask it yourself: tailor chat --run {run_dir} \"How do I pair my Ember?\"")
     return run_dir

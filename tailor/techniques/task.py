@@ -33,6 +33,8 @@ from tailor.train.rundir import path_sha256, latest_run_dir, new_run_dir, versio
 
 # Settings that change how fast a run goes, not what it computes: a resume may change them.
 SPEED_ONLY = {"threads", "compile"}
+# Sections read after the weights are saved: a resume may change them too.
+AFTER_TRAINING = {"eval"}
 
 
 class ResumeError(RuntimeError):
@@ -127,8 +129,25 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
             + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "")
             + (f", {summary['tokens_per_s_median']:.0f} tokens/s" if summary["tokens_per_s_median"] else "")
             + f" → {run_dir}")
+
+    # 6. Evaluate against the base, where there is test data (tailor eval RUN does it any time).
+    if is_main and job.eval.enabled:
+        _evaluate(run_dir, job, say)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _evaluate(run_dir: Path, job: Job, say) -> None:
+    from tailor.evaluate.report import gate_lines
+    from tailor.evaluate.run import evaluate
+
+    try:
+        summary = evaluate(run_dir, spec=job.eval, say=say)
+    except DataError as exc:
+        say(f"[yellow]evaluation skipped: {exc}[/]")
+        return
+    for line in gate_lines(summary):
+        say(line, highlight=False, markup=False)
 
 
 def _read_data(job: Job) -> tuple[list, list]:
@@ -203,7 +222,7 @@ def _check_same_job(run_dir: Path, job: Job) -> None:
     if before is None:
         return
     now = yaml.safe_load(dump_job(job))
-    changed = [f"{sec}.{k}" for sec, vals in now.items() if isinstance(vals, dict)
+    changed = [f"{sec}.{k}" for sec, vals in now.items() if isinstance(vals, dict) and sec not in AFTER_TRAINING
                for k, v in vals.items() if before.get(sec, {}).get(k) != v and k not in SPEED_ONLY]
     changed += [k for k, v in now.items() if not isinstance(v, dict) and before.get(k) != v]
     if changed:

@@ -8,6 +8,8 @@ token, three copies between forward and backward) would be the largest tensors o
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,20 +65,60 @@ class CausalLMLoss(nn.Module):
         return loss_sum * weight, correct, mask.sum()
 
 
+class AnswerLoss(NamedTuple):
+    loss_sum: float  # summed over answer tokens
+    tokens: int  # answer tokens scored
+    examples: int  # conversations with at least one answer token
+    correct: int  # answer tokens the model's argmax predicts
+
+    @property
+    def mean(self) -> float:
+        return self.loss_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def token_accuracy(self) -> float:
+        return self.correct / self.tokens if self.tokens else float("nan")
+
+
 def answer_loss(model: nn.Module, tokenizer, conversations: list[list[dict]], max_len: int,
-                bf16: bool = True) -> tuple[float, int, int]:
-    """(sum of token losses, answer tokens, conversations with an answer) of `model` on
-    conversations scored one at a time: held-out loss for benchmarks, perplexity for data cards."""
+                bf16: bool = True) -> AnswerLoss:
+    """`model`'s loss on the answers of conversations scored one at a time: held-out loss for
+    benchmarks, perplexity for data cards and evaluation."""
     from tailor.train.encode import encode_chat
     from tailor.train.packing import collate
 
     objective = CausalLMLoss(model).eval()
     encoded = [e for e in (encode_chat(tokenizer, c, max_len) for c in conversations) if e.n_labels]
-    total, count = 0.0, 0
+    total, count, hits = 0.0, 0, 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(len(encoded)):
             b = collate([[i]], encoded, tokenizer.pad_token_id)
-            loss_sum, _, n = objective(b["input_ids"], b["labels"], b["position_ids"])
+            loss_sum, correct, n = objective(b["input_ids"].to(_device(model)), b["labels"].to(_device(model)),
+                                             b["position_ids"].to(_device(model)))
             total += loss_sum.item()
             count += int(n.item())
-    return total, count, len(encoded)
+            hits += int(correct.item())
+    return AnswerLoss(total, count, len(encoded), hits)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def text_loss(model: nn.Module, tokenizer, text: str, max_len: int, bf16: bool = True) -> AnswerLoss:
+    """`model`'s loss on every token of a plain text, read in windows of `max_len` tokens (each
+    window's first token has no context and is not scored): perplexity on general prose."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    total, count, hits = 0.0, 0, 0
+    device = _device(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(ids) - 1, max_len):
+            window = torch.tensor([ids[start:start + max_len]], device=device)
+            if window.shape[1] < 2:
+                break
+            logits = model(input_ids=window).logits[0, :-1].float()
+            targets = window[0, 1:]
+            total += F.cross_entropy(logits, targets, reduction="sum").item()
+            count += targets.numel()
+            hits += int((logits.argmax(-1) == targets).sum().item())
+    return AnswerLoss(total, count, 1 if count else 0, hits)

@@ -1,0 +1,49 @@
+"""The retention probe: does the tuned model still know what the base knew?
+
+Shipped with Tailor and written for it: 120 short general questions in eight skills
+(arithmetic, geography, science, language, everyday, history, units, reasoning) with their
+accepted answers, and about 2,700 words of general prose. A model is scored on the share of
+questions whose reply contains an accepted answer, and on its perplexity on the prose; the drop
+from the base model to the tuned one is what fine-tuning cost in general skill.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+
+from tailor.evaluate.metrics import contains_answer
+from tailor.models.generate import answer
+from tailor.train.loss import text_loss
+
+QUESTION_TOKENS = 24  # an accepted answer is one to three words; the reply may say a sentence first
+
+
+def questions() -> list[dict]:
+    text = resources.files("tailor.evaluate").joinpath("probe/general_qa.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def general_text() -> str:
+    return resources.files("tailor.evaluate").joinpath("probe/general_text.txt").read_text(encoding="utf-8")
+
+
+def retention(model, tokenizer, n_questions: int | None = None, batch_size: int = 16, max_len: int = 512,
+              bf16: bool = True) -> dict:
+    """{"qa_accuracy", "by_skill", "text_perplexity", "answers"} of one model on the probe."""
+    qs = questions()[:n_questions] if n_questions else questions()
+    replies = []
+    for i in range(0, len(qs), batch_size):
+        batch = qs[i:i + batch_size]
+        replies += answer(model, tokenizer, [[{"role": "user", "content": q["question"]}] for q in batch],
+                          max_new_tokens=QUESTION_TOKENS)
+    right = [contains_answer(r, q["answers"]) for q, r in zip(qs, replies)]
+    by_skill: dict[str, list[bool]] = {}
+    for q, ok in zip(qs, right):
+        by_skill.setdefault(q["skill"], []).append(ok)
+    prose = text_loss(model, tokenizer, general_text(), max_len, bf16=bf16)
+    return {"qa_accuracy": sum(right) / len(right) if right else 0.0,
+            "by_skill": {k: sum(v) / len(v) for k, v in sorted(by_skill.items())},
+            "text_perplexity": math.exp(prose.mean) if prose.tokens else float("nan"),
+            "answers": [{"id": q["id"], "reply": r, "correct": ok} for q, r, ok in zip(qs, replies, right)]}

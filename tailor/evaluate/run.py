@@ -1,0 +1,170 @@
+"""`tailor eval RUN`: the tuned model against its base, on the same prompts with the same decoding.
+
+Reads top to bottom: the run's job (its eval section), the test conversations, the two models,
+then for each model the loss on the reference answers, generated answers and their scores, and
+the general-skills probe; then the gate. Everything lands in RUN/eval/ (written under a temporary
+name, then renamed):
+
+    summary.json    base and tuned scores, gains, retention, the gate's verdict and reasons
+    examples.jsonl  per test conversation: the last question, reference, base and tuned answers
+    retention.jsonl per probe question: both models' replies and whether each was right
+
+With a LoRA adapter the base is the same model with the adapter switched off: one copy in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tailor.data import DataError, read_many
+from tailor.data.chat import prepared_folders
+from tailor.evaluate.gate import verdict
+from tailor.evaluate.metrics import rouge_l, text_scores
+from tailor.evaluate.probe import retention
+from tailor.models.generate import answer, load_base, load_run
+from tailor.spec import EvalSpec, Job, parse_job
+from tailor.train.loss import answer_loss
+
+
+def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | None = None, say=print) -> dict:
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    job = _job_of(run_dir)
+    spec = spec or job.eval
+
+    # 1. The test conversations: each ends with the answer the model should give.
+    sources, tests = _test_data(run_dir, job, data if data is not None else spec.data)
+    tests = tests[:spec.max_examples]
+    say(f"evaluating {run_dir.name} on {len(tests)} test conversation(s) from {', '.join(sources)}")
+
+    # 2. The tuned model, and its base (the same weights with the adapter off, when there is one).
+    from peft import PeftModel
+
+    tuned_model, tokenizer = load_run(run_dir)
+    base_model = None if isinstance(tuned_model, PeftModel) else load_base(job.model.base)[0]
+    bf16 = next(tuned_model.parameters()).dtype == torch.bfloat16
+
+    # 3. Both models, the same way.
+    results, outputs, probes = {}, {}, {}
+    for name in ("base", "tuned"):
+        with _as(name, tuned_model, base_model) as model:
+            scored = answer_loss(model, tokenizer, [t["messages"] for t in tests], job.training.max_seq_len, bf16=bf16)
+            outputs[name] = _generate(model, tokenizer, tests, spec)
+            results[name] = {"loss": scored.mean, "perplexity": math.exp(scored.mean) if scored.tokens else None,
+                             "token_accuracy": scored.token_accuracy,
+                             **text_scores(outputs[name], [t["reference"] for t in tests])}
+            if spec.retention:
+                probes[name] = retention(model, tokenizer, batch_size=max(spec.batch_size, 40), bf16=bf16)
+        say(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if v is not None))
+
+    # 4. Retention, the gate, and the files.
+    kept = _retention_summary(probes) if spec.retention else None
+    gate = verdict(results["base"], results["tuned"], kept, spec.gate)
+    summary = {
+        "run": str(run_dir), "data": {"sources": sources, "examples": len(tests)},
+        "decoding": {"greedy": True, "max_new_tokens": spec.max_new_tokens},
+        "base": results["base"], "tuned": results["tuned"],
+        "gain": {k: results["tuned"][k] - results["base"][k] for k in results["tuned"]
+                 if results["tuned"][k] is not None and results["base"][k] is not None},
+        "retention": kept, "gate": gate, "seconds": round(time.perf_counter() - started, 1),
+    }
+    _write(run_dir, summary, _examples(tests, outputs), probes)
+    return summary
+
+
+def _job_of(run_dir: Path) -> Job:
+    import yaml
+
+    path = run_dir / "job.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no job.yaml; is this a run folder (runs/NAME/RUN-ID)?")
+    return parse_job(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+
+
+def _test_data(run_dir: Path, job: Job, data: list) -> tuple[list[str], list[dict]]:
+    """(where from, [{"id", "messages" (with the answer), "reference"}]) of the test conversations."""
+    if data:
+        sources, examples = [str(getattr(d, "path", d)) for d in data], read_many(data, split="test")
+    elif (run_dir / "data" / "card.json").exists():
+        sources, examples = [str(run_dir / "data")], read_many([str(run_dir / "data")], split="test")
+    else:
+        sources = prepared_folders(job.data.train)
+        examples = read_many(sources, split="test") if sources else []
+    tests = [{"id": ex.meta.get("id") or f"{ex.meta.get('source')}:{ex.meta.get('line')}", "messages": ex.messages,
+              "reference": ex.messages[-1]["content"]}
+             for ex in examples if ex.kind == "chat" and ex.messages and ex.messages[-1]["role"] == "assistant"]
+    if not tests:
+        raise DataError([f"{run_dir}: no test conversations to evaluate on ({', '.join(sources) or 'no prepared data'}); "
+                         "prepare the data with a test split (tailor prepare … or data.prepare: true), or pass "
+                         "--data FILE_OR_PREPARED_FOLDER"])
+    return sources, tests
+
+
+class _as:
+    """`with _as("base", tuned, base) as model:` the model to score under that name."""
+
+    def __init__(self, name: str, tuned, base):
+        self.name, self.tuned, self.base, self._ctx = name, tuned, base, None
+
+    def __enter__(self):
+        if self.name == "tuned":
+            return self.tuned
+        if self.base is not None:
+            return self.base
+        self._ctx = self.tuned.disable_adapter()
+        self._ctx.__enter__()
+        return self.tuned
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def _generate(model, tokenizer, tests: list[dict], spec: EvalSpec) -> list[str]:
+    prompts = [t["messages"][:-1] for t in tests]
+    out = []
+    for i in range(0, len(prompts), spec.batch_size):
+        out += answer(model, tokenizer, prompts[i:i + spec.batch_size], max_new_tokens=spec.max_new_tokens)
+    return out
+
+
+def _retention_summary(probes: dict) -> dict:
+    base, tuned = ({k: v for k, v in probes[n].items() if k != "answers"} for n in ("base", "tuned"))
+    return {"base": base, "tuned": tuned, "questions": len(probes["base"]["answers"]),
+            "qa_drop": base["qa_accuracy"] - tuned["qa_accuracy"],
+            "perplexity_increase": tuned["text_perplexity"] / base["text_perplexity"] - 1}
+
+
+def _examples(tests: list[dict], outputs: dict) -> list[dict]:
+    refs = [t["reference"] for t in tests]
+    scores = {n: rouge_l(outputs[n], refs) for n in outputs}
+    return [{"id": t["id"], "question": next((m["content"] for m in reversed(t["messages"][:-1]) if m["role"] == "user"), ""),
+             "reference": t["reference"], "base": outputs["base"][i], "tuned": outputs["tuned"][i],
+             "rouge_l_base": scores["base"][i], "rouge_l_tuned": scores["tuned"][i]}
+            for i, t in enumerate(tests)]
+
+
+def _write(run_dir: Path, summary: dict, examples: list[dict], probes: dict) -> None:
+    tmp, final = run_dir / ".eval.tmp", run_dir / "eval"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    (tmp / "examples.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples),
+                                        encoding="utf-8")
+    if probes:
+        rows = [{"id": b["id"], "base": b["reply"], "base_correct": b["correct"], "tuned": t["reply"],
+                 "tuned_correct": t["correct"]} for b, t in zip(probes["base"]["answers"], probes["tuned"]["answers"])]
+        (tmp / "retention.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                             encoding="utf-8")
+    old = run_dir / ".eval.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

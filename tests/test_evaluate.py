@@ -1,0 +1,158 @@
+"""tailor eval: metrics against hand-computed values, the gate's verdicts and exit codes, and a
+whole evaluation of a tiny run."""
+
+import json
+import math
+
+import pytest
+
+from tailor.evaluate.gate import verdict
+from tailor.evaluate.metrics import (bleu, chrf, contains_answer, exact_match, is_label_set, label_scores, normalize,
+                                     rouge_l, text_scores)
+from tailor.spec import GateSpec
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_normalize_and_exact_match():
+    assert normalize("  The answer:\tParis! ") == "the answer paris"
+    assert normalize("Ｐａｒｉｓ") == "paris"  # NFKC folds full-width letters
+    assert exact_match(["Paris.", "london", "Rome"], ["paris", "Berlin", "rome!"]) == pytest.approx(2 / 3)
+    assert exact_match([], []) == 0.0
+
+
+def test_rouge_l_by_hand():
+    # LCS of "the cat sat on the mat" and "the cat is on the mat" is "the cat on the mat": 5 of 6 words
+    assert rouge_l(["the cat sat on the mat"], ["the cat is on the mat"]) == [pytest.approx(5 / 6)]
+    # P = 2/2, R = 2/4 -> F = 2PR/(P+R) = 2/3
+    assert rouge_l(["cat mat"], ["the cat the mat"]) == [pytest.approx(2 / 3)]
+    assert rouge_l(["nothing shared"], ["entirely different"]) == [0.0]
+    # words of any script count (rouge-score's default tokenizer would score this 0)
+    assert rouge_l(["Καλημέρα κόσμε"], ["καλημέρα κόσμε"]) == [pytest.approx(1.0)]
+
+
+def test_bleu_by_hand():
+    # clipped n-gram precisions 5/6, 3/5, 2/4, 1/3; equal lengths, so no brevity penalty
+    expected = (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
+    assert bleu(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(expected, abs=1e-4)
+    assert bleu(["a b c d e"], ["a b c d e"]) == pytest.approx(1.0)
+
+
+def test_chrf_bounds_and_order():
+    assert chrf(["the same words"], ["the same words"]) == pytest.approx(1.0)
+    assert chrf(["xyz"], ["the reference"]) < chrf(["the referense"], ["the reference"]) < 1.0
+
+
+def test_label_metrics_by_hand():
+    # a: TP 1, predicted 1, actual 2 -> P 1, R 1/2, F1 2/3; b: TP 1, predicted 2, actual 2 -> F1 1/2
+    scores = label_scores(["A", "b", "B.", "refund"], ["a", "a", "b", "b"])
+    assert scores["label_accuracy"] == pytest.approx(0.5)
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_label_metrics_only_for_label_answers():
+    labels = ["refund", "shipping", "refund", "warranty", "shipping", "warranty"]
+    assert is_label_set(labels)
+    assert not is_label_set(["Hello! Your order ships in three days.", "Hello! Refunds take a week."] * 3)
+    assert not is_label_set(["a", "b", "c"])  # every label seen once: not enough to call it a label set
+    assert "macro_f1" in text_scores(labels, labels) and "macro_f1" not in text_scores(["x y"] * 2, ["a long free answer"] * 2)
+
+
+def test_contains_answer_matches_whole_words():
+    assert contains_answer("The capital of France is Paris.", ["paris"])
+    assert contains_answer("Fifty-six!", ["fifty-six"]) and contains_answer("It is 56.", ["56"])
+    assert not contains_answer("It is 560.", ["56"])
+    assert contains_answer("Water freezes at 0°C.", ["0", "zero"])
+
+
+# --- the gate ------------------------------------------------------------------------------------
+
+
+def retention(base_qa, tuned_qa, base_ppl=10.0, tuned_ppl=11.0):
+    return {"base": {"qa_accuracy": base_qa, "text_perplexity": base_ppl},
+            "tuned": {"qa_accuracy": tuned_qa, "text_perplexity": tuned_ppl},
+            "qa_drop": base_qa - tuned_qa, "perplexity_increase": tuned_ppl / base_ppl - 1}
+
+
+def test_gate_passes_and_fails_on_crafted_results():
+    base, tuned = {"rouge_l": 0.20}, {"rouge_l": 0.30}
+    ok = verdict(base, tuned, retention(0.5, 0.45), GateSpec(min_gain=0.05, max_retention_drop=0.1))
+    assert ok["passed"] and ok["reasons"] == []
+    small_gain = verdict(base, tuned, retention(0.5, 0.45), GateSpec(min_gain=0.2))
+    assert not small_gain["passed"] and "gain on rouge_l" in small_gain["reasons"][0]
+    forgot = verdict(base, tuned, retention(0.5, 0.3), GateSpec(max_retention_drop=0.1))
+    assert not forgot["passed"] and "general-question drop" in forgot["reasons"][0]
+    perplexity = verdict(base, tuned, retention(0.5, 0.5, 10.0, 13.0), GateSpec(max_perplexity_increase=0.2))
+    assert not perplexity["passed"] and "+30.0%" in perplexity["reasons"][0]
+    exactly = verdict({"rouge_l": 0.1}, {"rouge_l": 0.3}, None, GateSpec(min_gain=0.2, max_retention_drop=None))
+    assert exactly["passed"]  # 0.3 - 0.1 is 0.19999999999999998 in floating point
+
+
+def test_gate_skips_what_was_not_measured_and_says_why():
+    result = verdict({"rouge_l": 0.2}, {"rouge_l": 0.1}, None,
+                     GateSpec(metric="macro_f1", min_gain=0.0, max_retention_drop=0.1))
+    assert result["passed"]
+    assert [c["passed"] for c in result["checks"]] == [None, None]
+    assert "label set" in result["checks"][0]["detail"] and "eval.retention is false" in result["checks"][1]["detail"]
+
+
+# --- a whole evaluation of a tiny run --------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_model_dir, make_job):
+    """A LoRA run of the tiny model trained on a prepared folder with a test split."""
+    from tailor.data.prepare import prepare
+    from tailor.spec import load_job
+    from tailor.techniques import task
+    from tests.conftest import make_conversations
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(60, seed=3)), encoding="utf-8")
+    prepared = prepare([raw], tmp_path / "prepared", model=str(tiny_model_dir), num_proc=1, say=lambda m: None,
+                       privacy={"enabled": False}, card={"perplexity_sample": 0, "html": False},
+                       split={"validation": 6, "test": 8})
+    job = load_job(make_job(data={"train": [str(prepared.out)]}, training={"max_steps": 2},
+                            eval={"max_examples": 5, "max_new_tokens": 8}))
+    return task.run(job, show_progress=False)
+
+
+def test_training_ends_with_an_evaluation_and_tailor_eval_repeats_it(tiny_run):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    summary = json.loads((tiny_run / "eval" / "summary.json").read_text())
+    assert summary["data"]["examples"] == 5
+    for name in ("base", "tuned"):
+        assert math.isclose(summary[name]["perplexity"], math.exp(summary[name]["loss"]), rel_tol=1e-9)
+        assert 0 <= summary[name]["rouge_l"] <= 1 and 0 <= summary[name]["token_accuracy"] <= 1
+    assert summary["gain"]["loss"] == pytest.approx(summary["tuned"]["loss"] - summary["base"]["loss"])
+    assert summary["retention"]["questions"] == 120
+    examples = [json.loads(l) for l in (tiny_run / "eval" / "examples.jsonl").read_text().splitlines()]
+    assert len(examples) == 5 and {"question", "reference", "base", "tuned"} <= set(examples[0])
+    assert len((tiny_run / "eval" / "retention.jsonl").read_text().splitlines()) == 120
+
+    runner = CliRunner()
+    # the tiny random model learns nothing in 2 steps: a gain of 1.0 is out of reach, -1.0 is not
+    failed = runner.invoke(app, ["eval", str(tiny_run), "--set", "eval.gate.min_gain=1.0", "--set", "eval.retention=false"])
+    assert failed.exit_code == 1, failed.output
+    assert "gate: FAILED" in failed.stdout and "gain on rouge_l" in failed.stdout
+    assert not json.loads((tiny_run / "eval" / "summary.json").read_text())["gate"]["passed"]
+    passed = runner.invoke(app, ["eval", str(tiny_run), "--set", "eval.gate.min_gain=-1.0", "--set", "eval.retention=false",
+                                 "--set", "eval.gate.max_retention_drop=null"])
+    assert passed.exit_code == 0, passed.output
+    assert "gate: PASSED" in passed.stdout
+
+
+def test_eval_without_test_data_says_what_to_do(tmp_path, make_job):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+    from tailor.spec import load_job
+    from tailor.techniques import task
+
+    run_dir = task.run(load_job(make_job(training={"max_steps": 1})), show_progress=False)
+    assert not (run_dir / "eval").exists()  # no test split: the run ends without an evaluation
+    result = CliRunner().invoke(app, ["eval", str(run_dir)])
+    assert result.exit_code == 2 and "no test conversations" in result.stderr and "--data" in result.stderr
