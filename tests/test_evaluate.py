@@ -105,7 +105,7 @@ def tiny_run(tmp_path, tiny_model_dir, make_job):
     from tailor.data.prepare import prepare
     from tailor.spec import load_job
     from tailor.techniques import task
-    from tests.conftest import make_conversations
+    from conftest import make_conversations
 
     raw = tmp_path / "raw.jsonl"
     raw.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(60, seed=3)), encoding="utf-8")
@@ -156,3 +156,54 @@ def test_eval_without_test_data_says_what_to_do(tmp_path, make_job):
     assert not (run_dir / "eval").exists()  # no test split: the run ends without an evaluation
     result = CliRunner().invoke(app, ["eval", str(run_dir)])
     assert result.exit_code == 2 and "no test conversations" in result.stderr and "--data" in result.stderr
+
+
+# --- report.html -----------------------------------------------------------------------------------
+
+
+def test_report_has_the_charts_and_the_sample_table(tiny_run):
+    from html.parser import HTMLParser
+
+    class Sections(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.cells, self.scripts = [], [], 0
+            self._in_samples = False
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag in ("section", "table") and a.get("id"):
+                self.ids.append(a["id"])
+                self._in_samples = a["id"] == "samples"
+            if tag == "script":
+                self.scripts += 1
+
+        def handle_data(self, data):
+            if self._in_samples and data.strip():
+                self.cells.append(data.strip())
+
+    page = (tiny_run / "report.html").read_text(encoding="utf-8")
+    parsed = Sections()
+    parsed.feed(page)
+    for chart in ("loss-steps", "loss-epochs", "learning-rate", "base-vs-tuned", "retention"):
+        assert chart in parsed.ids
+    assert "scores" in parsed.ids and "samples" in parsed.ids
+    examples = [json.loads(l) for l in (tiny_run / "eval" / "examples.jsonl").read_text().splitlines()]
+    assert examples[0]["question"] in parsed.cells  # the first test question, in the side-by-side table
+    # the library is embedded, not fetched: the page works offline
+    assert "<script src" not in page.replace("'", '"').lower() and len(page) > 1_000_000
+
+
+def test_report_renders_in_a_real_browser(tiny_run):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", (tiny_run / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    # Plotly draws each chart as SVG once its script has run: the curves are there, not just the page
+    assert dom.count('class="main-svg"') >= 2 * 5
+    assert dom.count("trace scatter") >= 3 and "trace bars" in dom

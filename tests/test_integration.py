@@ -30,7 +30,8 @@ def test_lora_on_the_embedded_model_learns_and_saves_a_peft_adapter(embedded_pat
 def test_quickstart_runs_every_step(embedded_path, tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--steps", "2", "--out", str(tmp_path)], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
-    for heading in ("1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune", "4 · Base vs tuned"):
+    for heading in ("1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune", "4 · Base vs tuned",
+                    "5 · Evaluate"):
         assert heading in result.output
     assert "records: 132 read = 121 kept + 2 rejected + 9 duplicates (6 exact, 3 near) + 0 filtered" in result.output
     prepared = tmp_path / "prepared"
@@ -40,3 +41,8 @@ def test_quickstart_runs_every_step(embedded_path, tmp_path):
     run_dir = next((tmp_path / "quickstart").iterdir())
     comparison = (run_dir / "quickstart.md").read_text()
     assert comparison.count("**Base:**") == 3 and comparison.count("**Tuned:**") == 3
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert summary["data"]["examples"] == 12  # the prepared test split
+    assert summary["retention"]["questions"] == 120
+    assert ("gate: PASSED" if summary["gate"]["passed"] else "gate: FAILED") in result.output
+    assert "ROUGE-L" in result.output and "general questions" in result.output

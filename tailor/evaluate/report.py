@@ -1,6 +1,10 @@
-"""The evaluation summary as people read it: a table in the terminal."""
+"""The evaluation as people read it: a table in the terminal, and report.html in the run folder."""
 
 from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
 
 from rich.table import Table
 
@@ -46,3 +50,138 @@ def summary_table(summary: dict) -> Table:
     for row in summary_rows(summary):
         table.add_row(*row)
     return table
+
+
+# --- report.html ---------------------------------------------------------------------------------
+
+
+def write_report(run_dir: Path) -> Path:
+    """RUN/report.html from what the run folder holds: metrics.jsonl (curves), eval/ (base vs
+    tuned, retention, sample answers). Self-contained: Plotly's script is embedded, so it opens
+    from disk with no server and no network."""
+    from tailor.train.rundir import read_metrics, write_atomic
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    summary = _read_json(run_dir / "eval" / "summary.json")
+    examples = _read_jsonl(run_dir / "eval" / "examples.jsonl")
+    manifest = _read_json(run_dir / "manifest.json") or {}
+    path = run_dir / "report.html"
+    write_atomic(path, report_html(rows, summary, examples, manifest, run_dir.name))
+    return path
+
+
+def report_html(rows: list[dict], summary: dict | None, examples: list[dict], manifest: dict, title: str) -> str:
+    from plotly.io import to_html
+
+    figures = _curves(rows) + (_comparison(summary) if summary else [])
+    charts = [f"<section class='chart' id='{name}'>" + to_html(fig, full_html=False, include_plotlyjs=(i == 0),
+                                                              config={"displaylogo": False}) + "</section>"
+              for i, (name, fig) in enumerate(figures)]
+    head = (f"<h1>Run {html.escape(title)}</h1><p>{html.escape(manifest.get('name', ''))} · "
+            f"{html.escape(str(manifest.get('technique', '')))} · base model "
+            f"{html.escape(str(manifest.get('model', {}).get('source', '')))}</p>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>Tailor run " + html.escape(title) + "</title>"
+            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;width:100%;font-size:0.9em}td,th{border:1px solid #ccc;padding:6px;"
+            "vertical-align:top;text-align:left}th{background:#f4f4f4}.pass{color:#1a7f37}.fail{color:#cf222e}"
+            ".num{text-align:right;font-variant-numeric:tabular-nums}</style></head><body>"
+            + head + (_verdict_html(summary) if summary else "<p>Not evaluated yet: <code>tailor eval RUN</code>.</p>")
+            + "".join(charts) + (_scores_html(summary) if summary else "") + _examples_html(examples)
+            + "</body></html>")
+
+
+def _curves(rows: list[dict]) -> list[tuple[str, object]]:
+    import plotly.graph_objects as go
+
+    train = [r for r in rows if r.get("type") == "train"]
+    val = [r for r in rows if r.get("type") == "eval" and r.get("val_loss") is not None]
+    figures = []
+    if train or val:
+        fig = go.Figure(layout={"title": "Loss over steps", "xaxis_title": "optimizer step", "yaxis_title": "loss"})
+        if train:
+            fig.add_scatter(x=[r["step"] for r in train], y=[r["loss"] for r in train], name="train", mode="lines")
+        if val:
+            fig.add_scatter(x=[r["step"] for r in val], y=[r["val_loss"] for r in val], name="validation",
+                            mode="lines+markers")
+        figures.append(("loss-steps", fig))
+        by_epoch = go.Figure(layout={"title": "Loss over epochs", "xaxis_title": "epoch", "yaxis_title": "loss"})
+        if train:
+            by_epoch.add_scatter(x=[r["epoch"] for r in train], y=[r["loss"] for r in train], name="train", mode="lines")
+        if val:
+            by_epoch.add_scatter(x=[r["epoch"] for r in val], y=[r["val_loss"] for r in val], name="validation",
+                                 mode="lines+markers")
+        figures.append(("loss-epochs", by_epoch))
+    if train:
+        figures.append(("learning-rate", go.Figure(
+            go.Scatter(x=[r["step"] for r in train], y=[r["lr"] for r in train], mode="lines", name="learning rate"),
+            layout={"title": "Learning rate", "xaxis_title": "optimizer step"})))
+    metric_keys = sorted({k for r in val for k in r if k.startswith("val_") and k not in ("val_loss", "val_perplexity")})
+    if metric_keys:
+        fig = go.Figure(layout={"title": "Validation metrics", "xaxis_title": "optimizer step", "yaxis_range": [0, 1],
+                                "showlegend": True})
+        for k in metric_keys:
+            points = [r for r in val if r.get(k) is not None]
+            fig.add_scatter(x=[r["step"] for r in points], y=[r[k] for r in points], name=k.removeprefix("val_"),
+                            mode="lines+markers")
+        figures.append(("validation-metrics", fig))
+    return figures
+
+
+def _comparison(summary: dict) -> list[tuple[str, object]]:
+    import plotly.graph_objects as go
+
+    keys = [k for k in summary["tuned"] if k not in LOWER_IS_BETTER and summary["base"].get(k) is not None]
+    names = [LABELS.get(k, k) for k in keys]
+    fig = go.Figure(layout={"title": "Base vs tuned on the test split (higher is better)", "barmode": "group",
+                            "yaxis_range": [0, 1]})
+    fig.add_bar(x=names, y=[summary["base"][k] for k in keys], name="base")
+    fig.add_bar(x=names, y=[summary["tuned"][k] for k in keys], name="tuned")
+    figures = [("base-vs-tuned", fig)]
+    r = summary.get("retention")
+    if r:
+        skills = list(r["base"]["by_skill"])
+        ret = go.Figure(layout={"title": f"Retention: general questions answered, by skill ({r['questions']} questions)",
+                                "barmode": "group", "yaxis_range": [0, 1]})
+        ret.add_bar(x=["all"] + skills, y=[r["base"]["qa_accuracy"]] + [r["base"]["by_skill"][s] for s in skills],
+                    name="base")
+        ret.add_bar(x=["all"] + skills, y=[r["tuned"]["qa_accuracy"]] + [r["tuned"]["by_skill"][s] for s in skills],
+                    name="tuned")
+        figures.append(("retention", ret))
+    return figures
+
+
+def _verdict_html(summary: dict) -> str:
+    gate = summary["gate"]
+    items = "".join(f"<li>{'✔' if c['passed'] else ('✘' if c['passed'] is False else '–')} "
+                    f"{html.escape(c['name'])}: {html.escape(c['detail'])}"
+                    + (f" (needs {html.escape(c['threshold'])})" if c["threshold"] else "") + "</li>"
+                    for c in gate["checks"])
+    cls, word = ("pass", "passed") if gate["passed"] else ("fail", "FAILED")
+    return f"<h2 class='{cls}'>Gate {word}</h2><ul>{items}</ul>"
+
+
+def _scores_html(summary: dict) -> str:
+    body = "".join(f"<tr><td>{html.escape(m)}</td><td class='num'>{html.escape(b)}</td><td class='num'>"
+                   f"{html.escape(t)}</td><td class='num'>{html.escape(c)}</td></tr>" for m, b, t, c in summary_rows(summary))
+    return ("<h2>Scores</h2><table id='scores'><tr><th>measure</th><th>base</th><th>tuned</th><th>change</th></tr>"
+            + body + "</table>")
+
+
+def _examples_html(examples: list[dict], limit: int = 50) -> str:
+    if not examples:
+        return ""
+    body = "".join(f"<tr><td>{html.escape(e['question'])}</td><td>{html.escape(e['reference'])}</td>"
+                   f"<td>{html.escape(e['base'])}</td><td>{html.escape(e['tuned'])}</td></tr>" for e in examples[:limit])
+    return (f"<h2>Sample answers ({min(limit, len(examples))} of {len(examples)})</h2><table id='samples'>"
+            "<tr><th>question</th><th>reference</th><th>base</th><th>tuned</th></tr>" + body + "</table>")
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -9,6 +9,8 @@ name, then renamed):
     examples.jsonl  per test conversation: the last question, reference, base and tuned answers
     retention.jsonl per probe question: both models' replies and whether each was right
 
+and RUN/report.html is rewritten with them.
+
 With a LoRA adapter the base is the same model with the adapter switched off: one copy in memory.
 """
 
@@ -28,6 +30,7 @@ from tailor.data.chat import prepared_folders
 from tailor.evaluate.gate import verdict
 from tailor.evaluate.metrics import rouge_l, text_scores
 from tailor.evaluate.probe import retention
+from tailor.evaluate.report import write_report
 from tailor.models.generate import answer, load_base, load_run
 from tailor.spec import EvalSpec, Job, parse_job
 from tailor.train.loss import answer_loss
@@ -76,6 +79,7 @@ def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | Non
         "retention": kept, "gate": gate, "seconds": round(time.perf_counter() - started, 1),
     }
     _write(run_dir, summary, _examples(tests, outputs), probes)
+    write_report(run_dir)
     return summary
 
 

@@ -20,6 +20,7 @@ from tailor.data import DataError, read_many
 from tailor.data.chat import prepared_folders
 from tailor.models import best_dtype, load_model, load_tokenizer, resolve_model
 from tailor.models.hardware import hardware_summary
+from tailor.evaluate.report import write_report
 from tailor.spec import Job, dump_job
 from tailor.train.adapters import AdapterConfig, apply_adapter, trainable_names
 from tailor.train.attention import NAME as PACKED_ATTENTION
@@ -123,6 +124,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     if is_main:
         _save_result(accelerator.unwrap_model(model), tokenizer, run_dir, job.adapter.kind)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        write_report(run_dir)  # the curves now; the evaluation adds its part
         (run_dir / "DONE").write_text("", encoding="utf-8")
         say("[green]done[/]"
             + (f": train loss {summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "")
