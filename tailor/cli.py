@@ -173,6 +173,101 @@ def chat(
     out.print(answer(lm, tokenizer, [messages], max_new_tokens)[0], highlight=False, markup=False)
 
 
+runs_app = typer.Typer(no_args_is_help=True, help="The run folders: list them, show one, compare several.")
+app.add_typer(runs_app, name="runs")
+RUNS_DIR = typer.Option(Path("runs"), "--dir", help="The output directory that holds NAME/RUN-ID folders.")
+
+
+@runs_app.command("list")
+def runs_list(output_dir: Path = RUNS_DIR):
+    """Every run under --dir: status, base model, losses, the evaluation's gain and gate."""
+    from tailor.track.runs import find_runs, format_value, load_run_record, measure
+
+    runs = find_runs(output_dir)
+    if not runs:
+        _fail(FileNotFoundError(f"no runs under {output_dir}; train one with `tailor train JOB` "
+                                f"or point --dir at the job's output.dir"), code=1)
+    table = Table(title=f"runs under {output_dir}")
+    for col in ("run", "status", "base model", "steps", "train loss", "val loss", "ROUGE-L gain", "gate"):
+        table.add_column(col, overflow="fold")
+    for run in runs:
+        r = load_run_record(run)
+        gate = measure(r, ("eval", "gate", "passed"))
+        table.add_row(f"{r['name']}/{r['id']}", r["status"], str(measure(r, ("manifest", "model", "source")) or "–"),
+                      *(format_value(measure(r, w)) for w in (("train", "steps"), ("train", "final_train_loss"),
+                                                               ("train", "final_val_loss"), ("eval", "gain", "rouge_l"))),
+                      "–" if gate is None else ("passed" if gate else "[red]FAILED[/]"))
+    out.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run: str = typer.Argument(..., help="A run folder, NAME/RUN-ID, RUN-ID or NAME (its latest run)."),
+              output_dir: Path = RUNS_DIR):
+    """One run: where it is, what it trained, how it did."""
+    from tailor.evaluate.report import gate_lines, summary_table
+    from tailor.track.runs import MEASURES, RunNotFound, flatten, format_value, load_run_record, measure, resolve_run
+
+    try:
+        r = load_run_record(resolve_run(run, output_dir))
+    except RunNotFound as exc:
+        _fail(exc)
+    m = r["manifest"]
+    table = Table(title=f"{r['name']}/{r['id']} ({r['status']})", show_header=False)
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    table.add_row("folder", r["path"])
+    table.add_row("base model", str(measure(m, ("model", "source")) or "–"))
+    job = flatten(r["job"])
+    for key in ("technique", "adapter.kind", "training.learning_rate", "training.epochs", "training.max_steps",
+                "training.batch_size", "training.max_seq_len"):
+        table.add_row(key, format_value(job.get(key)))
+    for label, where in MEASURES:
+        value = measure(r, where)
+        if value is not None:
+            table.add_row(label, format_value(value))
+    out.print(table)
+    if r["eval"]:
+        out.print(summary_table(r["eval"]))
+        for line in gate_lines(r["eval"]):
+            _print_out(line)
+    report = Path(r["path"]) / "report.html"
+    if report.exists():
+        _print_out(f"report: {report}")
+
+
+@runs_app.command("compare")
+def runs_compare(runs: list[str] = typer.Argument(..., help="Two or more runs (folders, NAME/RUN-ID, RUN-ID or NAME)."),
+                 output_dir: Path = RUNS_DIR):
+    """Runs side by side: the job keys that differ, then every measure."""
+    from tailor.track.runs import (MEASURES, RunNotFound, config_differences, format_value, load_run_record, measure,
+                                   resolve_run)
+
+    if len(runs) < 2:
+        _fail(ValueError("compare needs at least two runs"))
+    try:
+        records = [load_run_record(resolve_run(ref, output_dir)) for ref in runs]
+    except RunNotFound as exc:
+        _fail(exc)
+    names = [f"{r['name']}/{r['id']}" for r in records]
+    diff = Table(title="job keys that differ")
+    diff.add_column("key")
+    for name in names:
+        diff.add_column(name, overflow="fold")
+    differences = config_differences(records)
+    for key, values in differences:
+        diff.add_row(key, *(format_value(v) for v in values))
+    out.print(diff if differences else "The runs' jobs are identical.")
+    table = Table(title="measures")
+    table.add_column("measure")
+    for name in names:
+        table.add_column(name, justify="right")
+    for label, where in MEASURES:
+        values = [measure(r, where) for r in records]
+        if any(v is not None for v in values):
+            table.add_row(label, *(format_value(v) for v in values))
+    out.print(table)
+
+
 @app.command()
 def spec(
     section: Optional[str] = typer.Argument(None, help="Only keys under this section, e.g. training."),

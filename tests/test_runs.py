@@ -1,0 +1,50 @@
+"""tailor runs: list, show and compare read everything from the run folders."""
+
+import pytest
+from typer.testing import CliRunner
+
+from tailor.cli import app
+from tailor.track.runs import RunNotFound, config_differences, flatten, load_run_record, resolve_run
+
+
+@pytest.fixture
+def two_runs(make_job, tmp_path):
+    from tailor.spec import load_job
+    from tailor.techniques import task
+
+    first = task.run(load_job(make_job("alpha", training={"max_steps": 1})), show_progress=False)
+    second = task.run(load_job(make_job("beta", training={"max_steps": 2, "learning_rate": 5e-3})), show_progress=False)
+    return tmp_path / "runs", first, second
+
+
+def test_flatten_and_differences():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": []}) == {"a.b": 1, "a.c.d": 2, "e": []}
+    records = [{"job": {"t": {"lr": 1, "seed": 7}}}, {"job": {"t": {"lr": 2, "seed": 7}, "new": True}}]
+    assert config_differences(records) == [("new", [None, True]), ("t.lr", [1, 2])]
+
+
+def test_compare_shows_the_differing_keys_and_the_measures(two_runs):
+    runs_dir, first, second = two_runs
+    result = CliRunner().invoke(app, ["runs", "compare", str(first), "beta", "--dir", str(runs_dir)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any("training.learning_rate" in l and "0.01" in l and "0.005" in l for l in lines)
+    assert any("training.max_steps" in l and "1" in l and "2" in l for l in lines)
+    assert any(l.strip().startswith("│ name") for l in lines)  # alpha vs beta
+    assert not any("training.seed" in l for l in lines)  # the same in both: not a difference
+    assert any("steps" in l and "1" in l and "2" in l for l in lines)
+
+
+def test_list_and_show(two_runs):
+    runs_dir, first, second = two_runs
+    listed = CliRunner().invoke(app, ["runs", "list", "--dir", str(runs_dir)], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and f"alpha/{first.name}" in listed.stdout and f"beta/{second.name}" in listed.stdout
+    shown = CliRunner().invoke(app, ["runs", "show", f"beta/{second.name}", "--dir", str(runs_dir)],
+                               env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and str(second) in shown.stdout and "0.005" in shown.stdout
+    assert resolve_run("alpha", runs_dir) == first and load_run_record(first)["status"] == "done"
+    with pytest.raises(RunNotFound, match="recent runs"):
+        resolve_run("gamma", runs_dir)
+    empty = CliRunner().invoke(app, ["runs", "list", "--dir", str(runs_dir / "none")])
+    assert empty.exit_code == 1 and "no runs under" in empty.stderr
