@@ -213,6 +213,20 @@ class TrainingSpec(Section):
     eval_every: int = Field(
         0, ge=0, description="Validate every N steps (0: only at the end of each epoch and of the run)."
     )
+    val_generate: int = Field(
+        0, ge=0, description="At each validation, also answer the first N validation conversations by greedy "
+        "generation and log val_rouge_l, val_chrf, val_exact_match (and val_label_accuracy, val_macro_f1 for "
+        "label answers). 0: loss and token accuracy only.")
+    val_generate_tokens: int = Field(64, ge=1, description="Longest answer generated for val_generate, in tokens.")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many validations in a row without improving early_stopping_metric "
+        "(0: never). The best validation's checkpoint is kept, named in checkpoints/best.json, and becomes the result.")
+    early_stopping_metric: Literal["val_loss", "val_token_accuracy", "val_rouge_l", "val_chrf", "val_exact_match",
+                                   "val_label_accuracy", "val_macro_f1"] = Field(
+        "val_loss", description="What early stopping watches: val_loss goes down, the others up. Generation "
+        "metrics need val_generate.")
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="How much early_stopping_metric must improve to count as better.")
     save_every: int = Field(
         50, ge=0, description="Checkpoint every N steps (0: only at the end). Checkpoints make --resume possible."
     )
@@ -226,6 +240,14 @@ class TrainingSpec(Section):
         None, ge=1,
         description="CPU threads for torch (null: all cores divided by the processes on this machine).",
     )
+
+    @model_validator(mode="after")
+    def _generation_metric_needs_samples(self) -> "TrainingSpec":
+        generated = ("val_rouge_l", "val_chrf", "val_exact_match", "val_label_accuracy", "val_macro_f1")
+        if self.early_stopping_patience and self.early_stopping_metric in generated and not self.val_generate:
+            raise ValueError(f"early_stopping_metric {self.early_stopping_metric} is measured on generated answers: "
+                             "set training.val_generate to how many validation conversations to answer (e.g. 8)")
+        return self
 
 
 METRICS = ("rouge_l", "chrf", "bleu", "exact_match", "token_accuracy", "label_accuracy", "macro_f1")

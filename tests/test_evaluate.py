@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from tailor.evaluate.gate import verdict
 from tailor.evaluate.metrics import (bleu, chrf, contains_answer, exact_match, is_label_set, label_scores, normalize,
@@ -207,3 +208,38 @@ def test_report_renders_in_a_real_browser(tiny_run):
     # Plotly draws each chart as SVG once its script has run: the curves are there, not just the page
     assert dom.count('class="main-svg"') >= 2 * 5
     assert dom.count("trace scatter") >= 3 and "trace bars" in dom
+
+
+# --- during training: generation metrics, early stopping, the best checkpoint ------------------------
+
+
+def test_validation_generates_and_early_stopping_keeps_the_best(make_job):
+    from safetensors.torch import load_file
+
+    from tailor.spec import load_job
+    from tailor.techniques import task
+    from tailor.train.rundir import read_metrics
+
+    # min_delta 100: nothing after the first validation counts as better, so with patience 2 the run
+    # must stop at the third validation (step 3 of 10), and its result is step 1's weights
+    job = load_job(make_job("early", data={"validation_fraction": 0.25},
+                            training={"max_steps": 10, "eval_every": 1, "val_generate": 3, "val_generate_tokens": 6,
+                                      "early_stopping_patience": 2, "early_stopping_min_delta": 100.0,
+                                      "save_every": 0, "keep_checkpoints": 1}))
+    run_dir = task.run(job, show_progress=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] == 3
+    assert summary["best"] == {"step": 1, "metric": "val_loss", "value": pytest.approx(summary["final_val_loss"])}
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    assert all(0 <= r["val_rouge_l"] <= 1 and "val_chrf" in r for r in evals)  # generated answers, scored
+    assert summary["final_val_loss"] == pytest.approx(evals[0]["val_loss"])
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert best["checkpoint"] == "step-0000001" and (run_dir / "checkpoints" / "step-0000001").is_dir()
+    # keep_checkpoints 1 pruned step 2 but not the best one
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000003"]
+    checkpoint = load_file(str(run_dir / "checkpoints" / "step-0000001" / "trainable.safetensors"))
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert {k.replace(".default", ""): v for k, v in checkpoint.items()}.keys() == adapter.keys()
+    for key, value in checkpoint.items():
+        assert torch.equal(adapter[key.replace(".default", "")], value), key

@@ -113,11 +113,14 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
 
     # 4. Train.
     settings = TrainSettings(
-        **job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile"}),
+        **job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile", "val_generate",
+                                           "val_generate_tokens"}),
         bf16_autocast=dtype == torch.bfloat16,
     )
+    score_samples = (_sample_scorer(tokenizer, val_raw, job.training.val_generate, job.training.val_generate_tokens)
+                     if job.training.val_generate and val_raw else None)
     summary = train(model, train_set, rows, val_set, val_rows, settings, run_dir, accelerator,
-                    tokenizer.pad_token_id, resume=resume, show_progress=show_progress)
+                    tokenizer.pad_token_id, resume=resume, show_progress=show_progress, score_samples=score_samples)
 
     # 5. Save the result where serving and evaluation expect it.
     set_attention(model, "sdpa")  # the saved model runs anywhere, without Tailor
@@ -137,6 +140,26 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         _evaluate(run_dir, job, say)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _sample_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int):
+    """model -> generation metrics on the first n validation conversations (greedy answers to all
+    but their last turn, scored against it), prefixed val_."""
+    from tailor.evaluate.metrics import text_scores
+    from tailor.models.generate import answer
+
+    chats = [ex.messages for ex in val_raw if ex.messages and ex.messages[-1]["role"] == "assistant"][:n]
+    prompts, references = [c[:-1] for c in chats], [c[-1]["content"] for c in chats]
+
+    def score(model) -> dict:
+        set_attention(model, "sdpa")  # generation has no packed rows
+        try:
+            replies = answer(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        finally:
+            set_attention(model, PACKED_ATTENTION)
+        return {f"val_{k}": v for k, v in text_scores(replies, references).items()}
+
+    return score
 
 
 def _evaluate(run_dir: Path, job: Job, say) -> None:

@@ -58,8 +58,10 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state:
     if is_main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        best = best_checkpoint(folder)
         for old in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:  # the best one stays whatever its age
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
@@ -70,7 +72,24 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+BEST = "best.json"
+
+
+def mark_best(folder: Path, step: int, metric: str, value: float) -> None:
+    """Name the checkpoint of `step` the best so far (checkpoints/best.json); pruning keeps it."""
+    tmp = folder / f".{BEST}.tmp"
+    tmp.write_text(json.dumps({"step": step, "checkpoint": f"{PREFIX}{step:07d}", "metric": metric, "value": value},
+                              indent=1), encoding="utf-8")
+    os.replace(tmp, folder / BEST)
+
+
+def best_checkpoint(folder: Path) -> Path | None:
+    path = folder / BEST
+    return folder / json.loads(path.read_text(encoding="utf-8"))["checkpoint"] if path.exists() else None
+
+
+def load_weights(path: Path, model) -> None:
+    """The trainable weights of a checkpoint, into `model` (optimizer and RNG untouched)."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -81,6 +100,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    load_weights(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng-{rank}.pt"

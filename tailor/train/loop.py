@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from tailor.train.adapters import param_groups
-from tailor.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tailor.train.checkpoint import (PREFIX, list_checkpoints, load_checkpoint, load_weights, mark_best,
+                                     save_checkpoint)
 from tailor.train.encode import Encoded
 from tailor.train.loss import CausalLMLoss
 from tailor.train.packing import collate, epoch_order
@@ -45,6 +46,9 @@ class TrainSettings:
     eval_every: int = 0
     save_every: int = 50
     keep_checkpoints: int = 2
+    early_stopping_patience: int = 0
+    early_stopping_metric: str = "val_loss"
+    early_stopping_min_delta: float = 0.0
     bf16_autocast: bool = False
 
 
@@ -84,7 +88,9 @@ def make_scheduler(optimizer, kind: str, total: int, warmup: int):
 
 def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_examples: list[Encoded],
           val_rows: list[list[int]], settings: TrainSettings, run_dir: Path, accelerator, pad_id: int,
-          resume: bool = False, show_progress: bool = True) -> dict:
+          resume: bool = False, show_progress: bool = True, score_samples=None) -> dict:
+    """score_samples: model -> {"val_rouge_l": …} from generated answers, added to each validation
+    (computed on the main process and shared)."""
     s = settings
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
@@ -103,9 +109,11 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     ckpt_dir = run_dir / "checkpoints"
 
     start, last_train, last_eval = 0, None, None
+    early = EarlyStopping(s.early_stopping_metric, s.early_stopping_patience, s.early_stopping_min_delta)
     if resume and list_checkpoints(ckpt_dir):
         state = load_checkpoint(list_checkpoints(ckpt_dir)[-1], model, optimizer, scheduler, rank)
         start = state["step"]
+        early.load(state.get("early_stopping"))
         metrics.truncate_after(start)
         # A run killed after its last checkpoint has nothing left to train; its summary comes from here.
         last_train, last_eval = _last_rows(run_dir / "metrics.jsonl")
@@ -131,6 +139,12 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
         row = {"type": "eval", "step": step, "epoch": round(step / plan.steps_per_epoch, 4),
                "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
                "val_token_accuracy": (totals[1] / totals[2]).item()}
+        if score_samples is not None:
+            shared = [score_samples(model) if is_main else None]
+            if world > 1:  # every rank must take the same early-stopping decision
+                torch.distributed.broadcast_object_list(shared, src=0)
+            row.update(shared[0])
+            model.train()
         metrics.write(row)
         return row
 
@@ -138,6 +152,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     model.train()
     window = {"loss": 0.0, "labels": 0, "tokens": 0, "time": 0.0, "grad_norm": 0.0, "steps": 0}
     speeds = []
+    done = start
     with progress_bar(plan.total_steps, start, show_progress and is_main) as bar:
         for step in range(start, plan.total_steps):
             t0 = time.perf_counter()
@@ -190,21 +205,68 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
                 bar.update(done)
 
             epoch_end = done % plan.steps_per_epoch == 0
+            improved = stop = False
             if (s.eval_every and done % s.eval_every == 0) or epoch_end or done == plan.total_steps:
-                last_eval = validate(done) or last_eval
-                if last_eval:
-                    bar.update(done, val=f" · val {last_eval['val_loss']:.4f}")
-            if (s.save_every and done % s.save_every == 0) or done == plan.total_steps:
+                row = validate(done)
+                last_eval = row or last_eval
+                if row:
+                    bar.update(done, val=f" · val {row['val_loss']:.4f}")
+                    improved, stop = early.update(done, row)
+            if (s.save_every and done % s.save_every == 0) or done == plan.total_steps or improved or stop:
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler,
-                                {"step": done, "total_steps": plan.total_steps}, rank, is_main, s.keep_checkpoints)
+                                {"step": done, "total_steps": plan.total_steps, "early_stopping": early.state()},
+                                rank, is_main, s.keep_checkpoints)
+            if improved and is_main:
+                mark_best(ckpt_dir, done, early.metric, early.best)
+            if stop:
+                break
 
+    stopped_at = done if start < plan.total_steps and done < plan.total_steps else None
+    if early.enabled and early.best_step is not None and early.best_step != (stopped_at or plan.total_steps):
+        load_weights(ckpt_dir / f"{PREFIX}{early.best_step:07d}", model)  # the result is the best validation's
+        last_eval = next((r for r in read_metrics(run_dir / "metrics.jsonl")
+                          if r.get("type") == "eval" and r["step"] == early.best_step), last_eval)
     return {
-        "steps": plan.total_steps, "resumed_from_step": start, "steps_per_epoch": plan.steps_per_epoch,
+        "steps": stopped_at or plan.total_steps, "resumed_from_step": start, "steps_per_epoch": plan.steps_per_epoch,
+        "stopped_early": stopped_at is not None,
+        "best": {"step": early.best_step, "metric": early.metric, "value": early.best} if early.enabled else None,
         "final_train_loss": last_train["loss"] if last_train else None,
         "final_val_loss": last_eval["val_loss"] if last_eval else None,
         "final_val_token_accuracy": last_eval["val_token_accuracy"] if last_eval else None,
         "tokens_per_s_median": statistics.median(speeds) if speeds else None,
     }
+
+
+class EarlyStopping:
+    """Watches one validation metric: `update` says whether it improved and whether to stop."""
+
+    def __init__(self, metric: str, patience: int, min_delta: float):
+        self.metric, self.patience, self.min_delta = metric, patience, min_delta
+        self.lower_is_better = metric == "val_loss"
+        self.best, self.best_step, self.bad = None, None, 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.patience > 0
+
+    def update(self, step: int, row: dict) -> tuple[bool, bool]:
+        if not self.enabled or row.get(self.metric) is None:
+            return False, False
+        value = row[self.metric]
+        better = (self.best is None or (value < self.best - self.min_delta if self.lower_is_better
+                                        else value > self.best + self.min_delta))
+        if better:
+            self.best, self.best_step, self.bad = value, step, 0
+        else:
+            self.bad += 1
+        return better, self.bad >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.best, self.best_step, self.bad = state["best"], state["best_step"], state["bad"]
 
 
 def _last_rows(path: Path) -> tuple[dict | None, dict | None]:
