@@ -88,6 +88,7 @@ def train(
     from tailor.models import ModelNotFound
     from tailor.spec import SpecError, load_job
     from tailor.techniques import task
+    from tailor.track.trackers import TrackerError
     from tailor.train.adapters import AdapterError
     from tailor.train.encode import TemplateError
 
@@ -98,7 +99,7 @@ def train(
     _quiet_libraries()
     try:
         run_dir = task.run(job, resume=resume, console=err, show_progress=not no_progress)
-    except (DataError, ModelNotFound, task.ResumeError, TemplateError, AdapterError) as exc:
+    except (DataError, ModelNotFound, task.ResumeError, TemplateError, AdapterError, TrackerError) as exc:
         _fail(exc)
     if _gate_failed(run_dir):
         err.print(f"[red]the evaluation gate failed[/] (eval.gate): the model is saved in {run_dir}, see "

@@ -289,6 +289,9 @@ class EvalSpec(Section):
 
 class OutputSpec(Section):
     dir: str = Field("runs", description="Where run folders go: DIR/NAME/RUN-ID/. Relative to the working directory.")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking store for tracking: [mlflow] (null: sqlite:///DIR/mlflow.db, a file "
+        "next to the runs).")
 
 
 class Job(Section):
@@ -302,6 +305,9 @@ class Job(Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training parameters.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of the tuned model against its base.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="Also send the metrics to these experiment trackers (optional extras: "
+        "pip install \"tailor-llm[tensorboard]\" or \"tailor-llm[mlflow]\").")
 
     @model_validator(mode="after")
     def _needs_data(self) -> "Job":

@@ -22,6 +22,7 @@ from tailor.models import best_dtype, load_model, load_tokenizer, resolve_model
 from tailor.models.hardware import hardware_summary
 from tailor.evaluate.report import write_report
 from tailor.spec import Job, dump_job
+from tailor.track.trackers import eval_numbers, open_trackers
 from tailor.train.adapters import AdapterConfig, apply_adapter, trainable_names
 from tailor.train.attention import NAME as PACKED_ATTENTION
 from tailor.train.attention import set_attention
@@ -35,7 +36,7 @@ from tailor.train.rundir import path_sha256, latest_run_dir, new_run_dir, versio
 # Settings that change how fast a run goes, not what it computes: a resume may change them.
 SPEED_ONLY = {"threads", "compile"}
 # Sections read after the weights are saved: a resume may change them too.
-AFTER_TRAINING = {"eval"}
+AFTER_TRAINING = {"eval", "tracking"}
 
 
 class ResumeError(RuntimeError):
@@ -62,6 +63,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     if (run_dir / "DONE").exists():
         say(f"[green]{run_dir} already finished[/]; nothing to resume.")
         return run_dir
+    trackers = _trackers(job, run_dir) if is_main else []
 
     # 3. The base model and its tokenizer.
     resolved = resolve_model(job.model.base, job.model.revision)
@@ -120,7 +122,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     score_samples = (_sample_scorer(tokenizer, val_raw, job.training.val_generate, job.training.val_generate_tokens)
                      if job.training.val_generate and val_raw else None)
     summary = train(model, train_set, rows, val_set, val_rows, settings, run_dir, accelerator,
-                    tokenizer.pad_token_id, resume=resume, show_progress=show_progress, score_samples=score_samples)
+                    tokenizer.pad_token_id, resume=resume, show_progress=show_progress, score_samples=score_samples,
+                    trackers=trackers)
 
     # 5. Save the result where serving and evaluation expect it.
     set_attention(model, "sdpa")  # the saved model runs anywhere, without Tailor
@@ -136,10 +139,20 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
             + f" → {run_dir}")
 
     # 6. Evaluate against the base, where there is test data (tailor eval RUN does it any time).
-    if is_main and job.eval.enabled:
-        _evaluate(run_dir, job, say)
+    evaluation = _evaluate(run_dir, job, say) if is_main and job.eval.enabled else None
+    for tracker in trackers:
+        if evaluation:
+            tracker.log_final(eval_numbers(evaluation), summary["steps"])
+        tracker.close()
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _trackers(job: Job, run_dir: Path) -> list:
+    from tailor.track.runs import flatten
+
+    uri = job.output.mlflow_uri or f"sqlite:///{Path(job.output.dir).resolve() / 'mlflow.db'}"
+    return open_trackers(job.tracking, run_dir, job.name, flatten(job.model_dump(mode="json")), uri)
 
 
 def _sample_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int):
@@ -162,7 +175,7 @@ def _sample_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int):
     return score
 
 
-def _evaluate(run_dir: Path, job: Job, say) -> None:
+def _evaluate(run_dir: Path, job: Job, say) -> dict | None:
     from tailor.evaluate.report import gate_lines
     from tailor.evaluate.run import evaluate
 
@@ -170,9 +183,10 @@ def _evaluate(run_dir: Path, job: Job, say) -> None:
         summary = evaluate(run_dir, spec=job.eval, say=say)
     except DataError as exc:
         say(f"[yellow]evaluation skipped: {exc}[/]")
-        return
+        return None
     for line in gate_lines(summary):
         say(line, highlight=False, markup=False)
+    return summary
 
 
 def _read_data(job: Job) -> tuple[list, list]:
@@ -249,7 +263,7 @@ def _check_same_job(run_dir: Path, job: Job) -> None:
     now = yaml.safe_load(dump_job(job))
     changed = [f"{sec}.{k}" for sec, vals in now.items() if isinstance(vals, dict) and sec not in AFTER_TRAINING
                for k, v in vals.items() if before.get(sec, {}).get(k) != v and k not in SPEED_ONLY]
-    changed += [k for k, v in now.items() if not isinstance(v, dict) and before.get(k) != v]
+    changed += [k for k, v in now.items() if not isinstance(v, dict) and before.get(k) != v and k not in AFTER_TRAINING]
     if changed:
         raise ResumeError(f"--resume: {run_dir} was started with a different job ({', '.join(changed)} changed); "
                           "restore those values to resume, or run without --resume to start a new run")

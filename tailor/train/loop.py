@@ -88,9 +88,9 @@ def make_scheduler(optimizer, kind: str, total: int, warmup: int):
 
 def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_examples: list[Encoded],
           val_rows: list[list[int]], settings: TrainSettings, run_dir: Path, accelerator, pad_id: int,
-          resume: bool = False, show_progress: bool = True, score_samples=None) -> dict:
+          resume: bool = False, show_progress: bool = True, score_samples=None, trackers=()) -> dict:
     """score_samples: model -> {"val_rouge_l": …} from generated answers, added to each validation
-    (computed on the main process and shared)."""
+    (computed on the main process and shared). trackers: also receive every metrics row."""
     s = settings
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
@@ -105,7 +105,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     objective = accelerator.prepare_model(CausalLMLoss(model))  # DDP-wrapped when world > 1
     plain_objective = accelerator.unwrap_model(objective)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=s.bf16_autocast)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main, trackers=trackers)
     ckpt_dir = run_dir / "checkpoints"
 
     start, last_train, last_eval = 0, None, None

@@ -77,11 +77,13 @@ def versions() -> dict:
 
 
 class MetricsLog:
-    """metrics.jsonl: appended and flushed row by row, so a live reader (or a crash) sees every row."""
+    """metrics.jsonl: appended and flushed row by row, so a live reader (or a crash) sees every row.
+    Each row also goes to the trackers (TensorBoard, MLflow: tailor.track.trackers) given."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, trackers=()):
         self.path = path
         self.enabled = enabled
+        self.trackers = list(trackers) if enabled else []
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows written after the checkpoint; the resumed run writes them again."""
@@ -96,6 +98,8 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
