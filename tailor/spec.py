@@ -268,6 +268,16 @@ class GateSpec(Section):
         "null: not checked.")
 
 
+class JudgeSpec(Section):
+    endpoint: str = Field(..., description="Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(..., description="The judge model's name at that endpoint.")
+    criteria: dict[str, str] = Field(
+        ..., description="The rubric: criterion name -> what a 5 looks like, e.g. {tone: 'warm, brief, signs off "
+        "as Wick'}. Each answer gets 1-5 per criterion.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key (sent as a bearer token).")
+    max_examples: int = Field(20, ge=1, description="Test answers judged, base and tuned each.")
+
+
 class EvalSpec(Section):
     enabled: bool = Field(True, description="Evaluate at the end of training (tailor eval RUN runs it any time).")
     data: list[str | SourceSpec] = Field(
@@ -280,6 +290,9 @@ class EvalSpec(Section):
     retention: bool = Field(True, description="Score base and tuned model on the general-skills probe "
                             "(120 questions, general text perplexity).")
     gate: GateSpec = Field(default_factory=GateSpec, description="When the evaluation fails (exit status 1).")
+    judge: JudgeSpec | None = Field(
+        None, description="Optional: a judge model scores base and tuned answers against a written rubric "
+        "(reported as a model's judgement; the gate does not read it).")
 
     @field_validator("data", mode="before")
     @classmethod

@@ -243,3 +243,68 @@ def test_validation_generates_and_early_stopping_keeps_the_best(make_job):
     assert {k.replace(".default", ""): v for k, v in checkpoint.items()}.keys() == adapter.keys()
     for key, value in checkpoint.items():
         assert torch.equal(adapter[key.replace(".default", "")], value), key
+
+
+# --- the judge -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def judge_server():
+    """A real HTTP server speaking OpenAI's chat completions: it grades 'tone' 5 when the graded
+    answer holds an 'e' and 1 otherwise, 'policy' always 3, and records what it was asked."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            graded = body["messages"][-1]["content"].split("Answer to grade:\n", 1)[1].split("\n\nJSON scores", 1)[0]
+            reply = json.dumps({"tone": 5 if "e" in graded else 1, "policy": 3})
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"Scores: {reply}"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+
+
+def test_the_judge_scores_both_models_and_is_marked_as_opinion(tiny_run, judge_server, monkeypatch):
+    from tailor.evaluate.run import evaluate
+    from tailor.spec import EvalSpec
+
+    url, seen = judge_server
+    monkeypatch.setenv("JUDGE_KEY", "secret")
+    criteria = {"tone": "warm and brief", "policy": "never promises refunds outside the policy"}
+    spec = EvalSpec(max_examples=4, max_new_tokens=8, retention=False, gate={"max_retention_drop": None},
+                    judge={"endpoint": url, "model": "grader", "criteria": criteria, "api_key_env": "JUDGE_KEY"})
+    summary = evaluate(tiny_run, spec=spec, say=lambda m: None)
+    examples = [json.loads(l) for l in (tiny_run / "eval" / "examples.jsonl").read_text().splitlines()]
+    expected = {n: sum(5 if "e" in ex[n] else 1 for ex in examples) / len(examples) for n in ("base", "tuned")}
+    assert summary["judge"]["tuned"] == {"tone": pytest.approx(expected["tuned"]), "policy": 3.0}
+    assert summary["judge"]["base"]["tone"] == pytest.approx(expected["base"])
+    assert "judgement" in summary["judge"]["note"] and examples[0]["judge_tuned"]["policy"] == 3
+    assert len(seen) == 2 * 4 and seen[0]["path"] == "/v1/chat/completions" and seen[0]["auth"] == "Bearer secret"
+    assert seen[0]["body"]["model"] == "grader" and "never promises refunds" in seen[0]["body"]["messages"][-1]["content"]
+    assert "judgement, not a measurement" in (tiny_run / "report.html").read_text()
+    assert summary["gate"]["passed"] in (True, False) and all("judge" not in c["name"] for c in summary["gate"]["checks"])
+
+
+def test_a_judge_that_fails_does_not_cost_the_evaluation(tiny_run):
+    from tailor.evaluate.run import evaluate
+    from tailor.spec import EvalSpec
+
+    spec = EvalSpec(max_examples=2, max_new_tokens=4, retention=False,
+                    judge={"endpoint": "http://127.0.0.1:9/v1", "model": "m", "criteria": {"tone": "warm"}})
+    summary = evaluate(tiny_run, spec=spec, say=lambda m: None)
+    assert "did not answer" in summary["judge"]["error"] and summary["tuned"]["rouge_l"] is not None

@@ -24,6 +24,11 @@ def summary_rows(summary: dict) -> list[tuple[str, str, str, str]]:
             continue
         change = tuned[key] - base[key]
         rows.append((LABELS.get(key, key), f"{base[key]:.3f}", f"{tuned[key]:.3f}", f"{change:+.3f}"))
+    judge = summary.get("judge") or {}
+    for criterion in judge.get("criteria", {}):
+        b, t = judge["base"][criterion], judge["tuned"][criterion]
+        rows.append((f"judge: {criterion} (1-5, a model's opinion)", _opt(b), _opt(t),
+                     f"{t - b:+.2f}" if b is not None and t is not None else "–"))
     r = summary.get("retention")
     if r:
         rows.append(("general questions", f"{r['base']['qa_accuracy']:.1%}", f"{r['tuned']['qa_accuracy']:.1%}",
@@ -31,6 +36,10 @@ def summary_rows(summary: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("general-text perplexity", f"{r['base']['text_perplexity']:.2f}",
                      f"{r['tuned']['text_perplexity']:.2f}", f"{r['perplexity_increase']:+.1%}"))
     return rows
+
+
+def _opt(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def gate_lines(summary: dict) -> list[str]:
@@ -87,7 +96,8 @@ def report_html(rows: list[dict], summary: dict | None, examples: list[dict], ma
             "vertical-align:top;text-align:left}th{background:#f4f4f4}.pass{color:#1a7f37}.fail{color:#cf222e}"
             ".num{text-align:right;font-variant-numeric:tabular-nums}</style></head><body>"
             + head + (_verdict_html(summary) if summary else "<p>Not evaluated yet: <code>tailor eval RUN</code>.</p>")
-            + "".join(charts) + (_scores_html(summary) if summary else "") + _examples_html(examples)
+            + "".join(charts) + (_scores_html(summary) if summary else "") + _judge_html(summary)
+            + _examples_html(examples)
             + "</body></html>")
 
 
@@ -166,6 +176,19 @@ def _scores_html(summary: dict) -> str:
                    f"{html.escape(t)}</td><td class='num'>{html.escape(c)}</td></tr>" for m, b, t, c in summary_rows(summary))
     return ("<h2>Scores</h2><table id='scores'><tr><th>measure</th><th>base</th><th>tuned</th><th>change</th></tr>"
             + body + "</table>")
+
+
+def _judge_html(summary: dict | None) -> str:
+    judge = (summary or {}).get("judge")
+    if not judge:
+        return ""
+    if "error" in judge:
+        return f"<h2>Judge</h2><p>Not judged: {html.escape(judge['error'])}</p>"
+    body = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(text)}</td><td class='num'>{_opt(judge['base'][c])}"
+                   f"</td><td class='num'>{_opt(judge['tuned'][c])}</td></tr>" for c, text in judge["criteria"].items())
+    return (f"<h2>Judge: {html.escape(judge['model'])}</h2><p><em>These are {html.escape(judge['note'])}, on "
+            f"{judge['examples']} test answers.</em></p><table id='judge'><tr><th>criterion</th><th>rubric</th>"
+            "<th>base (1-5)</th><th>tuned (1-5)</th></tr>" + body + "</table>")
 
 
 def _examples_html(examples: list[dict], limit: int = 50) -> str:

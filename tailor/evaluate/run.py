@@ -78,9 +78,30 @@ def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | Non
                  if results["tuned"][k] is not None and results["base"][k] is not None},
         "retention": kept, "gate": gate, "seconds": round(time.perf_counter() - started, 1),
     }
-    _write(run_dir, summary, _examples(tests, outputs), probes)
+    examples = _examples(tests, outputs)
+    if spec.judge:
+        summary["judge"] = _judged(spec.judge, examples, say)
+    _write(run_dir, summary, examples, probes)
     write_report(run_dir)
     return summary
+
+
+def _judged(spec, examples: list[dict], say) -> dict:
+    """The judge's scores, or why there are none: a judge that fails never costs the evaluation."""
+    from tailor.evaluate.judge import Judge, JudgeError, judge_answers
+
+    try:
+        judge = Judge(spec.endpoint, spec.model, spec.criteria, spec.api_key_env)
+        try:
+            result = judge_answers(judge, examples[:spec.max_examples])
+        finally:
+            judge.close()
+    except JudgeError as exc:
+        say(f"judge skipped: {exc}")
+        return {"error": str(exc)}
+    say(f"  judge ({result['note']}): " + ", ".join(
+        f"{c} {result['base'][c] or 0:.2f} → {result['tuned'][c] or 0:.2f}" for c in spec.criteria))
+    return result
 
 
 def _job_of(run_dir: Path) -> Job:
