@@ -286,7 +286,7 @@ class EvalSpec(Section):
         "data.prepare, or prepared folders in data.train).")
     max_examples: int = Field(100, ge=1, description="Test conversations scored (the first N).")
     max_new_tokens: int = Field(128, ge=1, description="Longest generated answer, in tokens.")
-    batch_size: int = Field(8, ge=1, description="Conversations generated at once.")
+    batch_size: int = Field(16, ge=1, description="Conversations generated at once.")
     retention: bool = Field(True, description="Score base and tuned model on the general-skills probe "
                             "(120 questions, general text perplexity).")
     gate: GateSpec = Field(default_factory=GateSpec, description="When the evaluation fails (exit status 1).")

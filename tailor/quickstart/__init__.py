@@ -85,6 +85,7 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console)
         out.print(line, highlight=False, markup=False)
     out.print(f"→ {run_dir / 'eval'}: summary.json, examples.jsonl (every test answer, base and tuned), "
               f"retention.jsonl ({summary['seconds']:.0f} s)")
+    out.print(f"Report with the curves, base vs tuned and sample answers (opens offline): {run_dir / 'report.html'}")
     out.print(f"Done in {time.perf_counter() - started:.0f} s. Run folder: {run_dir}")
     out.print(f"Ask it yourself: tailor chat --run {run_dir} \"How do I pair my Ember?\"")
     return run_dir

@@ -119,7 +119,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
                                            "val_generate_tokens"}),
         bf16_autocast=dtype == torch.bfloat16,
     )
-    score_samples = (_sample_scorer(tokenizer, val_raw, job.training.val_generate, job.training.val_generate_tokens)
+    score_samples = (_sample_scorer(tokenizer, val_raw, job.training.val_generate, job.training.val_generate_tokens,
+                                    bf16=dtype == torch.bfloat16)
                      if job.training.val_generate and val_raw else None)
     summary = train(model, train_set, rows, val_set, val_rows, settings, run_dir, accelerator,
                     tokenizer.pad_token_id, resume=resume, show_progress=show_progress, score_samples=score_samples,
@@ -155,7 +156,7 @@ def _trackers(job: Job, run_dir: Path) -> list:
     return open_trackers(job.tracking, run_dir, job.name, flatten(job.model_dump(mode="json")), uri)
 
 
-def _sample_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int):
+def _sample_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int, bf16: bool):
     """model -> generation metrics on the first n validation conversations (greedy answers to all
     but their last turn, scored against it), prefixed val_."""
     from tailor.evaluate.metrics import text_scores
@@ -166,8 +167,10 @@ def _sample_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int):
 
     def score(model) -> dict:
         set_attention(model, "sdpa")  # generation has no packed rows
-        try:
-            replies = answer(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        device = next(model.parameters()).device.type
+        try:  # as in training: a bf16 base with fp32 adapter weights needs autocast
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                replies = answer(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
         finally:
             set_attention(model, PACKED_ATTENTION)
         return {f"val_{k}": v for k, v in text_scores(replies, references).items()}

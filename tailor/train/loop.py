@@ -210,7 +210,9 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
                 row = validate(done)
                 last_eval = row or last_eval
                 if row:
-                    bar.update(done, val=f" · val {row['val_loss']:.4f}")
+                    shown = f" · val {row['val_loss']:.4f}" + (f" · ROUGE-L {row['val_rouge_l']:.3f}"
+                                                              if row.get("val_rouge_l") is not None else "")
+                    bar.update(done, val=shown)
                     improved, stop = early.update(done, row)
             if (s.save_every and done % s.save_every == 0) or done == plan.total_steps or improved or stop:
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler,
