@@ -18,9 +18,9 @@ from rich.console import Console
 
 from tailor.data import DataError, read_many
 from tailor.data.chat import prepared_folders
+from tailor.evaluate.report import write_report
 from tailor.models import best_dtype, load_model, load_tokenizer, resolve_model
 from tailor.models.hardware import hardware_summary
-from tailor.evaluate.report import write_report
 from tailor.spec import Job, dump_job
 from tailor.track.trackers import eval_numbers, open_trackers
 from tailor.train.adapters import AdapterConfig, apply_adapter, trainable_names
