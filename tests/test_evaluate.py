@@ -308,3 +308,21 @@ def test_a_judge_that_fails_does_not_cost_the_evaluation(tiny_run):
                     judge={"endpoint": "http://127.0.0.1:9/v1", "model": "m", "criteria": {"tone": "warm"}})
     summary = evaluate(tiny_run, spec=spec, say=lambda m: None)
     assert "did not answer" in summary["judge"]["error"] and summary["tuned"]["rouge_l"] is not None
+
+
+def test_train_says_when_the_gate_failed_but_exits_0(tmp_path, tiny_model_dir, make_job):
+    from typer.testing import CliRunner
+
+    from conftest import make_conversations
+    from tailor.cli import app
+    from tailor.data.prepare import prepare
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(40, seed=5)), encoding="utf-8")
+    prepared = prepare([raw], tmp_path / "prepared", model=str(tiny_model_dir), num_proc=1, say=lambda m: None,
+                       privacy={"enabled": False}, card={"perplexity_sample": 0, "html": False}, split={"test": 4})
+    job = make_job("gated", data={"train": [str(prepared.out)]}, training={"max_steps": 1},
+                   eval={"max_new_tokens": 4, "retention": False, "gate": {"min_gain": 1.0, "max_retention_drop": None}})
+    result = CliRunner().invoke(app, ["train", str(job), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "evaluation gate failed" in result.stderr and "exits with status 1" in result.stderr
