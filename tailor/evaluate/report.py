@@ -75,15 +75,17 @@ def write_report(run_dir: Path) -> Path:
     summary = _read_json(run_dir / "eval" / "summary.json")
     examples = _read_jsonl(run_dir / "eval" / "examples.jsonl")
     manifest = _read_json(run_dir / "manifest.json") or {}
+    layers = _read_json(run_dir / "layer_change.json")
     path = run_dir / "report.html"
-    write_atomic(path, report_html(rows, summary, examples, manifest, run_dir.name))
+    write_atomic(path, report_html(rows, summary, examples, manifest, run_dir.name, layers))
     return path
 
 
-def report_html(rows: list[dict], summary: dict | None, examples: list[dict], manifest: dict, title: str) -> str:
+def report_html(rows: list[dict], summary: dict | None, examples: list[dict], manifest: dict, title: str,
+                layers: dict | None = None) -> str:
     from plotly.io import to_html
 
-    figures = _curves(rows) + (_comparison(summary) if summary else [])
+    figures = _curves(rows) + (_layer_chart(layers) if layers else []) + (_comparison(summary) if summary else [])
     charts = [f"<section class='chart' id='{name}'>" + to_html(fig, full_html=False, include_plotlyjs=(i == 0),
                                                               config={"displaylogo": False}) + "</section>"
               for i, (name, fig) in enumerate(figures)]
@@ -136,6 +138,17 @@ def _curves(rows: list[dict]) -> list[tuple[str, object]]:
                             mode="lines+markers")
         figures.append(("validation-metrics", fig))
     return figures
+
+
+def _layer_chart(layers: dict) -> list[tuple[str, object]]:
+    import plotly.graph_objects as go
+
+    names = [f"block {b['block']}" for b in layers["blocks"]] + list(layers["other"])
+    values = [b["relative_change"] for b in layers["blocks"]] + list(layers["other"].values())
+    what = "the merged LoRA update" if layers["kind"] == "lora" else "trained minus base weights"
+    return [("layer-change", go.Figure(go.Bar(x=names, y=values),
+                                       layout={"title": f"How much each block changed: ‖ΔW‖ / ‖W‖ ({what})",
+                                               "yaxis_title": "relative change", "xaxis_title": "input → output"}))]
 
 
 def _comparison(summary: dict) -> list[tuple[str, object]]:

@@ -28,9 +28,10 @@ from tailor.train.attention import NAME as PACKED_ATTENTION
 from tailor.train.attention import set_attention
 from tailor.train.compiled import compile_blocks
 from tailor.train.encode import encode_chat
+from tailor.train.layer_change import layer_change, metrics_row
 from tailor.train.loop import TrainSettings, train
 from tailor.train.packing import make_rows
-from tailor.train.rundir import path_sha256, latest_run_dir, new_run_dir, versions, write_atomic
+from tailor.train.rundir import MetricsLog, path_sha256, latest_run_dir, new_run_dir, versions, write_atomic
 
 
 # Settings that change how fast a run goes, not what it computes: a resume may change them.
@@ -126,9 +127,16 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
                     tokenizer.pad_token_id, resume=resume, show_progress=show_progress, score_samples=score_samples,
                     trackers=trackers)
 
-    # 5. Save the result where serving and evaluation expect it.
+    # 5. Save the result where serving and evaluation expect it, with how much each layer changed.
     set_attention(model, "sdpa")  # the saved model runs anywhere, without Tailor
     if is_main:
+        changes = layer_change(accelerator.unwrap_model(model), resolved.path)
+        write_atomic(run_dir / "layer_change.json", json.dumps(changes, indent=1))
+        MetricsLog(run_dir / "metrics.jsonl", trackers=trackers).write(metrics_row(changes, summary["steps"]))
+        if changes["blocks"]:
+            most = max(changes["blocks"], key=lambda b: b["relative_change"])
+            say(f"weights changed most in block {most['block']} of {len(changes['blocks'])} trained "
+                f"(‖ΔW‖/‖W‖ {most['relative_change']:.4f}; every block in layer_change.json and report.html)")
         _save_result(accelerator.unwrap_model(model), tokenizer, run_dir, job.adapter.kind)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
         write_report(run_dir)  # the curves now; the evaluation adds its part
