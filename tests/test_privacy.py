@@ -142,7 +142,11 @@ def test_repeated_texts_are_anonymized_alike(with_ner, texts):
 
 text_parts = st.sampled_from(["Hi", "John Smith", "call", "+44 20 7946 0018", "4111 1111 1111 1111", "@",
                               "a@b.com", "fe80::1", "10.0.0.1", ":", "-", ".", " ", "536-22-1234", "7",
-                              "RSSMRAURTMLARSNL", "GB82 WEST 1234 5698 7654 32", "\n", "Zoë", "١٢٣٤٥٦٧"])
+                              "RSSMRAURTMLARSNL", "GB82 WEST 1234 5698 7654 32", "\n", "Zoë", "١٢٣٤٥٦٧",
+                              # one of each id shape the pre-filter has its own test for
+                              "AB 12 34 56 C", "12345678Z", "X1234567L", "S1234567D", "131052-308T", "912-71-1234",
+                              "943 476 5919", "DE89370400440532013000", "abcd:ef01::", "192.168.0.1/24",
+                              "4111-1111-1111-1111", "536221234", "5362-21234", "12", "1.2", "ſ"])
 
 
 @settings(max_examples=60, deadline=None)
@@ -322,3 +326,17 @@ def test_a_name_found_in_one_turn_is_replaced_in_the_others():
     (first, _), (second, counts) = anon.anonymize_records([turns])[0]
     assert "Maria" not in first and "Keller" not in first
     assert second == "Thanks, <PERSON>! — Wick, Lumen Lane" and counts == {"PERSON": 1}
+
+
+@pytest.mark.parametrize("value, entity", [
+    ("AB 12 34 56 C", "UK_NINO"), ("12345678Z", "ES_NIF"), ("X1234567L", "ES_NIE"), ("S1234567D", "SG_NRIC_FIN"),
+    ("131052-308T", "FI_PERSONAL_IDENTITY_CODE"), ("912-71-1234", "US_ITIN"), ("943 476 5919", "UK_NHS"),
+    ("536-22-1234", "US_SSN"), ("DE89370400440532013000", "IBAN_CODE"), ("abcd:ef01::", "IP_ADDRESS"),
+    ("192.168.0.1/24", "IP_ADDRESS"), ("4111-1111-1111-1111", "CREDIT_CARD"), ("2221 0012 3412 3450", "CREDIT_CARD"),
+])
+def test_each_prefilter_lets_its_own_shape_through(patterns_only, value, entity):
+    # the batch path's per-recognizer tests (_PATTERN_RECOGNIZERS) must pass what the recognizer finds
+    text = f"here it is: {value}, thanks"
+    one = patterns_only.anonymize(text)
+    assert one[1] == {entity: 1}, one
+    assert patterns_only.anonymize_batch([text]) == [one]

@@ -63,32 +63,35 @@ ID_ENTITIES = (
 
 # Pattern-based types: Presidio's recognizer, and a regex a text must match for any of that
 # recognizer's patterns to match (None: no cheap test). The batch path's pre-filter skips the
-# recognizer when it does not: every pattern of these recognizers needs a digit (or '@', or for
-# IPv6 a ':'), so the skip never changes what is found. anonymize() runs them all on every text and
-# is the oracle the tests compare against. Phones are the costly one (libphonenumber scans the text
-# once per region, ~2 ms): a valid number has at least 4 digits (libphonenumber's metadata: the
-# shortest anywhere, in Luxembourg and Germany, have 4), so "9 euros" or "at 9:30" skip it.
-_DIGIT, _FOUR_DIGITS, _AT, _DIGIT_OR_COLON = r"\d", r"\d(?:\D*\d){3}", "@", r"[\d:]"
-_SIXTEEN_ALNUM = r"[^\W_]{16}"  # any letters, not only A-Z: IGNORECASE lets [A-Z] match 'ſ' and 'K'
+# recognizer when it does not. Each test is a part that every one of the recognizer's patterns
+# contains (read off Presidio's regexes, noted beside each), written looser than the pattern: \d
+# for [0-9], any letter for [A-Z] (Presidio matches ignoring case, and then [A-Z] also matches 'ſ'
+# and 'K'). So a skip never changes what is found. anonymize() runs every recognizer on every text
+# and is the oracle the tests compare against. Phones are the costly one (libphonenumber scans the
+# text once per region, ~2 ms): a valid number has at least 4 digits (libphonenumber's metadata:
+# the shortest anywhere, in Luxembourg and Germany, have 4), so "9 euros" or "at 9:30" skip it.
+_DIGIT, _FOUR_DIGITS, _AT = r"\d", r"\d(?:\D*\d){3}", "@"
+_FOUR_IN_A_ROW, _SIX_IN_A_ROW, _SEVEN_IN_A_ROW = r"\d{4}", r"\d{6}", r"\d{7}"
+_SIXTEEN_ALNUM = r"[^\W_]{16}"
 
 _PATTERN_RECOGNIZERS = {
     "EMAIL_ADDRESS": ("EmailRecognizer", _AT),
     "PHONE_NUMBER": ("PhoneRecognizer", _FOUR_DIGITS),
-    "CREDIT_CARD": ("CreditCardRecognizer", _DIGIT),
-    "IBAN_CODE": ("IbanRecognizer", _DIGIT),
-    "IP_ADDRESS": ("IpRecognizer", _DIGIT_OR_COLON),
+    "CREDIT_CARD": ("CreditCardRecognizer", _FOUR_IN_A_ROW),  # a first group of 4 digits (ours too)
+    "IBAN_CODE": ("IbanRecognizer", r"[^\W\d_]{2}\d{2}"),  # country code and check digits: DE89
+    "IP_ADDRESS": ("IpRecognizer", r"\d\.\d|:"),  # IPv4 octets around a dot; every IPv6 form has ':'
     "URL": ("UrlRecognizer", None),
     "DATE_TIME": ("DateRecognizer", None),
-    "US_SSN": ("UsSsnRecognizer", _DIGIT),
-    "US_ITIN": ("UsItinRecognizer", _DIGIT),
-    "UK_NHS": ("NhsRecognizer", _DIGIT),
-    "UK_NINO": ("UkNinoRecognizer", _DIGIT),
-    "ES_NIF": ("EsNifRecognizer", _DIGIT),
-    "ES_NIE": ("EsNieRecognizer", _DIGIT),
+    "US_SSN": ("UsSsnRecognizer", r"\d{2}[- .]?\d{4}"),  # in ddd-dd-dddd, ddddd-dddd, ddd-dddddd, d{9}
+    "US_ITIN": ("UsItinRecognizer", _FOUR_IN_A_ROW),  # every form ends in 4 digits
+    "UK_NHS": ("NhsRecognizer", _FOUR_IN_A_ROW),  # ddd ddd dddd
+    "UK_NINO": ("UkNinoRecognizer", r"\d{2} ?\d{2}"),  # AB 12 34 56 C
+    "ES_NIF": ("EsNifRecognizer", _SEVEN_IN_A_ROW),  # d?ddddddd-L
+    "ES_NIE": ("EsNieRecognizer", _SEVEN_IN_A_ROW),  # X?d?ddddddd-L
     # "omocodia" may turn every digit into a letter, but a code is 16 letters and digits in a row
     "IT_FISCAL_CODE": ("ItFiscalCodeRecognizer", _SIXTEEN_ALNUM),
-    "SG_NRIC_FIN": ("SgFinRecognizer", _DIGIT),
-    "FI_PERSONAL_IDENTITY_CODE": ("FiPersonalIdentityCodeRecognizer", _DIGIT),
+    "SG_NRIC_FIN": ("SgFinRecognizer", _SEVEN_IN_A_ROW),  # Sddddddd L
+    "FI_PERSONAL_IDENTITY_CODE": ("FiPersonalIdentityCodeRecognizer", _SIX_IN_A_ROW),  # dddddd-dddC
     "SE_PERSONNUMMER": ("SePersonnummerRecognizer", _DIGIT),
     "KR_RRN": ("KrRrnRecognizer", _DIGIT),
     "PL_PESEL": ("PlPeselRecognizer", _DIGIT),
