@@ -37,6 +37,7 @@ def test_bleu_by_hand():
     expected = (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
     assert bleu(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(expected, abs=1e-4)
     assert bleu(["a b c d e"], ["a b c d e"]) == pytest.approx(1.0)
+    assert bleu(["refund", "shipping"], ["refund", "shipping"]) == pytest.approx(1.0)  # labels: no 4-grams at all
 
 
 def test_chrf_bounds_and_order():

@@ -57,10 +57,12 @@ def chrf(predictions: list[str], references: list[str]) -> float:
 
 
 def bleu(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU with sacrebleu's standard tokenization, 0-1."""
-    import sacrebleu
+    """Corpus BLEU with sacrebleu's standard tokenization, 0-1. With effective order: n-gram orders
+    that no answer is long enough to have are left out, so one-word answers that are all right
+    score 1, not 0 (answers of four words or more score as plain BLEU)."""
+    from sacrebleu.metrics import BLEU
 
-    return sacrebleu.corpus_bleu(predictions, [references]).score / 100 if references else 0.0
+    return BLEU(effective_order=True).corpus_score(predictions, [references]).score / 100 if references else 0.0
 
 
 def is_label_set(references: list[str]) -> bool:
