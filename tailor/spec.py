@@ -168,6 +168,9 @@ class AdapterSpec(Section):
         description="Modules that get LoRA: 'all-linear' (every projection in every block, not the head) "
         "or a list of module names such as [q_proj, v_proj].",
     )
+    lora_top_blocks: int | None = Field(
+        None, ge=1, description="lora: put adapters only in the last N transformer blocks (transfer learning: the "
+        "lower blocks' features are kept as they are). null: every block.")
     train_top_blocks: int = Field(
         2, ge=0, description="freeze: how many of the last transformer blocks train."
     )

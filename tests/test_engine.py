@@ -104,6 +104,25 @@ def test_freeze_trains_exactly_the_named_parameters(make_job, tiny_model_dir):
     assert changed == trainable
 
 
+def test_lora_in_the_top_blocks_only_gets_gradients_only_there(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tailor.train.adapters import AdapterError
+
+    model = apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          AdapterConfig(kind="lora", rank=4, dropout=0.0, lora_top_blocks=1))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n and "lora_" in n for n in trainable)
+    ids = torch.randint(0, 100, (1, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    # nothing outside block 1's adapters gets a gradient; each lora_B there does (lora_A's is zero
+    # at the start, because B starts at zero)
+    assert with_grad == {n for n in trainable if "lora_B" in n}
+    with pytest.raises(AdapterError, match="lora_top_blocks: 3 is more than the model's 2 blocks"):
+        apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(kind="lora", lora_top_blocks=3))
+
+
 def test_full_fine_tuning_trains_everything(make_job):
     run_dir = run(make_job("full", adapter={"kind": "full"}, training={"learning_rate": 1e-3}))
     manifest = json.loads((run_dir / "manifest.json").read_text())

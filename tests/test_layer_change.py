@@ -63,3 +63,12 @@ def test_freeze_report_shows_only_the_trained_blocks(make_job, tiny_model_dir):
     assert got == {1: pytest.approx(direct(base, tuned)[1], rel=1e-4)}  # block 0 was frozen: not in the report
     other = json.loads((run_dir / "layer_change.json").read_text())["other"]
     assert set(other) == {"final_norm"} and other["final_norm"] > 0
+
+
+def test_lora_in_the_top_block_changes_only_that_block(make_job):
+    from tailor.spec import load_job
+    from tailor.techniques import task
+
+    job = make_job("top-lora", adapter={"lora_top_blocks": 1}, training={"max_steps": 3})
+    run_dir = task.run(load_job(job), show_progress=False)
+    assert set(reported(run_dir)) == {1}

@@ -22,6 +22,7 @@ class AdapterConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: list[str] | str = "all-linear"
+    lora_top_blocks: int | None = None
     train_top_blocks: int = 2
     train_head: bool = False
     train_norm: bool = True
@@ -49,7 +50,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
 
         lora = LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
-            target_modules=cfg.target_modules,
+            **_targets(model, cfg.target_modules, cfg.lora_top_blocks),
         )
         # autocast_adapter_dtype: PEFT keeps the LoRA weights in float32 beside bf16 base weights.
         model = get_peft_model(model, lora, autocast_adapter_dtype=True)
@@ -68,6 +69,21 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return model
+
+
+def _targets(model: nn.Module, target_modules, top: int | None) -> dict:
+    """LoraConfig's target arguments; with `top`, adapters go in the last `top` blocks only (PEFT's
+    layers_to_transform, which needs the module names spelled out: 'all-linear' becomes every
+    linear layer name found in the blocks)."""
+    if top is None:
+        return {"target_modules": target_modules}
+    n = num_blocks(model)
+    if top > n:
+        raise AdapterError(f"adapter.lora_top_blocks: {top} is more than the model's {n} blocks")
+    if target_modules == "all-linear":
+        target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                                 if isinstance(m, nn.Linear) and block_index(name + ".") is not None})
+    return {"target_modules": target_modules, "layers_to_transform": list(range(n - top, n)), "layers_pattern": "layers"}
 
 
 def _freeze_all_but_top(model: nn.Module, cfg: AdapterConfig) -> None:
