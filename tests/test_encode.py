@@ -61,3 +61,57 @@ def test_truncation_is_flagged(tokenizer):
 def test_smollm2_template_mask(embedded_tokenizer):
     enc = encode_chat(embedded_tokenizer, CONV[1:], 1000)
     assert labelled_text(embedded_tokenizer, enc) == ["On its way!<|im_end|>", "Any time.<|im_end|>"]
+
+
+# --- plain text: continued pre-training ------------------------------------------------------------
+
+
+def test_text_windows_predict_every_token_once(tokenizer):
+    from tailor.train.encode import encode_text
+
+    text = "Lumen Lane lamps glow warm. " * 40
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    windows = encode_text(tokenizer, text, max_len=64)
+    assert len(windows) > 1 and all(len(w) <= 64 for w in windows)
+    # consecutive windows share one token; together they are the document, end-of-sequence included
+    rebuilt = windows[0].input_ids + [t for w in windows[1:] for t in w.input_ids[1:]]
+    assert rebuilt == ids
+    predicted = [t for w in windows for t in w.labels if t != IGNORE]
+    assert predicted == ids[1:]  # every token but the first, exactly once
+    assert sum(w.n_labels for w in windows) == len(ids) - 1
+
+
+def test_text_loss_equals_the_language_model_loss(tiny_model_dir, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tailor.train.encode import encode_text
+    from tailor.train.loss import CausalLMLoss
+    from tailor.train.packing import collate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    window = encode_text(tokenizer, "The Wick check: hold the button for ten seconds.", max_len=512)[0]
+    batch = collate([[0]], [window], tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss_sum, _, count = CausalLMLoss(model)(batch["input_ids"], batch["labels"], batch["position_ids"])
+        ids = torch.tensor([window.input_ids])
+        reference = model(input_ids=ids, labels=ids).loss  # transformers shifts and averages itself
+    assert int(count) == len(window) - 1
+    assert float(loss_sum / count) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_a_job_trains_on_plain_text(tmp_path, make_job):
+    import json
+
+    from tailor.spec import load_job
+    from tailor.techniques import task
+
+    manual = tmp_path / "manual.txt"
+    manual.write_text("\n\n".join(f"Section {i}. The Ember lamp dims in steps of ten percent when the halo "
+                                  f"button is held; release it at the level you like. " * 3 for i in range(12)),
+                      encoding="utf-8")
+    run_dir = task.run(load_job(make_job("cpt", data={"train": [str(manual)]}, training={"max_steps": 2})),
+                       show_progress=False)
+    encoding = json.loads((run_dir / "manifest.json").read_text())["encoding"]
+    assert encoding["train_label_tokens"] == encoding["train_tokens"] - encoding["train_examples"]
+    assert (run_dir / "adapter").is_dir()

@@ -27,7 +27,7 @@ from tailor.train.adapters import AdapterConfig, apply_adapter, trainable_names
 from tailor.train.attention import NAME as PACKED_ATTENTION
 from tailor.train.attention import set_attention
 from tailor.train.compiled import compile_blocks
-from tailor.train.encode import encode_chat
+from tailor.train.encode import encode_chat, encode_text
 from tailor.train.layer_change import layer_change, metrics_row
 from tailor.train.loop import TrainSettings, train
 from tailor.train.packing import make_rows
@@ -70,8 +70,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     resolved = resolve_model(job.model.base, job.model.revision)
     tokenizer = load_tokenizer(resolved.path)
     dtype = best_dtype(job.model.dtype, accelerator.device)
-    train_set = [encode_chat(tokenizer, ex.messages, job.training.max_seq_len) for ex in train_raw]
-    val_set = [encode_chat(tokenizer, ex.messages, job.training.max_seq_len) for ex in val_raw]
+    train_set = [e for ex in train_raw for e in _encode(tokenizer, ex, job.training.max_seq_len)]
+    val_set = [e for ex in val_raw for e in _encode(tokenizer, ex, job.training.max_seq_len)]
     stats = _encoding_stats(train_set, val_set)
     train_set = [e for e in train_set if e.n_labels]  # an answer cut off entirely leaves nothing to learn
     val_set = [e for e in val_set if e.n_labels]
@@ -232,11 +232,21 @@ def _prepared_data(job: Job, run_dir: Path, accelerator, say) -> tuple[list, lis
 
 
 def _only_conversations(examples: list) -> None:
-    other = [ex for ex in examples if ex.kind != "chat"]
+    """Conversations (loss on the answers) and plain text (loss on every token: continued
+    pre-training on the domain's documents) train here; preference pairs need a preference loss."""
+    other = [ex for ex in examples if ex.kind == "preference"]
     if other:
-        where = ", ".join(f"{ex.meta.get('source')}:{ex.meta.get('line')} ({ex.kind})" for ex in other[:5])
-        raise DataError([f"technique 'task' trains on conversations; {len(other)} record(s) are preference pairs "
-                         f"or plain text, e.g. {where}. Remove them, or use a technique that trains on them."])
+        where = ", ".join(f"{ex.meta.get('source')}:{ex.meta.get('line')}" for ex in other[:5])
+        raise DataError([f"technique 'task' trains on conversations and plain text; {len(other)} record(s) are "
+                         f"preference pairs (chosen/rejected), e.g. {where}. Remove them, or train on their "
+                         "chosen answers by converting them to conversations."])
+
+
+def _encode(tokenizer, ex, max_len: int) -> list:
+    """A record as the examples training sees: one per conversation, one per window of a document."""
+    if ex.kind == "text":
+        return encode_text(tokenizer, ex.text, max_len)
+    return [encode_chat(tokenizer, ex.messages, max_len)]
 
 
 def _hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -1,4 +1,5 @@
-"""Conversations to token ids with a loss mask that covers exactly the assistant answers.
+"""Conversations to token ids with a loss mask that covers exactly the assistant answers, and
+plain documents to windows with every token in the loss (continued pre-training).
 
 We render the conversation with the model's own chat template and find each assistant answer by
 rendering the conversation up to it: the text between "everything before, plus the generation
@@ -68,3 +69,21 @@ def encode_chat(tokenizer, messages: list[dict], max_len: int) -> Encoded:
             labels[j] = ids[j]
     truncated = len(ids) > max_len
     return Encoded(ids[:max_len], labels[:max_len], truncated)
+
+
+def encode_text(tokenizer, text: str, max_len: int) -> list[Encoded]:
+    """A plain document as windows of at most max_len tokens, ending with the end-of-sequence token
+    so the model learns where documents stop. Consecutive windows share one token: the last of one
+    is the first of the next, whose label is IGNORE, so every token but the document's first is
+    predicted exactly once and no prediction crosses a window."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    step = max(1, max_len - 1)
+    windows = []
+    for start in range(0, max(1, len(ids) - 1), step):
+        chunk = ids[start:start + max_len]
+        if len(chunk) < 2:
+            break
+        windows.append(Encoded(chunk, [IGNORE] + chunk[1:]))
+    return windows
