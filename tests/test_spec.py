@@ -19,6 +19,20 @@ def test_every_shipped_job_parses_and_its_data_exists(path):
         assert Path(data_file).is_file(), data_file
 
 
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_every_shipped_job_runs_a_step(path, tmp_path, tiny_model_dir):
+    # its own data and settings, on the tiny model: NER, the base perplexity and the evaluation are
+    # switched off only to keep the test fast (the quickstart test runs them on the real model)
+    from tailor.techniques import task
+
+    job = load_job(path, [f"model.base={tiny_model_dir}", "model.dtype=float32", "training.max_steps=1",
+                          "training.val_generate=0", "training.threads=1", "eval.enabled=false",
+                          "adapter.train_top_blocks=1",  # the tiny model has 2 blocks
+                          "data.privacy.ner=false", "data.card.perplexity_sample=0", f"output.dir={tmp_path}"])
+    run_dir = task.run(job, show_progress=False)
+    assert (run_dir / "DONE").exists() and ((run_dir / "adapter").is_dir() or (run_dir / "model").is_dir())
+
+
 def test_there_are_example_jobs_for_each_adapter_kind():
     kinds = {load_job(p).adapter.kind for p in JOB_FILES}
     assert kinds == {"lora", "full", "freeze"}
