@@ -135,8 +135,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         MetricsLog(run_dir / "metrics.jsonl", trackers=trackers).write(metrics_row(changes, summary["steps"]))
         if changes["blocks"]:
             most = max(changes["blocks"], key=lambda b: b["relative_change"])
-            say(f"weights changed most in block {most['block']} of {len(changes['blocks'])} trained "
-                f"(‖ΔW‖/‖W‖ {most['relative_change']:.4f}; every block in layer_change.json and report.html)")
+            say(f"weights changed most in block {most['block']} ({len(changes['blocks'])} blocks trained; "
+                f"‖ΔW‖/‖W‖ {most['relative_change']:.4f}; every block in layer_change.json and report.html)")
         _save_result(accelerator.unwrap_model(model), tokenizer, run_dir, job.adapter.kind)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
         write_report(run_dir)  # the curves now; the evaluation adds its part
