@@ -27,7 +27,7 @@ def test_every_shipped_job_runs_a_step(path, tmp_path, tiny_model_dir):
 
     job = load_job(path, [f"model.base={tiny_model_dir}", "model.dtype=float32", "training.max_steps=1",
                           "training.val_generate=0", "training.threads=1", "eval.enabled=false",
-                          "adapter.train_top_blocks=1",  # the tiny model has 2 blocks
+                          "adapter.train_top_blocks=1", "adapter.lora_top_blocks=null",  # the tiny model has 2 blocks
                           "data.privacy.ner=false", "data.card.perplexity_sample=0", f"output.dir={tmp_path}"])
     run_dir = task.run(job, show_progress=False)
     assert (run_dir / "DONE").exists() and ((run_dir / "adapter").is_dir() or (run_dir / "model").is_dir())
