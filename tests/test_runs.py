@@ -48,3 +48,15 @@ def test_list_and_show(two_runs):
         resolve_run("gamma", runs_dir)
     empty = CliRunner().invoke(app, ["runs", "list", "--dir", str(runs_dir / "none")])
     assert empty.exit_code == 1 and "no runs under" in empty.stderr
+
+
+def test_a_key_an_older_run_lacks_is_its_default(two_runs):
+    import yaml
+
+    runs_dir, first, second = two_runs
+    job = yaml.safe_load((first / "job.yaml").read_text())
+    del job["tracking"], job["eval"]  # as a run from before these keys existed wrote it
+    (first / "job.yaml").write_text(yaml.safe_dump(job))
+    differing = [k for k, _ in config_differences([load_run_record(first), load_run_record(second)])]
+    assert not any(k.startswith(("tracking", "eval.")) for k in differing)
+    assert "training.learning_rate" in differing

@@ -69,11 +69,22 @@ def load_run_record(run_dir: Path) -> dict:
     return {
         "path": str(run_dir), "name": run_dir.parent.name, "id": run_dir.name,
         "status": "done" if (run_dir / "DONE").exists() else "unfinished",
-        "job": yaml.safe_load((run_dir / "job.yaml").read_text(encoding="utf-8")) or {},
+        "job": _job_with_defaults(yaml.safe_load((run_dir / "job.yaml").read_text(encoding="utf-8")) or {}),
         "manifest": read(run_dir / "manifest.json") or {},
         "train": read(run_dir / "summary.json") or {},
         "eval": read(run_dir / "eval" / "summary.json") or {},
     }
+
+
+def _job_with_defaults(raw: dict) -> dict:
+    """The job as this version of Tailor reads it: keys a run written by an older version lacks get
+    their defaults, so they do not show as differences. A job this version rejects is shown as written."""
+    from tailor.spec import SpecError, parse_job
+
+    try:
+        return parse_job(raw).model_dump(mode="json")
+    except (SpecError, ValueError):
+        return raw
 
 
 def measure(record: dict, where: tuple) -> object:
