@@ -327,3 +327,20 @@ def test_train_says_when_the_gate_failed_but_exits_0(tmp_path, tiny_model_dir, m
     result = CliRunner().invoke(app, ["train", str(job), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "evaluation gate failed" in result.stderr and "exits with status 1" in result.stderr
+
+
+def test_eval_on_a_plain_file_of_conversations(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import make_conversations
+    from tailor.cli import app
+
+    holdout = tmp_path / "holdout.jsonl"
+    holdout.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(7, seed=11)), encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--data", str(holdout), "--set", "eval.retention=false",
+                                      "--set", "eval.gate.min_gain=null", "--set", "eval.max_new_tokens=4",
+                                      "--set", "eval.max_examples=50"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tiny_run / "eval" / "summary.json").read_text())
+    assert summary["data"] == {"sources": [str(holdout)], "examples": 7}
+    assert summary["retention"] is None and summary["gate"]["checks"][0]["passed"] is None  # retention: skipped
