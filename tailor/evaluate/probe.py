@@ -33,11 +33,8 @@ def retention(model, tokenizer, n_questions: int | None = None, batch_size: int 
               bf16: bool = True) -> dict:
     """{"qa_accuracy", "by_skill", "text_perplexity", "answers"} of one model on the probe."""
     qs = questions()[:n_questions] if n_questions else questions()
-    replies = []
-    for i in range(0, len(qs), batch_size):
-        batch = qs[i:i + batch_size]
-        replies += answer(model, tokenizer, [[{"role": "user", "content": q["question"]}] for q in batch],
-                          max_new_tokens=QUESTION_TOKENS)
+    replies = answer(model, tokenizer, [[{"role": "user", "content": q["question"]}] for q in qs],
+                     max_new_tokens=QUESTION_TOKENS, batch_size=batch_size)
     right = [contains_answer(r, q["answers"]) for q, r in zip(qs, replies)]
     by_skill: dict[str, list[bool]] = {}
     for q, ok in zip(qs, right):

@@ -59,7 +59,8 @@ def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | Non
     for name in ("base", "tuned"):
         with _as(name, tuned_model, base_model) as model:
             scored = answer_loss(model, tokenizer, [t["messages"] for t in tests], job.training.max_seq_len, bf16=bf16)
-            outputs[name] = _generate(model, tokenizer, tests, spec)
+            outputs[name] = answer(model, tokenizer, [t["prompt"] for t in tests], max_new_tokens=spec.max_new_tokens,
+                                   batch_size=spec.batch_size)
             results[name] = {"loss": scored.mean, "perplexity": math.exp(scored.mean) if scored.tokens else None,
                              "token_accuracy": scored.token_accuracy,
                              **text_scores(outputs[name], [t["reference"] for t in tests])}
@@ -122,14 +123,20 @@ def _test_data(run_dir: Path, job: Job, data: list) -> tuple[list[str], list[dic
     else:
         sources = prepared_folders(job.data.train)
         examples = read_many(sources, split="test") if sources else []
-    tests = [{"id": ex.meta.get("id") or f"{ex.meta.get('source')}:{ex.meta.get('line')}", "messages": ex.messages,
-              "reference": ex.messages[-1]["content"]}
-             for ex in examples if ex.kind == "chat" and ex.messages and ex.messages[-1]["role"] == "assistant"]
+    tests = answered(examples)
     if not tests:
         raise DataError([f"{run_dir}: no test conversations to evaluate on ({', '.join(sources) or 'no prepared data'}); "
                          "prepare the data with a test split (tailor prepare … or data.prepare: true), or pass "
                          "--data FILE_OR_PREPARED_FOLDER"])
     return sources, tests
+
+
+def answered(examples: list) -> list[dict]:
+    """The conversations that end with an answer, each as {"id", "messages", "prompt" (every turn
+    but the answer), "reference" (the answer)}: what a model is asked, and what it is scored against."""
+    return [{"id": ex.meta.get("id") or f"{ex.meta.get('source')}:{ex.meta.get('line')}", "messages": ex.messages,
+             "prompt": ex.messages[:-1], "reference": ex.messages[-1]["content"]}
+            for ex in examples if ex.kind == "chat" and ex.messages and ex.messages[-1]["role"] == "assistant"]
 
 
 class _as:
@@ -152,14 +159,6 @@ class _as:
             self._ctx.__exit__(*exc)
 
 
-def _generate(model, tokenizer, tests: list[dict], spec: EvalSpec) -> list[str]:
-    prompts = [t["messages"][:-1] for t in tests]
-    out = []
-    for i in range(0, len(prompts), spec.batch_size):
-        out += answer(model, tokenizer, prompts[i:i + spec.batch_size], max_new_tokens=spec.max_new_tokens)
-    return out
-
-
 def _retention_summary(probes: dict) -> dict:
     base, tuned = ({k: v for k, v in probes[n].items() if k != "answers"} for n in ("base", "tuned"))
     return {"base": base, "tuned": tuned, "questions": len(probes["base"]["answers"]),
@@ -170,7 +169,7 @@ def _retention_summary(probes: dict) -> dict:
 def _examples(tests: list[dict], outputs: dict) -> list[dict]:
     refs = [t["reference"] for t in tests]
     scores = {n: rouge_l(outputs[n], refs) for n in outputs}
-    return [{"id": t["id"], "question": next((m["content"] for m in reversed(t["messages"][:-1]) if m["role"] == "user"), ""),
+    return [{"id": t["id"], "question": next((m["content"] for m in reversed(t["prompt"]) if m["role"] == "user"), ""),
              "reference": t["reference"], "base": outputs["base"][i], "tuned": outputs["tuned"][i],
              "rouge_l_base": scores["base"][i], "rouge_l_tuned": scores["tuned"][i]}
             for i, t in enumerate(tests)]

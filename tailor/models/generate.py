@@ -35,9 +35,17 @@ def load_base(source: str, dtype: str = "auto"):
     return load_model(resolved.path, best_dtype(dtype, device), device), load_tokenizer(resolved.path)
 
 
+def answer(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,
+           batch_size: int | None = None) -> list[str]:
+    """Greedy answers to several conversations, batch_size at a time (None: all at once)."""
+    size = batch_size or max(1, len(conversations))
+    return [reply for i in range(0, len(conversations), size)
+            for reply in _answer_batch(model, tokenizer, conversations[i:i + size], max_new_tokens)]
+
+
 @torch.no_grad()
-def answer(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128) -> list[str]:
-    """Greedy answers to several conversations at once (left-padded batch: one pass per token)."""
+def _answer_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to one batch (left-padded: one pass per token for all of them)."""
     model.eval()
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     side = tokenizer.padding_side

@@ -168,10 +168,11 @@ def _sample_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int, bf16: 
     """model -> generation metrics on the first n validation conversations (greedy answers to all
     but their last turn, scored against it), prefixed val_."""
     from tailor.evaluate.metrics import text_scores
+    from tailor.evaluate.run import answered
     from tailor.models.generate import answer
 
-    chats = [ex.messages for ex in val_raw if ex.messages and ex.messages[-1]["role"] == "assistant"][:n]
-    prompts, references = [c[:-1] for c in chats], [c[-1]["content"] for c in chats]
+    samples = answered(val_raw)[:n]
+    prompts, references = [t["prompt"] for t in samples], [t["reference"] for t in samples]
 
     def score(model) -> dict:
         set_attention(model, "sdpa")  # generation has no packed rows
