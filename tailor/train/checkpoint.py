@@ -43,7 +43,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state: dict,
                     rank: int = 0, is_main: bool = True, keep: int = 2) -> Path:
     """Rank 0 writes weights and optimizer (identical on every rank under DDP); every rank its RNG."""
-    final = folder / f"{PREFIX}{step:07d}"
+    final = checkpoint_path(folder, step)
     tmp = folder / f".{PREFIX}{step:07d}.tmp"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,6 +66,10 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state:
     return final
 
 
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"{PREFIX}{step:07d}"
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -78,8 +82,8 @@ BEST = "best.json"
 def mark_best(folder: Path, step: int, metric: str, value: float) -> None:
     """Name the checkpoint of `step` the best so far (checkpoints/best.json); pruning keeps it."""
     tmp = folder / f".{BEST}.tmp"
-    tmp.write_text(json.dumps({"step": step, "checkpoint": f"{PREFIX}{step:07d}", "metric": metric, "value": value},
-                              indent=1), encoding="utf-8")
+    best = {"step": step, "checkpoint": checkpoint_path(folder, step).name, "metric": metric, "value": value}
+    tmp.write_text(json.dumps(best, indent=1), encoding="utf-8")
     os.replace(tmp, folder / BEST)
 
 

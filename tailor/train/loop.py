@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tailor.train.adapters import param_groups
-from tailor.train.checkpoint import (PREFIX, list_checkpoints, load_checkpoint, load_weights, mark_best,
+from tailor.train.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, load_weights, mark_best,
                                      save_checkpoint)
 from tailor.train.encode import Encoded
 from tailor.train.loss import CausalLMLoss
@@ -225,7 +225,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
 
     stopped_at = done if start < plan.total_steps and done < plan.total_steps else None
     if early.enabled and early.best_step is not None and early.best_step != (stopped_at or plan.total_steps):
-        load_weights(ckpt_dir / f"{PREFIX}{early.best_step:07d}", model)  # the result is the best validation's
+        load_weights(checkpoint_path(ckpt_dir, early.best_step), model)  # the result is the best validation's
         last_eval = next((r for r in read_metrics(run_dir / "metrics.jsonl")
                           if r.get("type") == "eval" and r["step"] == early.best_step), last_eval)
     return {

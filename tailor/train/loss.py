@@ -109,6 +109,7 @@ def text_loss(model: nn.Module, tokenizer, text: str, max_len: int, bf16: bool =
     """`model`'s loss on every token of a plain text, read in windows of `max_len` tokens (each
     window's first token has no context and is not scored): perplexity on general prose."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    backbone, head = causal_lm_parts(model)
     total, count, hits = 0.0, 0, 0
     device = _device(model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -116,9 +117,9 @@ def text_loss(model: nn.Module, tokenizer, text: str, max_len: int, bf16: bool =
             window = torch.tensor([ids[start:start + max_len]], device=device)
             if window.shape[1] < 2:
                 break
-            logits = model(input_ids=window).logits[0, :-1].float()
-            targets = window[0, 1:]
-            total += F.cross_entropy(logits, targets, reduction="sum").item()
-            count += targets.numel()
-            hits += int((logits.argmax(-1) == targets).sum().item())
+            hidden = backbone(input_ids=window, use_cache=False).last_hidden_state[0, :-1]
+            loss_sum, correct = head_loss(head, hidden, window[0, 1:])
+            total += loss_sum.item()
+            count += window.shape[1] - 1
+            hits += int(correct.item())
     return AnswerLoss(total, count, 1 if count else 0, hits)
