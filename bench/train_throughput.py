@@ -130,7 +130,7 @@ def run_tailor(args, train, held_out, workdir: Path) -> dict:
     from tailor.models.generate import load_run
     from tailor.spec import load_job
     from tailor.techniques import task
-    from tailor.train.rundir import read_metrics
+    from tailor.train.rundir import read_jsonl
 
     data = workdir / "train.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in train), encoding="utf-8")
@@ -147,7 +147,7 @@ def run_tailor(args, train, held_out, workdir: Path) -> dict:
     run_dir = task.run(load_job(workdir / "job.yaml"), show_progress=False)
     train_peak = peak_rss_mb()
     gc.collect()  # the trained model is garbage now; free it before loading the result for evaluation
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "train"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     model, tokenizer = load_run(run_dir)
     return {"tokens_per_s": median_after_warmup([r["tokens_per_s"] for r in rows], args.warmup_steps),

@@ -219,7 +219,7 @@ def test_validation_generates_and_early_stopping_keeps_the_best(make_job):
 
     from tailor.spec import load_job
     from tailor.techniques import task
-    from tailor.train.rundir import read_metrics
+    from tailor.train.rundir import read_jsonl
 
     # min_delta 100: nothing after the first validation counts as better, so with patience 2 the run
     # must stop at the third validation (step 3 of 10), and its result is step 1's weights
@@ -231,7 +231,7 @@ def test_validation_generates_and_early_stopping_keeps_the_best(make_job):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] == 3
     assert summary["best"] == {"step": 1, "metric": "val_loss", "value": pytest.approx(summary["final_val_loss"])}
-    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "eval"]
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [1, 2, 3]
     assert all(0 <= r["val_rouge_l"] <= 1 and "val_chrf" in r for r in evals)  # generated answers, scored
     assert summary["final_val_loss"] == pytest.approx(evals[0]["val_loss"])

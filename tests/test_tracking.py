@@ -1,10 +1,8 @@
 """tracking: [tensorboard, mlflow] get the same numbers as metrics.jsonl, and the evaluation's."""
 
-import json
-
 import pytest
 
-from tailor.train.rundir import read_metrics
+from tailor.train.rundir import read_jsonl
 
 
 def test_tensorboard_and_mlflow_receive_every_row(tmp_path, make_job):
@@ -20,7 +18,7 @@ def test_tensorboard_and_mlflow_receive_every_row(tmp_path, make_job):
     job = load_job(make_job("tracked", tracking=["tensorboard", "mlflow"], output={"mlflow_uri": uri},
                             data={"validation_fraction": 0.25}, training={"max_steps": 3, "eval_every": 1}))
     run_dir = task.run(job, show_progress=False)
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in rows if r["type"] == "train"]
     evals = [r for r in rows if r["type"] == "eval"]
 

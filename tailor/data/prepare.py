@@ -30,6 +30,7 @@ from tailor.data.example import DataError, check_example
 from tailor.data.split import SPLITS, assign_splits, group_records, shared_prompts
 from tailor.data.store import column, features, from_row, record_id, to_row
 from tailor.spec import EMBEDDED_DEFAULT, DataSpec, SourceSpec
+from tailor.train.rundir import replace_dir
 
 BATCH = 512
 MAX_FAIL_PROBLEMS = 10
@@ -124,7 +125,7 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
     with clock("card"):
         card = write_card(work, ds, split_of, stats, spec, model, anonymizer)
     shutil.rmtree(work / "cache", ignore_errors=True)
-    _replace(work, out)
+    replace_dir(work, out)
     return Prepared(out=out, card=card)
 
 
@@ -501,11 +502,3 @@ def _near_leaks(ds, split_of: list[str], spec: DataSpec) -> int:
             if held_out[start + j] and index.similar(sig, keys[start + j]):
                 leaks += 1
     return leaks
-
-
-def _replace(work: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(work, out)
-    shutil.rmtree(old, ignore_errors=True)

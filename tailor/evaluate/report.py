@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 from rich.table import Table
@@ -68,14 +67,14 @@ def write_report(run_dir: Path) -> Path:
     """RUN/report.html from what the run folder holds: metrics.jsonl (curves), eval/ (base vs
     tuned, retention, sample answers). Self-contained: Plotly's script is embedded, so it opens
     from disk with no server and no network."""
-    from tailor.train.rundir import read_metrics, write_atomic
+    from tailor.train.rundir import read_json, read_jsonl, write_atomic
 
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    summary = _read_json(run_dir / "eval" / "summary.json")
-    examples = _read_jsonl(run_dir / "eval" / "examples.jsonl")
-    manifest = _read_json(run_dir / "manifest.json") or {}
-    layers = _read_json(run_dir / "layer_change.json")
+    rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    summary = read_json(run_dir / "eval" / "summary.json")
+    examples = read_jsonl(run_dir / "eval" / "examples.jsonl") if (run_dir / "eval" / "examples.jsonl").exists() else []
+    manifest = read_json(run_dir / "manifest.json") or {}
+    layers = read_json(run_dir / "layer_change.json")
     path = run_dir / "report.html"
     write_atomic(path, report_html(rows, summary, examples, manifest, run_dir.name, layers))
     return path
@@ -110,20 +109,14 @@ def _curves(rows: list[dict]) -> list[tuple[str, object]]:
     val = [r for r in rows if r.get("type") == "eval" and r.get("val_loss") is not None]
     figures = []
     if train or val:
-        fig = go.Figure(layout={"title": "Loss over steps", "xaxis_title": "optimizer step", "yaxis_title": "loss"})
-        if train:
-            fig.add_scatter(x=[r["step"] for r in train], y=[r["loss"] for r in train], name="train", mode="lines")
-        if val:
-            fig.add_scatter(x=[r["step"] for r in val], y=[r["val_loss"] for r in val], name="validation",
-                            mode="lines+markers")
-        figures.append(("loss-steps", fig))
-        by_epoch = go.Figure(layout={"title": "Loss over epochs", "xaxis_title": "epoch", "yaxis_title": "loss"})
-        if train:
-            by_epoch.add_scatter(x=[r["epoch"] for r in train], y=[r["loss"] for r in train], name="train", mode="lines")
-        if val:
-            by_epoch.add_scatter(x=[r["epoch"] for r in val], y=[r["val_loss"] for r in val], name="validation",
-                                 mode="lines+markers")
-        figures.append(("loss-epochs", by_epoch))
+        for x, name, title in (("step", "loss-steps", "optimizer step"), ("epoch", "loss-epochs", "epoch")):
+            fig = go.Figure(layout={"title": f"Loss over {x}s", "xaxis_title": title, "yaxis_title": "loss"})
+            if train:
+                fig.add_scatter(x=[r[x] for r in train], y=[r["loss"] for r in train], name="train", mode="lines")
+            if val:
+                fig.add_scatter(x=[r[x] for r in val], y=[r["val_loss"] for r in val], name="validation",
+                                mode="lines+markers")
+            figures.append((name, fig))
     if train:
         figures.append(("learning-rate", go.Figure(
             go.Scatter(x=[r["step"] for r in train], y=[r["lr"] for r in train], mode="lines", name="learning rate"),
@@ -211,13 +204,3 @@ def _examples_html(examples: list[dict], limit: int = 50) -> str:
                    f"<td>{html.escape(e['base'])}</td><td>{html.escape(e['tuned'])}</td></tr>" for e in examples[:limit])
     return (f"<h2>Sample answers ({min(limit, len(examples))} of {len(examples)})</h2><table id='samples'>"
             "<tr><th>question</th><th>reference</th><th>base</th><th>tuned</th></tr>" + body + "</table>")
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

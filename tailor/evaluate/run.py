@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from tailor.evaluate.report import write_report
 from tailor.models.generate import answer, load_base, load_run
 from tailor.spec import EvalSpec, Job, parse_job
 from tailor.train.loss import answer_loss
+from tailor.train.rundir import replace_dir
 
 
 def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | None = None, say=print) -> dict:
@@ -187,8 +187,4 @@ def _write(run_dir: Path, summary: dict, examples: list[dict], probes: dict) -> 
                  "tuned_correct": t["correct"]} for b, t in zip(probes["base"]["answers"], probes["tuned"]["answers"])]
         (tmp / "retention.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                              encoding="utf-8")
-    old = run_dir / ".eval.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from tailor.train.rundir import read_json
+
 # The measures `compare` and `list` show, in order: (label, where in the run's record).
 MEASURES = [
     ("steps", ("train", "steps")),
@@ -63,16 +65,13 @@ def resolve_run(ref: str, output_dir: str | Path) -> Path:
 
 def load_run_record(run_dir: Path) -> dict:
     """What a run folder says about itself."""
-    def read(path: Path):
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
     return {
         "path": str(run_dir), "name": run_dir.parent.name, "id": run_dir.name,
         "status": "done" if (run_dir / "DONE").exists() else "unfinished",
         "job": _job_with_defaults(yaml.safe_load((run_dir / "job.yaml").read_text(encoding="utf-8")) or {}),
-        "manifest": read(run_dir / "manifest.json") or {},
-        "train": read(run_dir / "summary.json") or {},
-        "eval": read(run_dir / "eval" / "summary.json") or {},
+        "manifest": read_json(run_dir / "manifest.json") or {},
+        "train": read_json(run_dir / "summary.json") or {},
+        "eval": read_json(run_dir / "eval" / "summary.json") or {},
     }
 
 

@@ -25,7 +25,7 @@ from tailor.train.encode import Encoded
 from tailor.train.loss import CausalLMLoss
 from tailor.train.packing import collate, epoch_order
 from tailor.train.progress import progress_bar
-from tailor.train.rundir import MetricsLog, read_metrics
+from tailor.train.rundir import MetricsLog, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     stopped_at = done if start < plan.total_steps and done < plan.total_steps else None
     if early.enabled and early.best_step is not None and early.best_step != (stopped_at or plan.total_steps):
         load_weights(checkpoint_path(ckpt_dir, early.best_step), model)  # the result is the best validation's
-        last_eval = next((r for r in read_metrics(run_dir / "metrics.jsonl")
+        last_eval = next((r for r in read_jsonl(run_dir / "metrics.jsonl")
                           if r.get("type") == "eval" and r["step"] == early.best_step), last_eval)
     return {
         "steps": stopped_at or plan.total_steps, "resumed_from_step": start, "steps_per_epoch": plan.steps_per_epoch,
@@ -272,7 +272,7 @@ class EarlyStopping:
 
 
 def _last_rows(path: Path) -> tuple[dict | None, dict | None]:
-    rows = read_metrics(path) if path.exists() else []
+    rows = read_jsonl(path) if path.exists() else []
     last = {r.get("type"): r for r in rows}
     return last.get("train"), last.get("eval")
 

@@ -41,6 +41,23 @@ def latest_run_dir(output_dir: str | Path, name: str) -> Path | None:
     return runs[-1] if runs else None
 
 
+def replace_dir(built: Path, final: Path) -> None:
+    """Put a folder built under a temporary name in place of `final`, which may exist: a reader
+    sees the old folder or the new one, never a half-written one."""
+    import shutil
+
+    old = final.parent / f".{final.name}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(built, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict | None:
+    """A run folder's JSON file, or None where the run has not written it (yet)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -89,7 +106,7 @@ class MetricsLog:
         """On resume: drop rows written after the checkpoint; the resumed run writes them again."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict) -> None:
@@ -102,7 +119,8 @@ class MetricsLog:
             tracker.log(row)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file the run writes (metrics.jsonl, eval/examples.jsonl)."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
