@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -139,24 +140,16 @@ def answered(examples: list) -> list[dict]:
             for ex in examples if ex.kind == "chat" and ex.messages and ex.messages[-1]["role"] == "assistant"]
 
 
-class _as:
+@contextmanager
+def _as(name: str, tuned, base):
     """`with _as("base", tuned, base) as model:` the model to score under that name."""
-
-    def __init__(self, name: str, tuned, base):
-        self.name, self.tuned, self.base, self._ctx = name, tuned, base, None
-
-    def __enter__(self):
-        if self.name == "tuned":
-            return self.tuned
-        if self.base is not None:
-            return self.base
-        self._ctx = self.tuned.disable_adapter()
-        self._ctx.__enter__()
-        return self.tuned
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
+    if name == "tuned":
+        yield tuned
+    elif base is not None:
+        yield base
+    else:
+        with tuned.disable_adapter():
+            yield tuned
 
 
 def _retention_summary(probes: dict) -> dict:
