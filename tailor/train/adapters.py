@@ -42,18 +42,20 @@ def block_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+def apply_adapter(model: nn.Module, cfg: AdapterConfig, continued: bool = False) -> nn.Module:
     """Return the model to train, with requires_grad set on exactly the parameters that train.
-    Trainable weights are kept in float32 (the frozen ones stay in the compute dtype)."""
+    Trainable weights are kept in float32 (the frozen ones stay in the compute dtype).
+    continued: `model` already carries the (trainable) LoRA adapter of an earlier run."""
     if cfg.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
-            **_targets(model, cfg.target_modules, cfg.lora_top_blocks),
-        )
-        # autocast_adapter_dtype: PEFT keeps the LoRA weights in float32 beside bf16 base weights.
-        model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+        if not continued:
+            lora = LoraConfig(
+                r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
+                **_targets(model, cfg.target_modules, cfg.lora_top_blocks),
+            )
+            # autocast_adapter_dtype: PEFT keeps the LoRA weights in float32 beside bf16 base weights.
+            model = get_peft_model(model, lora, autocast_adapter_dtype=True)
         # Training runs under autocast, which computes the LoRA matmuls in bf16 whatever the input;
         # PEFT's own cast of every LoRA input to float32 would only add two copies per module.
         for module in model.modules():

@@ -19,6 +19,9 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss; same length as input_ids (not yet shifted)
     truncated: bool = False
+    # The reference model's log-probability of this example's labels (preference training only):
+    # measured once before training, so no second model stays in memory.
+    ref_logp: float | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -88,22 +88,33 @@ def make_scheduler(optimizer, kind: str, total: int, warmup: int):
 
 def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_examples: list[Encoded],
           val_rows: list[list[int]], settings: TrainSettings, run_dir: Path, accelerator, pad_id: int,
-          resume: bool = False, show_progress: bool = True, score_samples=None, trackers=()) -> dict:
+          resume: bool = False, show_progress: bool = True, score_samples=None, trackers=(),
+          objective: nn.Module | None = None, plan=None, row_units: list[int] | None = None,
+          val_groups: dict[str, list[int]] | None = None) -> dict:
     """score_samples: model -> {"val_rouge_l": …} from generated answers, added to each validation
-    (computed on the main process and shared). trackers: also receive every metrics row."""
+    (computed on the main process and shared). trackers: also receive every metrics row.
+
+    What the techniques change, each with the plain default:
+    objective   forward(**batch, weight) -> (loss sum, sums of `stat_names`, units); CausalLMLoss
+    plan        step -> row indices (see Plan); Plan.make: every row once per epoch, shuffled
+    row_units   what each row's loss is a sum over (the step's loss is divided by their total);
+                label tokens by default, preference pairs for a preference loss
+    val_groups  name -> validation row indices, each also reported on its own (val_loss/NAME …)
+    """
     s = settings
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
-    plan = Plan.make(len(rows), s, world)
-    row_tokens = [sum(examples[i].n_labels for i in row) for row in rows]
+    plan = plan or Plan.make(len(rows), s, world)
+    row_units = row_units or [sum(examples[i].n_labels for i in row) for row in rows]
 
     # --- set up ---------------------------------------------------------------------------------
     groups = param_groups(model, s.learning_rate, s.layer_lr_decay, s.weight_decay)
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=s.learning_rate, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
     scheduler = make_scheduler(optimizer, s.scheduler, plan.total_steps, int(s.warmup_ratio * plan.total_steps))
-    objective = accelerator.prepare_model(CausalLMLoss(model))  # DDP-wrapped when world > 1
-    plain_objective = accelerator.unwrap_model(objective)
+    plain_objective = objective or CausalLMLoss(model)
+    stat_names = plain_objective.stat_names
+    objective = accelerator.prepare_model(plain_objective)  # DDP-wrapped when world > 1
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=s.bf16_autocast)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main, trackers=trackers)
     ckpt_dir = run_dir / "checkpoints"
@@ -127,18 +138,22 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
         if not val_rows:
             return None
         model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        groups = val_groups or {"": list(range(len(val_rows)))}
+        totals = torch.zeros(len(groups), 2 + len(stat_names), dtype=torch.float64, device=device)
         with torch.no_grad(), torch.autocast(**autocast):
-            for i in range(rank * s.batch_size, len(val_rows), world * s.batch_size):
-                b = _to_device(collate(val_rows[i:i + s.batch_size], val_examples, pad_id), device)
-                loss_sum, correct, count = plain_objective(**b)
-                totals += torch.stack([loss_sum.double(), correct.double(), count.double()])
+            for g, indices in enumerate(groups.values()):
+                for a in range(rank * s.batch_size, len(indices), world * s.batch_size):
+                    chunk = [val_rows[i] for i in indices[a:a + s.batch_size]]
+                    loss_sum, stats, count = plain_objective(**_to_device(collate(chunk, val_examples, pad_id), device))
+                    totals[g] += torch.cat([loss_sum.double().view(1), torch.atleast_1d(stats).double(),
+                                            count.double().view(1)])
         totals = accelerator.reduce(totals, "sum")
         model.train()
-        val_loss = (totals[0] / totals[2]).item()
         row = {"type": "eval", "step": step, "epoch": round(step / plan.steps_per_epoch, 4),
-               "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
-               "val_token_accuracy": (totals[1] / totals[2]).item()}
+               **_val_numbers(totals.sum(0), stat_names, plain_objective)}
+        if val_groups:
+            for name, numbers in zip(groups, totals):
+                row.update({f"{k}/{name}": v for k, v in _val_numbers(numbers, stat_names, plain_objective).items()})
         if score_samples is not None:
             shared = [score_samples(model) if is_main else None]
             if world > 1:  # every rank must take the same early-stopping decision
@@ -150,17 +165,18 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
 
     # --- train ----------------------------------------------------------------------------------
     model.train()
-    window = {"loss": 0.0, "labels": 0, "tokens": 0, "time": 0.0, "grad_norm": 0.0, "steps": 0}
+    window = {"loss": 0.0, "labels": 0, "tokens": 0, "time": 0.0, "grad_norm": 0.0, "steps": 0,
+              "stats": torch.zeros(len(stat_names), dtype=torch.float64)}
     speeds = []
     done = start
     with progress_bar(plan.total_steps, start, show_progress and is_main) as bar:
         for step in range(start, plan.total_steps):
             t0 = time.perf_counter()
             step_rows = plan.step_rows(step)
-            step_labels = sum(row_tokens[i] for i in step_rows)
+            step_labels = sum(row_units[i] for i in step_rows)
             micro = s.batch_size * world
             chunks = [step_rows[a:a + micro] for a in range(0, len(step_rows), micro)]
-            totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, real tokens
+            totals = torch.zeros(2 + len(stat_names), dtype=torch.float64, device=device)  # loss, tokens, stats
             for a, chunk in enumerate(chunks):
                 mine = chunk[rank * s.batch_size:(rank + 1) * s.batch_size]
                 weight = 1.0 if mine else 0.0  # a rank left without rows still joins the all-reduce
@@ -168,12 +184,13 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
                 sync = a == len(chunks) - 1
                 with accelerator.no_sync(objective) if not sync else nullcontext():
                     with torch.autocast(**autocast):
-                        loss_sum, _, _ = objective(**b, weight=weight)
+                        loss_sum, stats, _ = objective(**b, weight=weight)
                     # DDP averages gradients over ranks; scaling by world restores the sum, and dividing
                     # by the step's label tokens gives the per-token mean of the whole global batch.
                     (loss_sum * world / step_labels).backward()
                 real_tokens = sum(len(examples[i]) for r in mine for i in rows[r])
-                totals += torch.tensor([loss_sum.item(), real_tokens], dtype=torch.float64, device=device)
+                totals += torch.cat([torch.tensor([loss_sum.item(), real_tokens], dtype=torch.float64),
+                                     torch.atleast_1d(stats).detach().double().cpu() * weight]).to(device)
             max_norm = s.max_grad_norm if s.max_grad_norm else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
             lr = optimizer.param_groups[-1]["lr"]
@@ -189,6 +206,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
             window["time"] += dt
             window["grad_norm"] = max(window["grad_norm"], grad_norm)
             window["steps"] += 1
+            window["stats"] += totals[2:].cpu()
             if step > start:  # the first step pays for warm-up allocations
                 speeds.append(totals[1].item() / dt)
             done = step + 1
@@ -196,11 +214,13 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
             if done % s.log_every == 0 or done == plan.total_steps:
                 last_train = {"type": "train", "step": done, "epoch": round(done / plan.steps_per_epoch, 4),
                               "loss": window["loss"] / window["labels"], "lr": lr, "grad_norm": window["grad_norm"],
-                              "tokens_per_s": window["tokens"] / window["time"], "tokens": window["tokens"]}
+                              "tokens_per_s": window["tokens"] / window["time"], "tokens": window["tokens"],
+                              **{k: v / window["labels"] for k, v in zip(stat_names, window["stats"].tolist())}}
                 metrics.write(last_train)
                 bar.update(done, loss=f"{last_train['loss']:.4f}", lr=f"{lr:.2e}",
                            tps=f"{last_train['tokens_per_s']:.0f}")
-                window = dict.fromkeys(window, 0.0) | {"labels": 0, "tokens": 0, "steps": 0}
+                window = dict.fromkeys(window, 0.0) | {"labels": 0, "tokens": 0, "steps": 0,
+                                                       "stats": torch.zeros(len(stat_names), dtype=torch.float64)}
             else:
                 bar.update(done)
 
@@ -234,7 +254,8 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
         "best": {"step": early.best_step, "metric": early.metric, "value": early.best} if early.enabled else None,
         "final_train_loss": last_train["loss"] if last_train else None,
         "final_val_loss": last_eval["val_loss"] if last_eval else None,
-        "final_val_token_accuracy": last_eval["val_token_accuracy"] if last_eval else None,
+        "final_val_token_accuracy": last_eval.get("val_token_accuracy") if last_eval else None,
+        "final_val": {k: v for k, v in last_eval.items() if k.startswith("val_")} if last_eval else None,
         "tokens_per_s_median": statistics.median(speeds) if speeds else None,
     }
 
@@ -269,6 +290,16 @@ class EarlyStopping:
     def load(self, state: dict | None) -> None:
         if state:
             self.best, self.best_step, self.bad = state["best"], state["best_step"], state["bad"]
+
+
+def _val_numbers(totals: torch.Tensor, stat_names: tuple[str, ...], objective) -> dict:
+    """[loss sum, stat sums…, units] -> {val_loss, val_perplexity (language-model losses), val_STAT}."""
+    units = max(totals[-1].item(), 1.0)
+    numbers = {"val_loss": totals[0].item() / units}
+    if getattr(objective, "perplexity", False):
+        numbers["val_perplexity"] = math.exp(min(numbers["val_loss"], 50))
+    numbers.update({f"val_{k}": v.item() / units for k, v in zip(stat_names, totals[1:-1])})
+    return numbers
 
 
 def _last_rows(path: Path) -> tuple[dict | None, dict | None]:

@@ -50,6 +50,9 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chun
 class CausalLMLoss(nn.Module):
     """forward(...) -> (sum of token losses, number of correct argmax tokens, number of label tokens)."""
 
+    stat_names = ("token_accuracy",)  # what the loop logs from the second value, per label token
+    perplexity = True  # the mean loss is a language-model loss: exp of it means something
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model

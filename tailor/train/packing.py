@@ -53,7 +53,8 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
 def collate(rows: list[list[int]], examples: list[Encoded], pad_id: int) -> dict:
     """input_ids, labels (already shifted: labels[t] is the target for position t) and position_ids,
     padded on the right to the longest row of the batch; and segments, the (start, end) of each
-    example in each row, for attention that runs per example."""
+    example in each row, for attention that runs per example. Examples that carry a reference
+    log-probability (preference pairs) add ref_logps, one per segment in row order."""
     width = max(sum(len(examples[i]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -73,4 +74,7 @@ def collate(rows: list[list[int]], examples: list[Encoded], pad_id: int) -> dict
             t += n
         # Padding gets its own restarting positions: it is a segment of its own, seen by nothing.
         pos[b, t:] = torch.arange(width - t)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "segments": segments}
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "segments": segments}
+    if examples[rows[0][0]].ref_logp is not None:
+        batch["ref_logps"] = torch.tensor([examples[i].ref_logp for row in rows for i in row], dtype=torch.float64)
+    return batch
