@@ -87,7 +87,8 @@ def train(
     from tailor.data import DataError
     from tailor.models import ModelNotFound
     from tailor.spec import SpecError, load_job
-    from tailor.techniques import task
+    from tailor.techniques import run as run_technique
+    from tailor.techniques.common import ResumeError
     from tailor.track.trackers import TrackerError
     from tailor.train.adapters import AdapterError
     from tailor.train.encode import TemplateError
@@ -98,8 +99,8 @@ def train(
         _fail(exc)
     _quiet_libraries()
     try:
-        run_dir = task.run(job, resume=resume, console=err, show_progress=not no_progress)
-    except (DataError, ModelNotFound, task.ResumeError, TemplateError, AdapterError, TrackerError) as exc:
+        run_dir = run_technique(job, resume=resume, console=err, show_progress=not no_progress)
+    except (DataError, ModelNotFound, ResumeError, TemplateError, AdapterError, TrackerError) as exc:
         _fail(exc)
     if _gate_failed(run_dir):
         # Training worked, so the exit status stays 0; `tailor eval RUN` is the check that fails.

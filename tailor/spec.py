@@ -182,6 +182,73 @@ class AdapterSpec(Section):
     train_norm: bool = Field(True, description="freeze: also train the final norm.")
 
 
+class TransferSpec(Section):
+    domain_text: list[str | SourceSpec] = Field(
+        default_factory=list,
+        description="technique transfer: plain-text documents of your domain (manuals, policies, product pages) to "
+        "continue pre-training on (loss on every token) before the task. Empty: train the task only.")
+    domain_epochs: float = Field(1.0, gt=0, description="transfer: passes over domain_text.")
+    domain_learning_rate: float | None = Field(
+        None, gt=0, description="transfer: learning rate on domain_text (null: training.learning_rate).")
+
+    @field_validator("domain_text", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, dict)) else value
+
+
+class MultitaskSpec(Section):
+    sampling: Literal["proportional", "temperature", "weights"] = Field(
+        "temperature", description="How each step's rows are drawn from the tasks. proportional: by task size (a big "
+        "task drowns a small one); temperature: p ∝ size^(1/T), T>1 evens them out; weights: multitask.weights.")
+    temperature: float = Field(2.0, gt=0, description="T of sampling: temperature (1 = proportional; large = uniform).")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="sampling: weights — task name → relative weight, every task named.")
+    instructions: dict[str, str] = Field(
+        default_factory=dict, description="Task name → a system prompt given to that task's conversations that have "
+        "none (in training, validation and evaluation), so one model tells the tasks apart.")
+
+
+class PreferenceSpec(Section):
+    loss: Literal["dpo", "ipo", "orpo"] = Field(
+        "dpo", description="Preference loss on chosen/rejected pairs. dpo: the standard; ipo: bounded, for noisy "
+        "labels; orpo: no reference model, adds the chosen answers' loss (can skip the demonstration phase).")
+    beta: float = Field(
+        0.1, gt=0, description="How far from the reference the model may move (dpo, ipo), or the weight of the "
+        "preference term (orpo). Higher: stays closer to the reference.")
+
+
+class BehavioralSpec(Section):
+    demonstration_epochs: float = Field(
+        1.0, ge=0, description="technique behavioral: epochs of supervised training on the demonstrations (the "
+        "conversations in data.train) before the preference phase. 0: skip it.")
+    sft_on_chosen: bool = Field(
+        True, description="behavioral: with no conversations in data.train, demonstrate with the chosen answers.")
+    preference_epochs: float = Field(1.0, gt=0, description="behavioral: epochs over the preference pairs.")
+    preference_learning_rate: float | None = Field(
+        None, gt=0, description="behavioral: learning rate of the preference phase (null: training.learning_rate / 4; "
+        "preference losses want a smaller step than supervised training).")
+
+
+class StageSpec(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][\w.-]*$", description="Stage name (its folder: RUN/stages/N-NAME).")
+    technique: Literal["task", "multitask", "preference"] = Field(
+        "task", description="What the stage trains: task (conversations, plain text), multitask, or preference "
+        "(chosen/rejected pairs with the preference loss).")
+    data: DataSpec | None = Field(None, description="The stage's data, as the job's data section (null: the job's).")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="Keys of the training section that differ in this stage, e.g. "
+        "{learning_rate: 1.0e-4, epochs: 1}.")
+
+
+class SequentialSpec(Section):
+    max_regression: float | None = Field(
+        0.10, ge=0, description="After each stage, every earlier stage's validation loss is measured again; a rise of "
+        "more than this share (0.10: +10 %) over its value when that stage ended is a regression. null: not checked.")
+    on_regression: Literal["stop", "warn"] = Field(
+        "stop", description="stop: the later stages do not run (the stages done are kept); warn: say so and go on.")
+
+
 class TrainingSpec(Section):
     learning_rate: float = Field(
         2e-4, gt=0, description="Peak learning rate. LoRA: 1e-4 to 1e-3; full fine-tuning: 1e-5 to 5e-5."
@@ -253,13 +320,15 @@ class TrainingSpec(Section):
         return self
 
 
-METRICS = ("rouge_l", "chrf", "bleu", "exact_match", "token_accuracy", "label_accuracy", "macro_f1")
+METRICS = ("rouge_l", "chrf", "bleu", "exact_match", "token_accuracy", "label_accuracy", "macro_f1",
+           "preferred_style")
 
 
 class GateSpec(Section):
     metric: Literal[METRICS] = Field(
         "rouge_l", description="The task metric the gain is measured on (tuned minus base, 0-1). label_accuracy "
-        "and macro_f1 exist only when the test answers come from a small label set.")
+        "and macro_f1 exist only when the test answers come from a small label set; preferred_style (the share of "
+        "answers closer to the chosen than to the rejected answer) only for preference pairs.")
     min_gain: float | None = Field(
         0.0, description="The tuned model must beat the base by at least this on gate.metric (0: no worse). "
         "null: not checked.")
@@ -312,24 +381,76 @@ class OutputSpec(Section):
 
 class Job(Section):
     name: str = Field("job", description="Job name; runs go to output.dir/name/.", pattern=r"^[A-Za-z0-9][\w.-]*$")
-    technique: Literal["task"] = Field(
-        "task", description="Fine-tuning recipe. task: supervised fine-tuning on one task's conversations."
-    )
+    technique: Literal["task", "transfer", "multitask", "sequential", "behavioral", "preference"] = Field(
+        "task", description="Fine-tuning recipe (docs/techniques.md). task: supervised training on one task. transfer: "
+        "only the top blocks train, after optional pre-training on domain text. multitask: several tasks in one "
+        "model, sampled by weight. sequential: the stages, one after the other, each gated. behavioral: "
+        "demonstrations, then preference pairs. preference: the preference phase alone (e.g. on a model you "
+        "already tuned on demonstrations).")
     model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
     data: DataSpec = Field(default_factory=DataSpec, description="Training and validation data.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Which weights train and how.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training parameters.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of the tuned model against its base.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
+    transfer: TransferSpec = Field(default_factory=TransferSpec, description="technique transfer.")
+    multitask: MultitaskSpec = Field(default_factory=MultitaskSpec, description="technique multitask (and multitask stages).")
+    preference: PreferenceSpec = Field(default_factory=PreferenceSpec,
+                                       description="The preference loss (technique behavioral, preference stages).")
+    behavioral: BehavioralSpec = Field(default_factory=BehavioralSpec, description="technique behavioral.")
+    stages: list[StageSpec] = Field(
+        default_factory=list, description="technique sequential: the stages in order; each starts from the weights "
+        "(or adapter) the one before it ended with.")
+    sequential: SequentialSpec = Field(default_factory=SequentialSpec,
+                                       description="The gate between stages (sequential, transfer, behavioral).")
     tracking: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list, description="Also send the metrics to these experiment trackers (optional extras: "
         "pip install \"tailor-llm[tensorboard]\" or \"tailor-llm[mlflow]\").")
 
     @model_validator(mode="after")
     def _needs_data(self) -> "Job":
-        if not self.data.train:
+        if not self.data.train and not (self.technique == "sequential" and self.stages
+                                        and all(st.data for st in self.stages)):
             raise ValueError("data.train is empty: name at least one training file (data.train: [train.jsonl])")
         return self
+
+    @model_validator(mode="after")
+    def _technique_settings(self) -> "Job":
+        problems = []
+        if self.technique == "sequential" and not self.stages:
+            problems.append("stages: technique sequential needs at least one stage ({name, technique, data, training})")
+        if self.stages and self.technique != "sequential":
+            problems.append(f"stages: only technique sequential runs stages (technique is {self.technique})")
+        for i, stage in enumerate(self.stages):
+            try:
+                TrainingSpec.model_validate(self.training.model_dump() | stage.training)
+            except ValidationError as exc:
+                problems += [f"stages.{i}.training.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        if [st.name for st in self.stages] != list(dict.fromkeys(st.name for st in self.stages)):
+            problems.append("stages: two stages have the same name; give each its own")
+        if self.technique == "transfer" and self.adapter.kind == "full":
+            problems.append("adapter.kind: technique transfer keeps the lower blocks as they are; use kind freeze "
+                            "(with train_top_blocks) or lora (with lora_top_blocks)")
+        if self.technique == "transfer" and self.adapter.kind == "lora" and self.adapter.lora_top_blocks is None:
+            problems.append("adapter.lora_top_blocks: technique transfer with LoRA puts adapters in the top blocks "
+                            "only; say how many (e.g. 8)")
+        if self.multitask.sampling == "weights" and not self.multitask.weights:
+            problems.append("multitask.weights: sampling weights needs a weight per task ({support: 2, routing: 1})")
+        if any(w < 0 for w in self.multitask.weights.values()) or (
+                self.multitask.weights and not any(self.multitask.weights.values())):
+            problems.append("multitask.weights: weights must be ≥ 0 and not all 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def stage_job(self, index: int) -> "Job":
+        """Stage `index` as a job of its own: its technique, data and training keys over the job's."""
+        stage = self.stages[index]
+        return self.model_copy(update={
+            "name": f"{self.name}.{stage.name}", "technique": stage.technique, "stages": [],
+            "data": stage.data or self.data,
+            "training": TrainingSpec.model_validate(self.training.model_dump() | stage.training),
+        }, deep=True)
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -445,9 +566,11 @@ def resolve_paths(job: Job, base_dir: Path) -> Job:
     def resolve_source(src):
         return resolve(src) if isinstance(src, str) else src.model_copy(update={"path": resolve(src.path)})
 
-    job.data.train = [resolve_source(p) for p in job.data.train]
-    job.data.validation = [resolve_source(p) for p in job.data.validation]
+    for data in [job.data] + [st.data for st in job.stages if st.data is not None]:
+        data.train = [resolve_source(p) for p in data.train]
+        data.validation = [resolve_source(p) for p in data.validation]
     job.eval.data = [resolve_source(p) for p in job.eval.data]
+    job.transfer.domain_text = [resolve_source(p) for p in job.transfer.domain_text]
     base = job.model.base
     if base.startswith((".", "/", "~")) or base.endswith(".gguf"):
         job.model.base = resolve(base)

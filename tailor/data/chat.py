@@ -61,3 +61,17 @@ def source_options(src) -> dict:
     d = src.model_dump()
     return {"path": d["path"], "format": d["format"], "task": d["task"], "columns": d["columns"] or None,
             "task_column": d["task_column"]}
+
+
+def with_instructions(examples: list[Example], instructions: dict[str, str]) -> list[Example]:
+    """Each task's instruction as the system prompt of its conversations and preference prompts
+    that have none (multi-task training: one model tells the tasks apart by it)."""
+    from dataclasses import replace
+
+    out = []
+    for ex in examples:
+        prompt = instructions.get(ex.task or "")
+        if prompt and ex.kind != "text" and not (ex.messages and ex.messages[0]["role"] == "system"):
+            ex = replace(ex, messages=[{"role": "system", "content": prompt}] + ex.messages)
+        out.append(ex)
+    return out

@@ -11,7 +11,9 @@ from rich.table import Table
 LOWER_IS_BETTER = {"loss", "perplexity"}
 LABELS = {"loss": "answer loss", "perplexity": "answer perplexity", "token_accuracy": "token accuracy",
           "exact_match": "exact match", "rouge_l": "ROUGE-L", "chrf": "chrF", "bleu": "BLEU",
-          "label_accuracy": "label accuracy", "macro_f1": "macro-F1"}
+          "label_accuracy": "label accuracy", "macro_f1": "macro-F1", "preferred_style": "preferred style"}
+# Validation numbers that are not shares in [0, 1]: charted on their own.
+REWARDS = ("val_reward_margin", "val_chosen_reward", "val_rejected_reward")
 
 
 def summary_rows(summary: dict) -> list[tuple[str, str, str, str]]:
@@ -75,16 +77,19 @@ def write_report(run_dir: Path) -> Path:
     examples = read_jsonl(run_dir / "eval" / "examples.jsonl") if (run_dir / "eval" / "examples.jsonl").exists() else []
     manifest = read_json(run_dir / "manifest.json") or {}
     layers = read_json(run_dir / "layer_change.json")
+    stages = read_json(run_dir / "stages.json")
     path = run_dir / "report.html"
-    write_atomic(path, report_html(rows, summary, examples, manifest, run_dir.name, layers))
+    write_atomic(path, report_html(rows, summary, examples, manifest, run_dir.name, layers, stages))
     return path
 
 
 def report_html(rows: list[dict], summary: dict | None, examples: list[dict], manifest: dict, title: str,
-                layers: dict | None = None) -> str:
+                layers: dict | None = None, stages: dict | None = None) -> str:
     from plotly.io import to_html
 
-    figures = _curves(rows) + (_layer_chart(layers) if layers else []) + (_comparison(summary) if summary else [])
+    figures = (_curves(rows) + _task_curves(rows) + _reward_curves(rows) + (_layer_chart(layers) if layers else [])
+               + (_comparison(summary) if summary else []))
+    _mark_stages(figures, rows)
     charts = [f"<section class='chart' id='{name}'>" + to_html(fig, full_html=False, include_plotlyjs=(i == 0),
                                                               config={"displaylogo": False}) + "</section>"
               for i, (name, fig) in enumerate(figures)]
@@ -97,7 +102,8 @@ def report_html(rows: list[dict], summary: dict | None, examples: list[dict], ma
             "vertical-align:top;text-align:left}th{background:#f4f4f4}.pass{color:#1a7f37}.fail{color:#cf222e}"
             ".num{text-align:right;font-variant-numeric:tabular-nums}</style></head><body>"
             + head + (_verdict_html(summary) if summary else "<p>Not evaluated yet: <code>tailor eval RUN</code>.</p>")
-            + "".join(charts) + (_scores_html(summary) if summary else "") + _judge_html(summary)
+            + _stages_html(stages) + "".join(charts) + (_scores_html(summary) if summary else "")
+            + _tasks_html(summary) + _judge_html(summary)
             + _examples_html(examples)
             + "</body></html>")
 
@@ -121,7 +127,8 @@ def _curves(rows: list[dict]) -> list[tuple[str, object]]:
         figures.append(("learning-rate", go.Figure(
             go.Scatter(x=[r["step"] for r in train], y=[r["lr"] for r in train], mode="lines", name="learning rate"),
             layout={"title": "Learning rate", "xaxis_title": "optimizer step"})))
-    metric_keys = sorted({k for r in val for k in r if k.startswith("val_") and k not in ("val_loss", "val_perplexity")})
+    metric_keys = sorted({k for r in val for k in r if k.startswith("val_") and "/" not in k
+                          and k not in ("val_loss", "val_perplexity") + REWARDS})
     if metric_keys:
         fig = go.Figure(layout={"title": "Validation metrics", "xaxis_title": "optimizer step", "yaxis_range": [0, 1],
                                 "showlegend": True})
@@ -131,6 +138,83 @@ def _curves(rows: list[dict]) -> list[tuple[str, object]]:
                             mode="lines+markers")
         figures.append(("validation-metrics", fig))
     return figures
+
+
+def _task_curves(rows: list[dict]) -> list[tuple[str, object]]:
+    """Multi-task runs: each task's validation loss and token accuracy (val_loss/TASK …)."""
+    import plotly.graph_objects as go
+
+    val = [r for r in rows if r.get("type") == "eval"]
+    tasks = sorted({k.split("/", 1)[1] for r in val for k in r if k.startswith("val_loss/")})
+    if not tasks:
+        return []
+    figures = []
+    for key, title in (("val_loss", "Validation loss by task"), ("val_token_accuracy", "Validation token accuracy by task")):
+        fig = go.Figure(layout={"title": title, "xaxis_title": "optimizer step", "showlegend": True})
+        for task in tasks:
+            points = [r for r in val if r.get(f"{key}/{task}") is not None]
+            fig.add_scatter(x=[r["step"] for r in points], y=[r[f"{key}/{task}"] for r in points], name=task,
+                            mode="lines+markers")
+        figures.append((f"tasks-{key.removeprefix('val_').replace('_', '-')}", fig))
+    return figures
+
+
+def _reward_curves(rows: list[dict]) -> list[tuple[str, object]]:
+    """Preference training: the implicit rewards of chosen and rejected answers and their margin."""
+    import plotly.graph_objects as go
+
+    val = [r for r in rows if r.get("type") == "eval" and r.get("val_reward_margin") is not None]
+    if not val:
+        return []
+    fig = go.Figure(layout={"title": "Preference rewards on held-out pairs (margin > 0: chosen preferred)",
+                            "xaxis_title": "optimizer step", "showlegend": True})
+    for key in REWARDS:
+        fig.add_scatter(x=[r["step"] for r in val], y=[r[key] for r in val], name=key.removeprefix("val_"),
+                        mode="lines+markers")
+    return [("preference-rewards", fig)]
+
+
+def _mark_stages(figures: list, rows: list[dict]) -> None:
+    """Staged runs: a dashed line where each stage after the first begins, on the step charts."""
+    starts, seen = [], set()
+    for r in rows:
+        if r.get("stage") and r["stage"] not in seen:
+            seen.add(r["stage"])
+            starts.append((r["step"] - r.get("stage_step", r["step"]), r["stage"]))
+    if len(starts) < 2:
+        return
+    for _, fig in figures:
+        if fig.layout.xaxis.title.text == "optimizer step":
+            for step, name in starts[1:]:
+                fig.add_vline(x=step, line_dash="dash", line_color="#888", annotation_text=name)
+
+
+def _stages_html(stages: dict | None) -> str:
+    """The stages and the gate between them: each stage's validation loss after every later stage."""
+    if not stages or not stages.get("stages"):
+        return ""
+    names = [s["name"] for s in stages["stages"]]
+    head = "<tr><th>after stage</th>" + "".join(f"<th>{html.escape(n)} validation loss</th>" for n in names) + "<th>gate</th></tr>"
+    body = ""
+    for s in stages["stages"]:
+        cells = "".join(f"<td class='num'>{_opt(s['losses'].get(n))}</td>" for n in names)
+        gate = ("<span class='fail'>" + html.escape("; ".join(f"{r['stage']} {r['rise']:+.1%}" for r in s["regressions"]))
+                + "</span>") if s["regressions"] else "<span class='pass'>ok</span>"
+        body += f"<tr><td>{html.escape(s['name'])}</td>{cells}<td>{gate}</td></tr>"
+    return "<h2>Stages</h2><table id='stages'>" + head + body + "</table>"
+
+
+def _tasks_html(summary: dict | None) -> str:
+    tasks = (summary or {}).get("tasks")
+    if not tasks:
+        return ""
+    keys = list(dict.fromkeys(k for v in tasks.values() for k, x in v["tuned"].items() if x is not None))
+    head = "<tr><th>task</th><th>examples</th>" + "".join(f"<th>{html.escape(LABELS.get(k, k))} base → tuned</th>"
+                                                        for k in keys) + "</tr>"
+    body = "".join(f"<tr><td>{html.escape(t)}</td><td class='num'>{v['examples']}</td>"
+                   + "".join(f"<td class='num'>{_opt(v['base'].get(k))} → {_opt(v['tuned'].get(k))}</td>" for k in keys)
+                   + "</tr>" for t, v in tasks.items())
+    return "<h2>By task</h2><table id='tasks'>" + head + body + "</table>"
 
 
 def _layer_chart(layers: dict) -> list[tuple[str, object]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from tailor.data import DataError, read_many
-from tailor.data.chat import prepared_folders
+from tailor.data.chat import prepared_folders, with_instructions
 from tailor.evaluate.gate import verdict
 from tailor.evaluate.metrics import rouge_l, text_scores
 from tailor.evaluate.probe import retention
@@ -64,12 +64,14 @@ def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | Non
                                    batch_size=spec.batch_size)
             results[name] = {"loss": scored.mean, "perplexity": math.exp(scored.mean) if scored.tokens else None,
                              "token_accuracy": scored.token_accuracy,
-                             **text_scores(outputs[name], [t["reference"] for t in tests])}
+                             **text_scores(outputs[name], [t["reference"] for t in tests]),
+                             **preferred_style(outputs[name], tests)}
             if spec.retention:
                 probes[name] = retention(model, tokenizer, batch_size=max(spec.batch_size, 40), bf16=bf16)
         say(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if v is not None))
 
-    # 4. Retention, the gate, and the files.
+    # 4. Per task (several tasks), retention, the gate, and the files.
+    by_task = _task_scores(tests, outputs)
     kept = _retention_summary(probes) if spec.retention else None
     gate = verdict(results["base"], results["tuned"], kept, spec.gate)
     summary = {
@@ -80,12 +82,39 @@ def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | Non
                  if results["tuned"][k] is not None and results["base"][k] is not None},
         "retention": kept, "gate": gate, "seconds": round(time.perf_counter() - started, 1),
     }
+    if by_task:
+        summary["tasks"] = by_task
     examples = _examples(tests, outputs)
     if spec.judge:
         summary["judge"] = _judged(spec.judge, examples, say)
     _write(run_dir, summary, examples, probes)
     write_report(run_dir)
     return summary
+
+
+def preferred_style(replies: list[str], tests: list[dict]) -> dict:
+    """For preference pairs: the share of replies closer (ROUGE-L) to the chosen answer than to the
+    rejected one — how often the model answers in the preferred way."""
+    pairs = [(r, t) for r, t in zip(replies, tests) if "rejected" in t]
+    if not pairs:
+        return {}
+    chosen = rouge_l([r for r, _ in pairs], [t["reference"] for _, t in pairs])
+    rejected = rouge_l([r for r, _ in pairs], [t["rejected"] for _, t in pairs])
+    return {"preferred_style": sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)}
+
+
+def _task_scores(tests: list[dict], outputs: dict) -> dict | None:
+    """Base and tuned text scores of each task, when the test data has several."""
+    tasks = sorted({t["task"] for t in tests if t["task"]})
+    if len(tasks) < 2:
+        return None
+    out = {}
+    for task in tasks:
+        idx = [i for i, t in enumerate(tests) if t["task"] == task]
+        refs = [tests[i]["reference"] for i in idx]
+        out[task] = {"examples": len(idx), **{name: text_scores([outputs[name][i] for i in idx], refs)
+                                              for name in outputs}}
+    return out
 
 
 def _judged(spec, examples: list[dict], say) -> dict:
@@ -119,12 +148,15 @@ def _test_data(run_dir: Path, job: Job, data: list) -> tuple[list[str], list[dic
     """(where from, [{"id", "messages" (with the answer), "reference"}]) of the test conversations."""
     if data:
         sources, examples = [str(getattr(d, "path", d)) for d in data], read_many(data, split="test")
+    elif (run_dir / "stages.json").exists():  # a staged run: the test data of the stage that trained last
+        last = Path(json.loads((run_dir / "stages.json").read_text(encoding="utf-8"))["stages"][-1]["folder"])
+        return _test_data(last, _job_of(last), data)
     elif (run_dir / "data" / "card.json").exists():
         sources, examples = [str(run_dir / "data")], read_many([str(run_dir / "data")], split="test")
     else:
         sources = prepared_folders(job.data.train)
         examples = read_many(sources, split="test") if sources else []
-    tests = answered(examples)
+    tests = answered(with_instructions(examples, job.multitask.instructions))
     if not tests:
         raise DataError([f"{run_dir}: no test conversations to evaluate on ({', '.join(sources) or 'no prepared data'}); "
                          "prepare the data with a test split (tailor prepare … or data.prepare: true), or pass "
@@ -133,11 +165,20 @@ def _test_data(run_dir: Path, job: Job, data: list) -> tuple[list[str], list[dic
 
 
 def answered(examples: list) -> list[dict]:
-    """The conversations that end with an answer, each as {"id", "messages", "prompt" (every turn
-    but the answer), "reference" (the answer)}: what a model is asked, and what it is scored against."""
-    return [{"id": ex.meta.get("id") or f"{ex.meta.get('source')}:{ex.meta.get('line')}", "messages": ex.messages,
-             "prompt": ex.messages[:-1], "reference": ex.messages[-1]["content"]}
-            for ex in examples if ex.kind == "chat" and ex.messages and ex.messages[-1]["role"] == "assistant"]
+    """The conversations that end with an answer, each as {"id", "task", "messages", "prompt" (every
+    turn but the answer), "reference" (the answer)}: what a model is asked, and what it is scored
+    against. A preference pair counts as its chosen conversation and adds "rejected"."""
+    tests = []
+    for ex in examples:
+        messages = ex.messages + ex.chosen if ex.kind == "preference" else ex.messages
+        if ex.kind == "text" or not messages or messages[-1]["role"] != "assistant":
+            continue
+        test = {"id": ex.meta.get("id") or f"{ex.meta.get('source')}:{ex.meta.get('line')}", "task": ex.task,
+                "messages": messages, "prompt": messages[:-1], "reference": messages[-1]["content"]}
+        if ex.kind == "preference":
+            test["rejected"] = ex.rejected[-1]["content"]
+        tests.append(test)
+    return tests
 
 
 @contextmanager

@@ -161,6 +161,15 @@ def only_kinds(examples: list, kinds: set[str], technique: str, fix: str) -> Non
                          f"record(s) are {other[0].kind}, e.g. {where}. {fix}"])
 
 
+def demonstrations(examples: list, with_chosen: bool) -> list:
+    """The records a demonstrations stage learns from: conversations and text as they are, and
+    preference pairs as the conversations of their chosen answers (with_chosen) or not at all."""
+    from dataclasses import replace
+
+    return [replace(ex, messages=ex.messages + ex.chosen, chosen=None, rejected=None) if ex.kind == "preference"
+            else ex for ex in examples if with_chosen or ex.kind != "preference"]
+
+
 def hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

@@ -21,13 +21,17 @@ from tailor.train.packing import make_rows
 
 
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True,
-        run_dir: Path | None = None, start_from: Path | None = None) -> Path:
+        run_dir: Path | None = None, start_from: Path | None = None, demonstrations: bool | None = None) -> Path:
     """run_dir and start_from are for stages (tailor/techniques/stages.py): the stage's fixed
-    folder, and the finished stage whose weights this one continues."""
+    folder, and the finished stage whose weights this one continues. demonstrations (behavioral's
+    first stage): True, preference pairs count as their chosen conversations; False, they are left
+    to the preference stage; None (technique task), they are an error."""
     accelerator, say = common.start(job, console)
 
     # 1. The data, checked record by record before any weights load, and the run folder.
     run_dir, train_raw, val_raw = common.data_and_folder(job, resume, accelerator, say, run_dir)
+    if demonstrations is not None:
+        train_raw, val_raw = (common.demonstrations(raw, demonstrations) for raw in (train_raw, val_raw))
     common.only_kinds(train_raw + val_raw, {"chat", "text"}, "task",
                       "Train preference pairs with technique behavioral, or convert them to conversations.")
     if common.is_done(run_dir):

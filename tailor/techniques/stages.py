@@ -1,0 +1,191 @@
+"""Running stages one after the other, each from where the one before ended, with a gate between.
+
+Technique sequential runs the job's `stages:`; transfer (domain text, then the task) and behavioral
+(demonstrations, then preferences) are two-stage runs built by their recipes. Each stage is a run
+folder of its own, RUN/stages/N-NAME/, trained by its technique's recipe; a stage that is DONE is
+never trained again, so --resume restarts at the unfinished stage.
+
+The gate: after each stage, the model is scored on the validation data of that stage and of every
+stage before it. A stage's score right after it trained is its baseline; when a later stage raises
+that loss by more than sequential.max_regression (a share), the later stage made the model forget
+the earlier one: on_regression stop ends the run there, warn says so and goes on.
+
+The run folder holds what the last stage trained (adapter/ or model/), so evaluation, the report,
+`tailor runs` and serving read it like any other run; metrics.jsonl joins the stages' curves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+
+from tailor.data import read_many
+from tailor.evaluate.report import write_report
+from tailor.spec import Job, dump_job
+from tailor.techniques import common
+from tailor.train.rundir import read_json, read_jsonl, replace_dir, write_atomic
+
+
+def run_stages(job: Job, stages: list[tuple[str, Job, Callable]], resume: bool = False,
+               console: Console | None = None, show_progress: bool = True) -> Path:
+    """stages: (name, the stage's own job, the recipe that trains it) in order."""
+    accelerator, say = common.start(job, console)
+    run_dir = common.run_folder(job, resume, accelerator)
+    if common.is_done(run_dir):
+        say(f"[green]{run_dir} already finished[/]; nothing to resume.")
+        return run_dir
+    if accelerator.is_main_process:
+        write_atomic(run_dir / "job.yaml", dump_job(job))
+    say(f"[bold]{job.name}[/] ({job.technique}): {len(stages)} stage(s): " + " → ".join(n for n, _, _ in stages))
+    say(f"run folder: {run_dir}")
+
+    record = read_json(run_dir / "stages.json") or {"stages": []}
+    done_names = [s["name"] for s in record["stages"]]
+    previous, stopped = None, None
+    for i, (name, stage_job, recipe) in enumerate(stages):
+        folder = run_dir / "stages" / f"{i + 1}-{name}"
+        if name in done_names:  # trained and gated before an interruption
+            previous = folder
+            continue
+        say(f"[bold]stage {i + 1}/{len(stages)}: {name}[/] ({stage_job.technique})")
+        recipe(stage_job, resume=(folder / "checkpoints").is_dir(), console=console, show_progress=show_progress,
+               run_dir=folder, start_from=previous)
+        previous = folder
+        if accelerator.is_main_process:
+            entry = _gate(folder, name, stages[:i + 1], record["stages"], job, say)
+            record["stages"].append(entry)
+            write_atomic(run_dir / "stages.json", json.dumps(record, indent=1))
+        shared = [record]
+        if accelerator.num_processes > 1:
+            torch.distributed.broadcast_object_list(shared, src=0)
+        record = shared[0]
+        if record["stages"][-1]["regressions"] and job.sequential.on_regression == "stop" and i < len(stages) - 1:
+            stopped = name
+            say(f"[red]stopped after stage {name}[/]: it made the model forget an earlier stage; the stages after "
+                "it did not run (sequential.on_regression: warn goes on)")
+            break
+
+    if accelerator.is_main_process:
+        _assemble(run_dir, previous, record, stopped, job)
+        say(f"[green]done[/]: {len(record['stages'])} of {len(stages)} stage(s) → {run_dir}")
+    common.evaluate_and_close(job, run_dir, [], 0, accelerator, say)
+    return run_dir
+
+
+# --- the gate -----------------------------------------------------------------------------------
+
+
+def _gate(folder: Path, name: str, stages: list[tuple[str, Job, Callable]], before: list[dict], job: Job, say) -> dict:
+    """Score the model this stage ended with on every stage's validation data so far; compare each
+    earlier stage's score with its baseline."""
+    from tailor.models.generate import load_run
+
+    model, tokenizer = load_run(folder)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    losses = {}
+    for i, (stage_name, stage_job, _) in enumerate(stages):
+        records = _validation_records(stage_job, folder.parent / f"{i + 1}-{stage_name}")
+        losses[stage_name] = validation_loss(model, tokenizer, records, stage_job.training.max_seq_len, bf16)
+    baselines = {s["name"]: s["baseline"] for s in before}
+    regressions = []
+    for stage_name, baseline in baselines.items():
+        now = losses.get(stage_name)
+        if baseline is None or now is None or job.sequential.max_regression is None:
+            continue
+        rise = now / baseline - 1
+        if rise > job.sequential.max_regression:
+            regressions.append({"stage": stage_name, "baseline": baseline, "now": now, "rise": rise})
+    line = ", ".join(f"{n} {v:.4f}" + (f" (was {baselines[n]:.4f}, {v / baselines[n] - 1:+.1%})"
+                                        if baselines.get(n) else "")
+                     for n, v in losses.items() if v is not None)
+    say(f"gate after {name}: validation loss " + (line or "— (no validation data)"))
+    for r in regressions:
+        say(f"[red]regression: stage {r['stage']}'s validation loss rose {r['rise']:+.1%} "
+            f"({r['baseline']:.4f} → {r['now']:.4f}), more than sequential.max_regression "
+            f"{job.sequential.max_regression:.0%}[/]")
+    return {"name": name, "folder": str(folder), "baseline": losses.get(name), "losses": losses,
+            "regressions": regressions}
+
+
+def _validation_records(stage_job: Job, folder: Path) -> list:
+    """The stage's validation records, as its recipe read them."""
+    if stage_job.data.prepare:
+        from tailor.data.store import read_prepared
+
+        records = read_prepared(folder / "data", "validation")
+        return read_many(stage_job.data.validation, split="validation") if stage_job.data.validation else records
+    return common.read_data(stage_job)[1]
+
+
+def validation_loss(model, tokenizer, records: list, max_len: int, bf16: bool, batch_size: int = 8) -> float | None:
+    """Mean loss per label token on conversations (their answers), plain text (every token) and
+    preference pairs (their chosen answers): one number any stage's data gives."""
+    from tailor.train.encode import encode_chat
+    from tailor.train.loss import CausalLMLoss
+    from tailor.train.packing import collate
+
+    encoded = []
+    for ex in records:
+        if ex.kind == "preference":
+            encoded.append(encode_chat(tokenizer, ex.messages + ex.chosen, max_len))
+        else:
+            encoded += common.encode(tokenizer, ex, max_len)
+    encoded = [e for e in encoded if e.n_labels]
+    if not encoded:
+        return None
+    objective = CausalLMLoss(model).eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for a in range(0, len(encoded), batch_size):
+            batch = collate([[i] for i in range(a, min(a + batch_size, len(encoded)))], encoded,
+                            tokenizer.pad_token_id)
+            loss_sum, _, n = objective(batch["input_ids"].to(device), batch["labels"].to(device),
+                                       batch["position_ids"].to(device))
+            total += loss_sum.item()
+            count += int(n.item())
+    return total / count
+
+
+# --- the run folder -----------------------------------------------------------------------------
+
+
+def _assemble(run_dir: Path, last: Path, record: dict, stopped: str | None, job: Job) -> None:
+    """The last stage's result and the joined curves, in the run folder."""
+    result = "adapter" if (last / "adapter").is_dir() else "model"
+    tmp = run_dir / f".{result}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(last / result, tmp)
+    replace_dir(tmp, run_dir / result)
+    for name in ("layer_change.json",):
+        if (last / name).exists():
+            shutil.copyfile(last / name, run_dir / name)
+    manifest = read_json(last / "manifest.json")
+    manifest.update({"name": job.name, "technique": job.technique, "run_dir": str(run_dir),
+                     "stages": [s["folder"] for s in record["stages"]]})
+    write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
+
+    rows, offset, summaries = [], 0, []
+    for i, entry in enumerate(record["stages"]):
+        folder = Path(entry["folder"])
+        summary = read_json(folder / "summary.json") or {}
+        summaries.append({"stage": entry["name"], **summary})
+        for r in read_jsonl(folder / "metrics.jsonl"):
+            if r.get("type") in ("train", "eval"):
+                rows.append({**r, "stage": entry["name"], "stage_step": r["step"], "step": r["step"] + offset})
+        offset += summary.get("steps", 0)
+    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    last_summary = summaries[-1] if summaries else {}
+    summary = {k: last_summary.get(k) for k in ("final_train_loss", "final_val_loss", "final_val_token_accuracy",
+                                                 "final_val", "tokens_per_s_median")}
+    summary.update({"steps": offset, "stopped_at_stage": stopped,
+                    "regressions": [r | {"after": s["name"]} for s in record["stages"] for r in s["regressions"]],
+                    "stages": summaries})
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_report(run_dir)
+    (run_dir / "DONE").write_text("", encoding="utf-8")
