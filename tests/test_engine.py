@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import train_losses
 from tailor.spec import load_job
 from tailor.techniques import task
+from tailor.techniques.common import ResumeError
 from tailor.train.adapters import AdapterConfig, apply_adapter, param_groups
 
 
@@ -88,7 +89,7 @@ def test_resumed_run_equals_uninterrupted(make_job):
 def test_resume_refuses_a_changed_job(make_job):
     path = make_job("changed")
     run(path)
-    with pytest.raises(task.ResumeError, match="training.learning_rate"):
+    with pytest.raises(ResumeError, match="training.learning_rate"):
         run(path, "training.learning_rate=0.5", resume=True)
 
 

@@ -15,7 +15,6 @@ from rich.console import Console
 
 from tailor.spec import Job
 from tailor.techniques import common
-from tailor.techniques.common import ResumeError  # noqa: F401  (the CLI catches it from here)
 from tailor.train.loop import train
 from tailor.train.packing import make_rows
 
