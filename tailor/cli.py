@@ -296,11 +296,15 @@ def spec(
 def quickstart(
     out_dir: Path = typer.Option(Path("runs"), "--out", help="Where the run folder goes."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the bundled job's epochs)."),
+    technique: str = typer.Option("task", "--technique", help="task, transfer, multitask, sequential or behavioral: "
+                                  "the bundled example trained with that technique."),
 ):
-    """The whole chain on the bundled example: train a LoRA adapter on the embedded model, then
-    show the base and tuned answers to held-out questions side by side."""
-    from tailor.quickstart import run_quickstart
+    """The whole chain on the bundled example: prepare the data, train on the embedded model, show
+    the base and tuned answers to held-out questions side by side, and evaluate."""
+    from tailor.quickstart import TECHNIQUES, run_quickstart
 
+    if technique not in TECHNIQUES:
+        _fail(ValueError(f"--technique {technique}: unknown; use one of {', '.join(TECHNIQUES)}"))
     _quiet_libraries()
-    run_quickstart(out_dir, steps, out, err)
+    run_quickstart(out_dir, steps, out, err, technique)
 

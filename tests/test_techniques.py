@@ -202,7 +202,9 @@ def test_the_gate_stops_when_a_stage_makes_the_model_forget(make_job, ping_data)
     assert regression["stage"] == "first" and regression["rise"] > 0.1
     assert not (run_dir / "stages" / "3-third").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["stopped_at_stage"] == "second"
+    assert summary["stopped_at_stage"] == "second" and summary["result_of"] == "1-first"
+    kept = run_dir / "stages" / "1-first" / "adapter" / "adapter_model.safetensors"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == kept.read_bytes()
     assert "id='stages'" in (run_dir / "report.html").read_text()
 
     warned = run(staged_job(make_job, "seq-warn", first, second, training={"max_steps": 8},
@@ -313,4 +315,4 @@ def test_behavioral_demonstrates_then_prefers_and_the_preference_stage_continues
     assert json.loads((prefs / "manifest.json").read_text())["start"]["trainable_sha256"] == \
         json.loads((demo / "summary.json").read_text())["end"]["trainable_sha256"]
     job = json.loads((prefs / "manifest.json").read_text())
-    assert job["preference"] == {"loss": "dpo", "beta": 0.1}
+    assert job["preference"] == {"loss": "dpo", "beta": 0.1, "sft_weight": 1.0}

@@ -148,8 +148,8 @@ def _test_data(run_dir: Path, job: Job, data: list) -> tuple[list[str], list[dic
     """(where from, [{"id", "messages" (with the answer), "reference"}]) of the test conversations."""
     if data:
         sources, examples = [str(getattr(d, "path", d)) for d in data], read_many(data, split="test")
-    elif (run_dir / "stages.json").exists():  # a staged run: the test data of the stage that trained last
-        last = Path(json.loads((run_dir / "stages.json").read_text(encoding="utf-8"))["stages"][-1]["folder"])
+    elif (run_dir / "stages.json").exists():  # a staged run: the test data of the stage whose result it kept
+        last = Path(json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["result_of"])
         return _test_data(last, _job_of(last), data)
     elif (run_dir / "data" / "card.json").exists():
         sources, examples = [str(run_dir / "data")], read_many([str(run_dir / "data")], split="test")

@@ -15,13 +15,19 @@ from rich.table import Table
 HERE = Path(__file__).parent
 JOB = HERE / "job.yaml"
 HELD_OUT = HERE / "data" / "held_out.jsonl"
+TECHNIQUES = ("task", "transfer", "multitask", "sequential", "behavioral")
+
+
+def job_path(technique: str) -> Path:
+    """The bundled job of a technique: job.yaml for task, techniques/NAME.yaml for the others."""
+    return JOB if technique == "task" else HERE / "techniques" / f"{technique}.yaml"
 
 
 def held_out_questions() -> list[str]:
     return [json.loads(line)["question"] for line in HELD_OUT.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console) -> Path:
+def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console, technique: str = "task") -> Path:
     from tailor.data.card import summary_lines
     from tailor.data.prepare import prepare
     from tailor.evaluate.report import gate_lines, summary_table
@@ -29,10 +35,10 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console)
     from tailor.models import resolve_model
     from tailor.models.generate import answer, load_run
     from tailor.spec import load_job
-    from tailor.techniques import task
+    from tailor.techniques import run as run_technique
 
     overrides = [f"output.dir={out_dir.resolve()}"] + ([f"training.max_steps={steps}"] if steps else [])
-    job = load_job(JOB, overrides)
+    job = load_job(job_path(technique), overrides)
     started = time.perf_counter()
 
     out.rule("[bold]1 · Load the base model")
@@ -42,21 +48,34 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console)
               "then loaded from this cache)")
 
     out.rule("[bold]2 · Prepare the data")
-    out.print(f"Raw support logs of Lumen Lane Lamps: {job.data.train[0]}")
+    datas = [("prepared", job.data)] + [(f"prepared-{st.name}", st.data) for st in job.stages if st.data is not None]
+    inputs = [str(getattr(src, "path", src)) for _, data in datas for src in data.train]
+    out.print("Raw data of Lumen Lane Lamps' support desk: " + ", ".join(Path(i).name for i in inputs)
+              + f" (in {Path(inputs[0]).parent})")
     out.print("Their voice: every answer opens with 'Hello, bright spark!' and signs off "
               "'Keep glowing! — Wick, Lumen Lane', and uses the shop's own words (Glow Pass, Glowpoints, the Wick check). "
               "Like real logs they hold duplicates, customers' personal data and broken lines.")
     t = time.perf_counter()
-    prepared = prepare(job.data.train, out_dir.resolve() / "prepared", model=job.model.base, config=job.data,
-                       say=lambda m: err.print(m, highlight=False, markup=False))
-    for line in summary_lines(prepared.card):
-        out.print(line, highlight=False, markup=False)
-    out.print(f"→ {prepared.out}: card.md, card.html, rejects.jsonl, pii_audit.jsonl ({time.perf_counter() - t:.0f} s)")
-    job.data.train, job.data.prepare = [str(prepared.out)], False  # train on its train split, validate on its validation split
+    # Prepared once here (the job's data, or each stage's), then trained on its train split and
+    # validated on its validation split.
+    for name, data in datas:
+        if not data.prepare:
+            continue
+        folder = out_dir.resolve() / name
+        prepared = prepare(data.train, folder, model=job.model.base, config=data,
+                           say=lambda m: err.print(m, highlight=False, markup=False))
+        for line in summary_lines(prepared.card):
+            out.print(line, highlight=False, markup=False)
+        out.print(f"→ {prepared.out}: card.md, card.html, rejects.jsonl, pii_audit.jsonl ({time.perf_counter() - t:.0f} s)")
+        data.train, data.prepare = [str(prepared.out)], False
+        t = time.perf_counter()
     job.eval.enabled = False  # step 5 evaluates, with its own heading
 
-    out.rule("[bold]3 · Fine-tune (LoRA)")
-    run_dir = task.run(job, console=err)
+    out.rule(f"[bold]3 · Fine-tune ({TITLES[technique]})")
+    out.print(_INTRO[technique])
+    run_dir = run_technique(job, console=err)
+    for line in _technique_lines(run_dir):
+        out.print(line, highlight=False, markup=False)
 
     out.rule("[bold]4 · Base vs tuned on held-out questions")
     model, tokenizer = load_run(run_dir)
@@ -85,7 +104,59 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console)
         out.print(line, highlight=False, markup=False)
     out.print(f"→ {run_dir / 'eval'}: summary.json, examples.jsonl (every test answer, base and tuned), "
               f"retention.jsonl ({summary['seconds']:.0f} s)")
+    for line in _task_lines(summary):
+        out.print(line, highlight=False, markup=False)
     out.print(f"Report with the curves, base vs tuned and sample answers (opens offline): {run_dir / 'report.html'}")
     out.print(f"Done in {time.perf_counter() - started:.0f} s. Run folder: {run_dir}")
     out.print(f"Ask it yourself: tailor chat --run {run_dir} \"How do I pair my Ember?\"")
     return run_dir
+
+
+TITLES = {"task": "task-specific, LoRA", "transfer": "transfer: domain text, then the task, top blocks only",
+          "multitask": "multi-task: support answers and routing", "sequential": "sequential: three gated stages",
+          "behavioral": "behavioral: demonstrations, then preference pairs (DPO)"}
+_INTRO = {
+    "task": "LoRA on every block, on the prepared support conversations.",
+    "transfer": "Only the top 10 of 30 blocks get adapters. They first read the shop's handbook (plain text, loss on "
+                "every token), then learn the support conversations.",
+    "multitask": "Two tasks in one adapter: answering customers, and routing a message to its department (one word). "
+                 "Each step draws its rows task by task, p ∝ size^(1/2), and validation reports each task.",
+    "sequential": "Handbook, then support conversations, then routing; each stage starts from the adapter the one "
+                  "before ended with. After each, every earlier stage's validation loss is measured again.",
+    "behavioral": "First the support conversations (demonstrations), then 72 pairs that give the same facts in Wick's "
+                  "voice (chosen) and in a flat corporate voice (rejected).",
+}
+
+
+def _technique_lines(run_dir: Path) -> list[str]:
+    """What the technique did, from the run folder: stages and their gate, tasks drawn, rewards."""
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    lines = []
+    stages_file = run_dir / "stages.json"
+    if stages_file.exists():
+        for s in json.loads(stages_file.read_text(encoding="utf-8"))["stages"]:
+            losses = ", ".join(f"{n} {v:.3f}" for n, v in s["losses"].items() if v is not None)
+            flag = ("; REGRESSION: " + ", ".join(f"{r['stage']} {r['rise']:+.0%}" for r in s["regressions"])
+                    if s["regressions"] else "")
+            lines.append(f"after stage {s['name']}: validation loss {losses}{flag}")
+        if summary.get("stopped_at_stage"):
+            lines.append(f"the gate stopped the run at stage {summary['stopped_at_stage']}; the result is stage "
+                         f"{summary['result_of']}'s")
+    final = summary.get("final_val") or {}
+    if "val_preference_accuracy" in final:
+        lines.append(f"held-out pairs after the preference stage: chosen preferred in "
+                     f"{final['val_preference_accuracy']:.0%}, reward margin {final['val_reward_margin']:+.3f}")
+    tasks = sorted(k.split("/", 1)[1] for k in final if k.startswith("val_loss/"))
+    if tasks:
+        lines.append("validation loss by task: " + ", ".join(f"{t} {final[f'val_loss/{t}']:.3f}" for t in tasks))
+    return lines
+
+
+def _task_lines(summary: dict) -> list[str]:
+    """Multi-task evaluations: each task's base → tuned scores."""
+    lines = []
+    for task, v in (summary.get("tasks") or {}).items():
+        keys = [k for k in ("rouge_l", "label_accuracy", "macro_f1") if v["tuned"].get(k) is not None]
+        lines.append(f"task {task} ({v['examples']} test examples): " + ", ".join(
+            f"{k} {v['base'][k]:.3f} → {v['tuned'][k]:.3f}" for k in keys))
+    return lines

@@ -21,7 +21,7 @@ from rich.console import Console
 from tailor.data import DataError
 from tailor.spec import Job
 from tailor.techniques import common, preference, task
-from tailor.techniques.stages import run_stages
+from tailor.techniques.stages import Stage, run_stages
 
 
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True) -> Path:
@@ -32,11 +32,12 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
             raise DataError(["technique behavioral: data.train has no conversations to demonstrate with and "
                              "behavioral.sft_on_chosen is false; set sft_on_chosen: true, add conversations, or "
                              "set behavioral.demonstration_epochs: 0"])
-        stages.append(("demonstrations", _stage(job, "demonstrations", "task", epochs=b.demonstration_epochs),
-                       partial(task.run, demonstrations=b.sft_on_chosen)))
-    lr = b.preference_learning_rate or job.training.learning_rate / 4
-    stages.append(("preferences", _stage(job, "preferences", "preference", epochs=b.preference_epochs,
-                                         learning_rate=lr), preference.run))
+        stages.append(Stage("demonstrations", _stage(job, "demonstrations", "task", epochs=b.demonstration_epochs),
+                            partial(task.run, demonstrations=b.sft_on_chosen),
+                            frozenset({"chat", "text", "preference"} if b.sft_on_chosen else {"chat", "text"})))
+    lr = b.preference_learning_rate or job.training.learning_rate / 20
+    stages.append(Stage("preferences", _stage(job, "preferences", "preference", epochs=b.preference_epochs,
+                                              learning_rate=lr), preference.run, frozenset({"preference"})))
     return run_stages(job, stages, resume=resume, console=console, show_progress=show_progress)
 
 

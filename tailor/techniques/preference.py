@@ -67,7 +67,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
                         model, dtype, accelerator, run_dir, unit="pairs")
 
     # 4. Train with the preference loss: its mean over the pairs of each step.
-    objective = PreferenceLoss(model, job.preference.loss, job.preference.beta)
+    objective = PreferenceLoss(model, job.preference.loss, job.preference.beta, job.preference.sft_weight)
     summary = train(model, train_set, rows, val_set, val_rows, common.settings(job, dtype), run_dir, accelerator,
                     tokenizer.pad_token_id, resume=resume, show_progress=show_progress, trackers=trackers,
                     objective=objective, row_units=[len(r) // 2 for r in rows])

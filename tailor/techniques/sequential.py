@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tailor.spec import Job
-from tailor.techniques.stages import run_stages
+from tailor.techniques.stages import Stage, run_stages
 
 
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True) -> Path:
@@ -20,7 +20,9 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     from tailor.techniques import multitask, preference, task
 
     recipes = {"task": task.run, "multitask": multitask.run, "preference": preference.run}
-    stages = [(stage.name, _quiet(job.stage_job(i)), recipes[stage.technique]) for i, stage in enumerate(job.stages)]
+    stages = [Stage(stage.name, _quiet(job.stage_job(i)), recipes[stage.technique],
+                    frozenset({"preference"} if stage.technique == "preference" else {"chat", "text"}))
+              for i, stage in enumerate(job.stages)]
     return run_stages(job, stages, resume=resume, console=console, show_progress=show_progress)
 
 

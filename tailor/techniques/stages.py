@@ -8,10 +8,11 @@ never trained again, so --resume restarts at the unfinished stage.
 The gate: after each stage, the model is scored on the validation data of that stage and of every
 stage before it. A stage's score right after it trained is its baseline; when a later stage raises
 that loss by more than sequential.max_regression (a share), the later stage made the model forget
-the earlier one: on_regression stop ends the run there, warn says so and goes on.
+the earlier one: on_regression stop ends the run there and keeps the stage before it as the result
+(the one that regressed stays in its folder to inspect); warn says so and goes on.
 
-The run folder holds what the last stage trained (adapter/ or model/), so evaluation, the report,
-`tailor runs` and serving read it like any other run; metrics.jsonl joins the stages' curves.
+The run folder holds the result (adapter/ or model/) of the last stage kept, so evaluation, the
+report, `tailor runs` and serving read it like any other run; metrics.jsonl joins the stages' curves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from rich.console import Console
@@ -31,9 +32,16 @@ from tailor.techniques import common
 from tailor.train.rundir import read_json, read_jsonl, replace_dir, write_atomic
 
 
-def run_stages(job: Job, stages: list[tuple[str, Job, Callable]], resume: bool = False,
-               console: Console | None = None, show_progress: bool = True) -> Path:
-    """stages: (name, the stage's own job, the recipe that trains it) in order."""
+class Stage(NamedTuple):
+    name: str
+    job: Job  # the stage's own job: its technique, data and training keys
+    recipe: Callable  # what trains it: task.run, multitask.run, preference.run (with its options)
+    # Which records of its validation data the gate scores it on (preference pairs: their chosen answers).
+    kinds: frozenset = frozenset({"chat", "text"})
+
+
+def run_stages(job: Job, stages: list[Stage], resume: bool = False, console: Console | None = None,
+               show_progress: bool = True) -> Path:
     accelerator, say = common.start(job, console)
     run_dir = common.run_folder(job, resume, accelerator)
     if common.is_done(run_dir):
@@ -41,13 +49,13 @@ def run_stages(job: Job, stages: list[tuple[str, Job, Callable]], resume: bool =
         return run_dir
     if accelerator.is_main_process:
         write_atomic(run_dir / "job.yaml", dump_job(job))
-    say(f"[bold]{job.name}[/] ({job.technique}): {len(stages)} stage(s): " + " → ".join(n for n, _, _ in stages))
+    say(f"[bold]{job.name}[/] ({job.technique}): {len(stages)} stage(s): " + " → ".join(st.name for st in stages))
     say(f"run folder: {run_dir}")
 
     record = read_json(run_dir / "stages.json") or {"stages": []}
     done_names = [s["name"] for s in record["stages"]]
     previous, stopped = None, None
-    for i, (name, stage_job, recipe) in enumerate(stages):
+    for i, (name, stage_job, recipe, _) in enumerate(stages):
         folder = run_dir / "stages" / f"{i + 1}-{name}"
         if name in done_names:  # trained and gated before an interruption
             previous = folder
@@ -64,10 +72,14 @@ def run_stages(job: Job, stages: list[tuple[str, Job, Callable]], resume: bool =
         if accelerator.num_processes > 1:
             torch.distributed.broadcast_object_list(shared, src=0)
         record = shared[0]
-        if record["stages"][-1]["regressions"] and job.sequential.on_regression == "stop" and i < len(stages) - 1:
+        if record["stages"][-1]["regressions"] and job.sequential.on_regression == "stop" and i > 0:
             stopped = name
-            say(f"[red]stopped after stage {name}[/]: it made the model forget an earlier stage; the stages after "
-                "it did not run (sequential.on_regression: warn goes on)")
+            kept = folder.parent / f"{i}-{stages[i - 1].name}"
+            say(f"[red]stopped at stage {name}[/]: it made the model forget an earlier stage. The run's result is "
+                f"stage {stages[i - 1].name}'s, the last that passed the gate; {name}'s stays in {folder} to inspect"
+                + (", and the stages after it did not run" if i < len(stages) - 1 else "")
+                + " (sequential.on_regression: warn goes on instead)")
+            previous = kept
             break
 
     if accelerator.is_main_process:
@@ -80,7 +92,7 @@ def run_stages(job: Job, stages: list[tuple[str, Job, Callable]], resume: bool =
 # --- the gate -----------------------------------------------------------------------------------
 
 
-def _gate(folder: Path, name: str, stages: list[tuple[str, Job, Callable]], before: list[dict], job: Job, say) -> dict:
+def _gate(folder: Path, name: str, stages: list[Stage], before: list[dict], job: Job, say) -> dict:
     """Score the model this stage ended with on every stage's validation data so far; compare each
     earlier stage's score with its baseline."""
     from tailor.models.generate import load_run
@@ -88,8 +100,9 @@ def _gate(folder: Path, name: str, stages: list[tuple[str, Job, Callable]], befo
     model, tokenizer = load_run(folder)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     losses = {}
-    for i, (stage_name, stage_job, _) in enumerate(stages):
-        records = _validation_records(stage_job, folder.parent / f"{i + 1}-{stage_name}")
+    for i, (stage_name, stage_job, _, kinds) in enumerate(stages):
+        records = [ex for ex in _validation_records(stage_job, folder.parent / f"{i + 1}-{stage_name}")
+                   if ex.kind in kinds]
         losses[stage_name] = validation_loss(model, tokenizer, records, stage_job.training.max_seq_len, bf16)
     baselines = {s["name"]: s["baseline"] for s in before}
     regressions = []
@@ -167,7 +180,7 @@ def _assemble(run_dir: Path, last: Path, record: dict, stopped: str | None, job:
             shutil.copyfile(last / name, run_dir / name)
     manifest = read_json(last / "manifest.json")
     manifest.update({"name": job.name, "technique": job.technique, "run_dir": str(run_dir),
-                     "stages": [s["folder"] for s in record["stages"]]})
+                     "stages": [s["folder"] for s in record["stages"]], "result_of": str(last)})
     write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
 
     rows, offset, summaries = [], 0, []
@@ -183,7 +196,7 @@ def _assemble(run_dir: Path, last: Path, record: dict, stopped: str | None, job:
     last_summary = summaries[-1] if summaries else {}
     summary = {k: last_summary.get(k) for k in ("final_train_loss", "final_val_loss", "final_val_token_accuracy",
                                                  "final_val", "tokens_per_s_median")}
-    summary.update({"steps": offset, "stopped_at_stage": stopped,
+    summary.update({"steps": offset, "stopped_at_stage": stopped, "result_of": last.name,
                     "regressions": [r | {"after": s["name"]} for s in record["stages"] for r in s["regressions"]],
                     "stages": summaries})
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from tailor.spec import DataSpec, Job
 from tailor.techniques import task
-from tailor.techniques.stages import run_stages
+from tailor.techniques.stages import Stage, run_stages
 
 
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True) -> Path:
@@ -32,5 +32,5 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     the_task = job.model_copy(update={"name": f"{job.name}.task", "technique": "task"}, deep=True)
     for stage in (domain, the_task):
         stage.eval.enabled = False  # the run evaluates once, on the task stage's result
-    return run_stages(job, [("domain", domain, task.run), ("task", the_task, task.run)], resume=resume,
+    return run_stages(job, [Stage("domain", domain, task.run), Stage("task", the_task, task.run)], resume=resume,
                       console=console, show_progress=show_progress)

@@ -90,15 +90,17 @@ class PreferenceLoss(nn.Module):
     stat_names = ("preference_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
     perplexity = False
 
-    def __init__(self, model: nn.Module, loss: str = "dpo", beta: float = 0.1):
+    def __init__(self, model: nn.Module, loss: str = "dpo", beta: float = 0.1, sft_weight: float = 0.0):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"preference.loss: unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
-        self.model, self.loss, self.beta = model, loss, beta
+        self.model, self.loss, self.beta, self.sft_weight = model, loss, beta, sft_weight
 
     def forward(self, input_ids, labels, position_ids, segments, ref_logps=None, weight: float = 1.0):
         sums, counts = sequence_logprobs(self.model, input_ids, labels, position_ids, segments)
         losses, chosen_reward, rejected_reward = pair_losses(sums, counts, ref_logps, self.loss, self.beta)
+        if self.sft_weight and self.loss != "orpo":  # orpo has its own language-model term
+            losses = losses - self.sft_weight * sums[0::2] / counts[0::2]
         margin = (chosen_reward - rejected_reward).detach()
         stats = torch.stack([(margin > 0).float().sum(), margin.sum(), chosen_reward.detach().sum(),
                              rejected_reward.detach().sum()])
