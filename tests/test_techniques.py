@@ -203,6 +203,8 @@ def test_the_gate_stops_when_a_stage_makes_the_model_forget(make_job, ping_data)
     assert not (run_dir / "stages" / "3-third").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_at_stage"] == "second" and summary["result_of"] == "1-first"
+    first_summary = json.loads((run_dir / "stages" / "1-first" / "summary.json").read_text())
+    assert summary["final_val_loss"] == first_summary["final_val_loss"]
     kept = run_dir / "stages" / "1-first" / "adapter" / "adapter_model.safetensors"
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == kept.read_bytes()
     assert "id='stages'" in (run_dir / "report.html").read_text()

@@ -140,8 +140,8 @@ def _technique_lines(run_dir: Path) -> list[str]:
                     if s["regressions"] else "")
             lines.append(f"after stage {s['name']}: validation loss {losses}{flag}")
         if summary.get("stopped_at_stage"):
-            lines.append(f"the gate stopped the run at stage {summary['stopped_at_stage']}; the result is stage "
-                         f"{summary['result_of']}'s")
+            lines.append(f"the gate stopped the run at stage {summary['stopped_at_stage']}; its result is the stage "
+                         f"before (stages/{summary['result_of']})")
     final = summary.get("final_val") or {}
     if "val_preference_accuracy" in final:
         lines.append(f"held-out pairs after the preference stage: chosen preferred in "

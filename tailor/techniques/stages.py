@@ -193,8 +193,8 @@ def _assemble(run_dir: Path, last: Path, record: dict, stopped: str | None, job:
                 rows.append({**r, "stage": entry["name"], "stage_step": r["step"], "step": r["step"] + offset})
         offset += summary.get("steps", 0)
     write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    last_summary = summaries[-1] if summaries else {}
-    summary = {k: last_summary.get(k) for k in ("final_train_loss", "final_val_loss", "final_val_token_accuracy",
+    kept = read_json(last / "summary.json") or {}  # the final numbers are those of the stage kept
+    summary = {k: kept.get(k) for k in ("final_train_loss", "final_val_loss", "final_val_token_accuracy",
                                                  "final_val", "tokens_per_s_median")}
     summary.update({"steps": offset, "stopped_at_stage": stopped, "result_of": last.name,
                     "regressions": [r | {"after": s["name"]} for s in record["stages"] for r in s["regressions"]],
