@@ -9,6 +9,7 @@ import pytest
 
 from conftest import train_losses
 from tailor.spec import load_job
+from tailor.techniques import run as run_technique
 from tailor.techniques import task
 
 
@@ -29,5 +30,34 @@ def test_two_processes_equal_one_with_the_same_global_batch(make_job, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
     runs = list((tmp_path / "ddp-runs" / "ddp").iterdir())
+    assert len(runs) == 1 and (runs[0] / "DONE").exists()
+    assert train_losses(runs[0]) == pytest.approx(train_losses(single), abs=1e-5)
+
+
+def test_preference_training_on_two_processes_equals_one(make_job, tmp_path):
+    # The preference loss through the same engine: a staged run (behavioral, preference stage only),
+    # reference log-probabilities written by rank 0 and read by both, pairs split across ranks.
+    import json
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": f"lamp question {i}?"}],
+        "chosen": [{"role": "assistant", "content": f"Hello spark! answer {i} glows. Keep glowing!"}],
+        "rejected": [{"role": "assistant", "content": f"Dear customer. answer {i}. Regards."}]}) + "\n"
+        for i in range(14)), encoding="utf-8")
+    path = make_job("ddp-pref", technique="behavioral", data={"train": [str(pairs)], "validation_fraction": 0.0},
+                    behavioral={"demonstration_epochs": 0, "preference_learning_rate": 1e-2},
+                    training={"max_steps": 3, "packing": False}, sequential={"max_regression": None})
+    single = run_technique(load_job(path, ["training.batch_size=4"]), show_progress=False)
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tailor", "train", str(path),
+         "--set", "training.batch_size=2", "--set", f"output.dir={tmp_path / 'ddp-runs'}", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "ddp-runs" / "ddp-pref").iterdir())
     assert len(runs) == 1 and (runs[0] / "DONE").exists()
     assert train_losses(runs[0]) == pytest.approx(train_losses(single), abs=1e-5)

@@ -96,8 +96,12 @@ def check_same_job(run_dir: Path, job: Job) -> None:
                           "restore those values to resume, or run without --resume to start a new run")
 
 
-def is_done(run_dir: Path) -> bool:
-    return (run_dir / "DONE").exists()
+def finished(run_dir: Path, say) -> bool:
+    """A run folder marked DONE has nothing left to train (a --resume of it, or a stage done before)."""
+    if (run_dir / "DONE").exists():
+        say(f"[green]{run_dir} already finished[/]; nothing to resume.")
+        return True
+    return False
 
 
 def open_run_trackers(job: Job, run_dir: Path) -> list:
@@ -389,12 +393,12 @@ def evaluate(run_dir: Path, job: Job, say) -> dict | None:
 
 def sample_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int, bf16: bool):
     """model -> generation metrics on the first n validation conversations (greedy answers to all
-    but their last turn, scored against it), prefixed val_."""
+    but their last turn, scored against it), prefixed val_; None when n is 0 or nothing is left."""
     from tailor.evaluate.metrics import text_scores
     from tailor.evaluate.run import answered
     from tailor.models.generate import answer
 
-    samples = answered(val_raw)[:n]
+    samples = answered(val_raw)[:n] if n else []
     if not samples:
         return None
     prompts, references = [t["prompt"] for t in samples], [t["reference"] for t in samples]

@@ -34,8 +34,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     _every_record_has_a_task(train_raw)
     train_raw = with_instructions(train_raw, job.multitask.instructions)
     val_raw = with_instructions(val_raw, job.multitask.instructions)
-    if common.is_done(run_dir):
-        say(f"[green]{run_dir} already finished[/]; nothing to resume.")
+    if common.finished(run_dir, say):
         return run_dir
     trackers = common.open_run_trackers(job, run_dir) if accelerator.is_main_process else []
 
@@ -73,10 +72,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         common.write_manifest(job, run_dir, resolved, dtype, model, accelerator, stats, start_from, tasks=task_info)
         common.say_plan(job, say, len(train_set), len(val_set), len(rows), stats["padding_share"], model, dtype,
                         accelerator, run_dir)
-    bf16 = dtype == torch.bfloat16
-    score_samples = (common.sample_scorer(tokenizer, val_raw, job.training.val_generate,
-                                          job.training.val_generate_tokens, bf16)
-                     if job.training.val_generate else None)
+    score_samples = common.sample_scorer(tokenizer, val_raw, job.training.val_generate,
+                                         job.training.val_generate_tokens, bf16=dtype == torch.bfloat16)
     summary = train(model, train_set, rows, val_set, val_rows, common.settings(job, dtype), run_dir, accelerator,
                     tokenizer.pad_token_id, resume=resume, show_progress=show_progress, score_samples=score_samples,
                     trackers=trackers, plan=plan, val_groups={t: g for t, g in val_groups.items() if g})

@@ -34,8 +34,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     if not train_raw:
         raise DataError([f"{', '.join(map(str, job.data.train))}: no preference pairs to train on; give records "
                          "with prompt, chosen and rejected (or OpenAI's preference format)"])
-    if common.is_done(run_dir):
-        say(f"[green]{run_dir} already finished[/]; nothing to resume.")
+    if common.finished(run_dir, say):
         return run_dir
     trackers = common.open_run_trackers(job, run_dir) if accelerator.is_main_process else []
 

@@ -44,8 +44,7 @@ def run_stages(job: Job, stages: list[Stage], resume: bool = False, console: Con
                show_progress: bool = True) -> Path:
     accelerator, say = common.start(job, console)
     run_dir = common.run_folder(job, resume, accelerator)
-    if common.is_done(run_dir):
-        say(f"[green]{run_dir} already finished[/]; nothing to resume.")
+    if common.finished(run_dir, say):
         return run_dir
     if accelerator.is_main_process:
         write_atomic(run_dir / "job.yaml", dump_job(job))

@@ -33,8 +33,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         train_raw, val_raw = (common.demonstrations(raw, demonstrations) for raw in (train_raw, val_raw))
     common.only_kinds(train_raw + val_raw, {"chat", "text"}, "task",
                       "Train preference pairs with technique behavioral, or convert them to conversations.")
-    if common.is_done(run_dir):
-        say(f"[green]{run_dir} already finished[/]; nothing to resume.")
+    if common.finished(run_dir, say):
         return run_dir
     trackers = common.open_run_trackers(job, run_dir) if accelerator.is_main_process else []
 
@@ -60,10 +59,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
                         accelerator, run_dir)
 
     # 4. Train.
-    bf16 = dtype == torch.bfloat16
-    score_samples = (common.sample_scorer(tokenizer, val_raw, job.training.val_generate,
-                                          job.training.val_generate_tokens, bf16)
-                     if job.training.val_generate else None)
+    score_samples = common.sample_scorer(tokenizer, val_raw, job.training.val_generate,
+                                         job.training.val_generate_tokens, bf16=dtype == torch.bfloat16)
     summary = train(model, train_set, rows, val_set, val_rows, common.settings(job, dtype), run_dir, accelerator,
                     tokenizer.pad_token_id, resume=resume, show_progress=show_progress, score_samples=score_samples,
                     trackers=trackers)
