@@ -431,7 +431,9 @@ class Job(Section):
             try:
                 TrainingSpec.model_validate(self.training.model_dump() | stage.training)
             except ValidationError as exc:
-                problems += [f"stages.{i}.training.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+                problems += [f"stages.{i}.training.{'.'.join(map(str, e['loc']))}: " + (
+                    _unknown_key_hint(str(e["loc"][-1]), list(TrainingSpec.model_fields))
+                    if e["type"] == "extra_forbidden" else e["msg"]) for e in exc.errors()]
         if [st.name for st in self.stages] != list(dict.fromkeys(st.name for st in self.stages)):
             problems.append("stages: two stages have the same name; give each its own")
         if self.technique == "transfer" and self.adapter.kind == "full":
@@ -595,10 +597,7 @@ def _describe(err: dict) -> str:
     key = ".".join(loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
-        valid = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
-        return f"{key}: unknown key; {hint}"
+        return f"{key}: {_unknown_key_hint(loc[-1], _fields_at(loc[:-1]))}"
     if kind == "missing":
         return f"{key}: required; add it to the job file"
     msg = err["msg"]
@@ -608,6 +607,11 @@ def _describe(err: dict) -> str:
     field = _field_at(loc)
     doc = f" ({field.description})" if field is not None and field.description else ""
     return f"{key}: {msg}, got {err.get('input')!r}{doc}"
+
+
+def _unknown_key_hint(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return "unknown key; " + (f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}")
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

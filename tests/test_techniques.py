@@ -243,10 +243,11 @@ def test_stage_settings_are_checked_before_anything_runs(make_job, ping_data):
 
     first, _ = ping_data
     path = make_job("seq-bad", technique="sequential",
-                    stages=[{"name": "a", "training": {"learning_rate": -1}}, {"name": "a"}])
+                    stages=[{"name": "a", "training": {"learning_rate": -1}}, {"name": "a", "training": {"epoch": 2}}])
     with pytest.raises(SpecError) as err:
         load_job(path)
     assert "stages.0.training.learning_rate" in str(err.value) and "same name" in str(err.value)
+    assert "stages.1.training.epoch: unknown key; did you mean 'epochs'?" in str(err.value)
 
 
 # --- behavioral ---------------------------------------------------------------------------------
@@ -318,3 +319,64 @@ def test_behavioral_demonstrates_then_prefers_and_the_preference_stage_continues
         json.loads((demo / "summary.json").read_text())["end"]["trainable_sha256"]
     job = json.loads((prefs / "manifest.json").read_text())
     assert job["preference"] == {"loss": "dpo", "beta": 0.1, "sft_weight": 1.0}
+
+
+# --- evaluation and report of the techniques' runs ----------------------------------------------
+
+
+def _prepared(tmp_path, tiny_model_dir, sources, name):
+    from tailor.data.prepare import prepare
+
+    return prepare(sources, tmp_path / name, model=str(tiny_model_dir), num_proc=1, say=lambda m: None,
+                   privacy={"enabled": False}, dedup={"near": False}, card={"perplexity_sample": 0, "html": False},
+                   split={"validation": 0.2, "test": 0.2}).out
+
+
+def test_multitask_evaluation_scores_each_task_and_the_report_draws_them(make_job, two_tasks, tiny_model_dir, tmp_path):
+    import shutil as sh
+    import subprocess
+
+    from tailor.spec import SourceSpec
+
+    support, routing = two_tasks
+    prepared = _prepared(tmp_path, tiny_model_dir, [SourceSpec(path=str(support), task="support"),
+                                                    SourceSpec(path=str(routing), task="routing")], "mt-prepared")
+    path = make_job("mt-eval", technique="multitask", data={"train": [str(prepared)]},
+                    training={"max_steps": 4, "eval_every": 2},
+                    eval={"max_examples": 20, "max_new_tokens": 6, "retention": False})
+    run_dir = run(path)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"support", "routing"}
+    assert summary["tasks"]["routing"]["examples"] >= 1 and "rouge_l" in summary["tasks"]["support"]["tuned"]
+    page = (run_dir / "report.html").read_text()
+    assert "id='tasks'" in page and "tasks-loss" in page
+    browser = sh.which("chromium") or sh.which("chromium-browser") or sh.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", (run_dir / "report.html").as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    # the per-task charts are drawn: one line per task in each
+    assert dom.count('class="main-svg"') >= 2 * 6 and dom.count("trace scatter") >= 6
+
+
+def test_a_staged_behavioral_run_is_evaluated_on_its_pairs_and_tailor_eval_repeats_it(make_job, pairs_file,
+                                                                                     tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    prepared = _prepared(tmp_path, tiny_model_dir, [str(pairs_file)], "pairs-prepared")
+    path = make_job("beh-eval", technique="behavioral", data={"train": [str(prepared)]},
+                    training={"max_steps": 3}, sequential={"max_regression": None},
+                    eval={"max_examples": 6, "max_new_tokens": 12, "retention": False,
+                          "gate": {"metric": "preferred_style", "min_gain": None}})
+    run_dir = run(path)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert summary["data"]["examples"] == 6
+    assert 0 <= summary["base"]["preferred_style"] <= 1 and 0 <= summary["tuned"]["preferred_style"] <= 1
+    first = (run_dir / "eval" / "summary.json").read_text()
+    result = CliRunner().invoke(app, ["eval", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    again = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert again["tuned"] == json.loads(first)["tuned"]  # the same model, prompts and greedy decoding
