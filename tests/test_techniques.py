@@ -207,7 +207,8 @@ def test_the_gate_stops_when_a_stage_makes_the_model_forget(make_job, ping_data)
     assert summary["final_val_loss"] == first_summary["final_val_loss"]
     kept = run_dir / "stages" / "1-first" / "adapter" / "adapter_model.safetensors"
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == kept.read_bytes()
-    assert "id='stages'" in (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text()
+    assert "id='stages'" in page and "the result is the stage before it, stages/1-first" in page
 
     warned = run(staged_job(make_job, "seq-warn", first, second, training={"max_steps": 8},
                             sequential={"max_regression": 0.1, "on_regression": "warn"}))

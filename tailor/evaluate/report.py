@@ -117,11 +117,13 @@ def _curves(rows: list[dict]) -> list[tuple[str, object]]:
     if train or val:
         for x, name, title in (("step", "loss-steps", "optimizer step"), ("epoch", "loss-epochs", "epoch")):
             fig = go.Figure(layout={"title": f"Loss over {x}s", "xaxis_title": title, "yaxis_title": "loss"})
-            if train:
-                fig.add_scatter(x=[r[x] for r in train], y=[r["loss"] for r in train], name="train", mode="lines")
-            if val:
-                fig.add_scatter(x=[r[x] for r in val], y=[r["val_loss"] for r in val], name="validation",
-                                mode="lines+markers")
+            # a staged run: one line per stage, since each stage validates on its own data
+            for stage, part in _by_stage(train).items():
+                fig.add_scatter(x=[r[x] for r in part], y=[r["loss"] for r in part], name=_named("train", stage),
+                                mode="lines")
+            for stage, part in _by_stage(val).items():
+                fig.add_scatter(x=[r[x] for r in part], y=[r["val_loss"] for r in part],
+                                name=_named("validation", stage), mode="lines+markers")
             figures.append((name, fig))
     if train:
         figures.append(("learning-rate", go.Figure(
@@ -138,6 +140,17 @@ def _curves(rows: list[dict]) -> list[tuple[str, object]]:
                             mode="lines+markers")
         figures.append(("validation-metrics", fig))
     return figures
+
+
+def _by_stage(rows: list[dict]) -> dict:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r.get("stage"), []).append(r)
+    return groups
+
+
+def _named(what: str, stage: str | None) -> str:
+    return what if stage is None else f"{what} · {stage}"
 
 
 def _task_curves(rows: list[dict]) -> list[tuple[str, object]]:
@@ -201,7 +214,11 @@ def _stages_html(stages: dict | None) -> str:
         gate = ("<span class='fail'>" + html.escape("; ".join(f"{r['stage']} {r['rise']:+.1%}" for r in s["regressions"]))
                 + "</span>") if s["regressions"] else "<span class='pass'>ok</span>"
         body += f"<tr><td>{html.escape(s['name'])}</td>{cells}<td>{gate}</td></tr>"
-    return "<h2>Stages</h2><table id='stages'>" + head + body + "</table>"
+    outcome = ""
+    if stages.get("stopped_at"):
+        outcome = (f"<p class='fail'>The gate stopped the run at stage {html.escape(stages['stopped_at'])}; the "
+                   f"result is the stage before it, stages/{html.escape(stages['result_of'])}.</p>")
+    return "<h2>Stages</h2><table id='stages'>" + head + body + "</table>" + outcome
 
 
 def _tasks_html(summary: dict | None) -> str:

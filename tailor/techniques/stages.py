@@ -182,15 +182,18 @@ def _assemble(run_dir: Path, last: Path, record: dict, stopped: str | None, job:
                      "stages": [s["folder"] for s in record["stages"]], "result_of": str(last)})
     write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
 
-    rows, offset, summaries = [], 0, []
-    for i, entry in enumerate(record["stages"]):
+    # Steps and epochs run on across stages (each row keeps its stage's own as stage_step, stage_epoch).
+    rows, offset, epochs, summaries = [], 0, 0.0, []
+    for entry in record["stages"]:
         folder = Path(entry["folder"])
         summary = read_json(folder / "summary.json") or {}
         summaries.append({"stage": entry["name"], **summary})
-        for r in read_jsonl(folder / "metrics.jsonl"):
-            if r.get("type") in ("train", "eval"):
-                rows.append({**r, "stage": entry["name"], "stage_step": r["step"], "step": r["step"] + offset})
+        stage_rows = [r for r in read_jsonl(folder / "metrics.jsonl") if r.get("type") in ("train", "eval")]
+        for r in stage_rows:
+            rows.append({**r, "stage": entry["name"], "stage_step": r["step"], "step": r["step"] + offset,
+                         "stage_epoch": r["epoch"], "epoch": round(r["epoch"] + epochs, 4)})
         offset += summary.get("steps", 0)
+        epochs += max((r["epoch"] for r in stage_rows), default=0.0)
     write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     kept = read_json(last / "summary.json") or {}  # the final numbers are those of the stage kept
     summary = {k: kept.get(k) for k in ("final_train_loss", "final_val_loss", "final_val_token_accuracy",
@@ -199,5 +202,6 @@ def _assemble(run_dir: Path, last: Path, record: dict, stopped: str | None, job:
                     "regressions": [r | {"after": s["name"]} for s in record["stages"] for r in s["regressions"]],
                     "stages": summaries})
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_atomic(run_dir / "stages.json", json.dumps({**record, "stopped_at": stopped, "result_of": last.name}, indent=1))
     write_report(run_dir)
     (run_dir / "DONE").write_text("", encoding="utf-8")
