@@ -1,6 +1,7 @@
 """The embedded SmolLM2-135M for real: a short LoRA run, and the quickstart end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -47,3 +48,22 @@ def test_quickstart_runs_every_step(embedded_path, tmp_path):
     assert summary["retention"]["questions"] == 120
     assert ("gate: PASSED" if summary["gate"]["passed"] else "gate: FAILED") in result.output
     assert "ROUGE-L" in result.output and "general questions" in result.output
+
+
+def test_quickstart_sequential_runs_three_gated_stages(embedded_path, tmp_path):
+    # the staged path end to end on the real model: each stage's data prepared once, three stages
+    # that continue each other, the gate after each, the evaluation of the stage kept
+    result = CliRunner().invoke(app, ["quickstart", "--technique", "sequential", "--steps", "2", "--out", str(tmp_path)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "after stage routing: validation loss handbook" in result.output
+    assert {p.name for p in tmp_path.iterdir()} >= {"prepared-support", "prepared-routing", "quickstart-sequential"}
+    run_dir = next((tmp_path / "quickstart-sequential").iterdir())
+    record = json.loads((run_dir / "stages.json").read_text())
+    assert [s["name"] for s in record["stages"]] == ["handbook", "support", "routing"]
+    folders = [Path(s["folder"]) for s in record["stages"]]
+    for before, after in zip(folders, folders[1:]):
+        assert json.loads((after / "manifest.json").read_text())["start"]["trainable_sha256"] == \
+            json.loads((before / "summary.json").read_text())["end"]["trainable_sha256"]
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert summary["data"]["examples"] >= 10 and "rouge_l" in summary["tuned"]
