@@ -452,13 +452,20 @@ class Job(Section):
         return self
 
     def stage_job(self, index: int) -> "Job":
-        """Stage `index` as a job of its own: its technique, data and training keys over the job's."""
+        """Stage `index` of `stages:` as a job of its own."""
         stage = self.stages[index]
-        return self.model_copy(update={
-            "name": f"{self.name}.{stage.name}", "technique": stage.technique, "stages": [],
-            "data": stage.data or self.data,
-            "training": TrainingSpec.model_validate(self.training.model_dump() | stage.training),
+        return self.as_stage(stage.name, stage.technique, stage.data, stage.training)
+
+    def as_stage(self, name: str, technique: str, data: DataSpec | None = None,
+                 training: dict[str, Any] | None = None) -> "Job":
+        """A stage of this job as a job of its own: its technique, and its data and training keys
+        over the job's. Its evaluation is off: a staged run evaluates once, on the stage it keeps."""
+        stage = self.model_copy(update={
+            "name": f"{self.name}.{name}", "technique": technique, "stages": [], "data": data or self.data,
+            "training": TrainingSpec.model_validate(self.training.model_dump() | (training or {})),
         }, deep=True)
+        stage.eval.enabled = False
+        return stage
 
 
 # --- loading -----------------------------------------------------------------------------------

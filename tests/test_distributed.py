@@ -13,6 +13,21 @@ from tailor.techniques import run as run_technique
 from tailor.techniques import task
 
 
+def train_on_two_processes(path: Path, out: Path, batch_size: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """`tailor train` under torchrun with 2 CPU processes; (the process, its only run folder)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tailor", "train", str(path),
+         "--set", f"training.batch_size={batch_size}", "--set", f"output.dir={out}", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [run for job in out.iterdir() for run in job.iterdir()]
+    assert len(runs) == 1 and (runs[0] / "DONE").exists()
+    return result, runs[0]
+
+
 def test_two_processes_equal_one_with_the_same_global_batch(make_job, tmp_path):
     # One epoch of 19 packed rows in global batches of 6: the last step has a single row, so the
     # second process has none and must still take part in the gradient all-reduce.
@@ -20,18 +35,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(make_job, tmp_path):
     single = task.run(load_job(path, ["training.batch_size=6"]), show_progress=False)
     assert len(train_losses(single)) == 4
 
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tailor", "train", str(path),
-         "--set", "training.batch_size=3", "--set", f"output.dir={tmp_path / 'ddp-runs'}", "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 2 process(es)" in result.stderr
-    runs = list((tmp_path / "ddp-runs" / "ddp").iterdir())
-    assert len(runs) == 1 and (runs[0] / "DONE").exists()
-    assert train_losses(runs[0]) == pytest.approx(train_losses(single), abs=1e-5)
+    result, run_dir = train_on_two_processes(path, tmp_path / "ddp-runs", batch_size=3)
+    assert "on 2 process(es)" in result.stderr and run_dir.parent.name == "ddp"
+    assert train_losses(run_dir) == pytest.approx(train_losses(single), abs=1e-5)
 
 
 def test_preference_training_on_two_processes_equals_one(make_job, tmp_path):
@@ -50,14 +56,6 @@ def test_preference_training_on_two_processes_equals_one(make_job, tmp_path):
                     training={"max_steps": 3, "packing": False}, sequential={"max_regression": None})
     single = run_technique(load_job(path, ["training.batch_size=4"]), show_progress=False)
 
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tailor", "train", str(path),
-         "--set", "training.batch_size=2", "--set", f"output.dir={tmp_path / 'ddp-runs'}", "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = list((tmp_path / "ddp-runs" / "ddp-pref").iterdir())
-    assert len(runs) == 1 and (runs[0] / "DONE").exists()
-    assert train_losses(runs[0]) == pytest.approx(train_losses(single), abs=1e-5)
+    _, run_dir = train_on_two_processes(path, tmp_path / "ddp-runs", batch_size=2)
+    assert run_dir.parent.name == "ddp-pref"
+    assert train_losses(run_dir) == pytest.approx(train_losses(single), abs=1e-5)

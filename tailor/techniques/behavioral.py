@@ -32,17 +32,12 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
             raise DataError(["technique behavioral: data.train has no conversations to demonstrate with and "
                              "behavioral.sft_on_chosen is false; set sft_on_chosen: true, add conversations, or "
                              "set behavioral.demonstration_epochs: 0"])
-        stages.append(Stage("demonstrations", _stage(job, "demonstrations", "task", epochs=b.demonstration_epochs),
+        stages.append(Stage("demonstrations", job.as_stage("demonstrations", "task", training={"epochs": b.demonstration_epochs}),
                             partial(task.run, demonstrations=b.sft_on_chosen),
                             frozenset({"chat", "text", "preference"} if b.sft_on_chosen else {"chat", "text"})))
     lr = b.preference_learning_rate or job.training.learning_rate / 20
-    stages.append(Stage("preferences", _stage(job, "preferences", "preference", epochs=b.preference_epochs,
-                                              learning_rate=lr), preference.run, frozenset({"preference"})))
+    stages.append(Stage("preferences", job.as_stage("preferences", "preference",
+                                                    training={"epochs": b.preference_epochs, "learning_rate": lr}),
+                        preference.run, frozenset({"preference"})))
     return run_stages(job, stages, resume=resume, console=console, show_progress=show_progress)
 
-
-def _stage(job: Job, name: str, technique: str, **training) -> Job:
-    stage = job.model_copy(update={"name": f"{job.name}.{name}", "technique": technique,
-                                   "training": job.training.model_copy(update=training)}, deep=True)
-    stage.eval.enabled = False  # the run evaluates once, on the last stage's result
-    return stage

@@ -120,11 +120,23 @@ def data_and_folder(job: Job, resume: bool, accelerator, say, fixed: Path | None
     there the folder comes first."""
     if job.data.prepare:
         run_dir = run_folder(job, resume, accelerator, fixed)
-        train_raw, val_raw = prepared_data(job, run_dir, accelerator, say)
-    else:
-        train_raw, val_raw = read_data(job)
-        run_dir = run_folder(job, resume, accelerator, fixed)
-    return run_dir, train_raw, val_raw
+        prepare_once(job, run_dir, accelerator, say)
+        return (run_dir, *splits(job, run_dir))
+    train_raw, val_raw = splits(job, None)
+    return run_folder(job, resume, accelerator, fixed), train_raw, val_raw
+
+
+def splits(job: Job, run_dir: Path | None) -> tuple[list, list]:
+    """(train, validation) records of a run: its prepared RUN/data with data.prepare (validation:
+    data.validation if given), else read_data."""
+    if not job.data.prepare:
+        return read_data(job)
+    from tailor.data.store import read_prepared
+
+    folder = run_dir / "data"
+    val_raw = (read_many(job.data.validation, split="validation") if job.data.validation
+               else read_prepared(folder, "validation"))
+    return read_prepared(folder, "train"), val_raw
 
 
 def read_data(job: Job) -> tuple[list, list]:
@@ -140,20 +152,16 @@ def read_data(job: Job) -> tuple[list, list]:
     return train_raw, val_raw
 
 
-def prepared_data(job: Job, run_dir: Path, accelerator, say) -> tuple[list, list]:
-    """data.prepare: prepare data.train into RUN/data once (a resumed run reuses it), then read its splits."""
+def prepare_once(job: Job, run_dir: Path, accelerator, say) -> None:
+    """data.prepare: prepare data.train into RUN/data once (a resumed run reuses it)."""
     from tailor.data.prepare import prepare
-    from tailor.data.store import is_prepared, read_prepared
+    from tailor.data.store import is_prepared
 
     folder = run_dir / "data"
     if accelerator.is_main_process and not is_prepared(folder):
         say(f"preparing {len(job.data.train)} input(s) → {folder}")
         prepare(job.data.train, folder, model=job.model.base, config=job.data, say=say)
     accelerator.wait_for_everyone()
-    train_raw, val_raw = read_prepared(folder, "train"), read_prepared(folder, "validation")
-    if job.data.validation:
-        val_raw = read_many(job.data.validation, split="validation")
-    return train_raw, val_raw
 
 
 def only_kinds(examples: list, kinds: set[str], technique: str, fix: str) -> None:
@@ -220,9 +228,10 @@ def model_to_train(job: Job, resolved, dtype, device, start_from: Path | None = 
     torch.manual_seed(job.training.seed)
     random.seed(job.training.seed)
     cfg = AdapterConfig(**job.adapter.model_dump())
-    path = resolved.path
     if start_from is not None:
-        path = _continued_path(start_from, cfg.kind)
+        _check_continuable(start_from, cfg.kind)
+    # A LoRA stage continues its adapter on the base; the others continue the weights saved in model/.
+    path = str(start_from / "model") if start_from is not None and cfg.kind != "lora" else resolved.path
     model = load_model(path, dtype, device, job.model.trust_remote_code)
     model.config.use_cache = False
     if start_from is not None and cfg.kind == "lora":
@@ -240,17 +249,11 @@ def model_to_train(job: Job, resolved, dtype, device, start_from: Path | None = 
     return model
 
 
-def _continued_path(start_from: Path, kind: str) -> str:
-    if kind == "lora":
-        if not (start_from / "adapter").is_dir():
-            raise AdapterError(f"{start_from} has no adapter/ to continue (it trained {_kind_of(start_from)}); every "
-                               "stage of a run trains the same adapter.kind")
-        return resolve_model(json.loads((start_from / "manifest.json").read_text(encoding="utf-8"))
-                             ["model"]["source"]).path
-    if not (start_from / "model").is_dir():
-        raise AdapterError(f"{start_from} has no model/ to continue (it trained {_kind_of(start_from)}); every "
+def _check_continuable(start_from: Path, kind: str) -> None:
+    folder = "adapter" if kind == "lora" else "model"
+    if not (start_from / folder).is_dir():
+        raise AdapterError(f"{start_from} has no {folder}/ to continue (it trained {_kind_of(start_from)}); every "
                            "stage of a run trains the same adapter.kind")
-    return str(start_from / "model")
 
 
 def _kind_of(run_dir: Path) -> str:
@@ -287,9 +290,12 @@ def settings(job: Job, dtype) -> TrainSettings:
     )
 
 
-def write_manifest(job: Job, run_dir: Path, resolved, dtype, model, accelerator, stats: dict,
-                   start_from: Path | None = None, **extra) -> None:
-    """job.yaml and manifest.json: what this run was started with, written by the main process."""
+def record_start(job: Job, run_dir: Path, resolved, dtype, model, accelerator, stats: dict, say, n_train: int,
+                 n_val: int, start_from: Path | None = None, unit: str = "examples", **extra) -> None:
+    """job.yaml and manifest.json (what this run was started with), and the plan in one line; by
+    the main process. stats: the encoding numbers, with rows and padding_share."""
+    if not accelerator.is_main_process:
+        return
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     write_atomic(run_dir / "job.yaml", dump_job(job))
@@ -308,14 +314,8 @@ def write_manifest(job: Job, run_dir: Path, resolved, dtype, model, accelerator,
         **extra,
     }
     write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
-
-
-def say_plan(job: Job, say, n_train: int, n_val: int, n_rows: int, padding: float, model, dtype, accelerator,
-             run_dir: Path, unit: str = "examples") -> None:
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    say(f"[bold]{job.name}[/] ({job.technique}): {n_train} train / {n_val} validation {unit} in {n_rows} rows "
-        f"({padding:.0%} padding), {job.adapter.kind} training {n_trainable:,} of {n_total:,} "
+    say(f"[bold]{job.name}[/] ({job.technique}): {n_train} train / {n_val} validation {unit} in {stats['rows']} rows "
+        f"({stats['padding_share']:.0%} padding), {job.adapter.kind} training {n_trainable:,} of {n_total:,} "
         f"parameters in {str(dtype).removeprefix('torch.')} on {accelerator.num_processes} process(es)")
     say(f"run folder: {run_dir}")
 

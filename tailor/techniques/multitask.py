@@ -66,12 +66,10 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
 
     # 4. The model, and 5. train.
     model = common.model_to_train(job, resolved, dtype, accelerator.device, start_from)
-    if accelerator.is_main_process:
-        task_info = {t: {"train_rows": sizes[t], "validation_rows": len(val_groups[t]), "probability": probabilities[t],
-                         "instruction": job.multitask.instructions.get(t)} for t in tasks}
-        common.write_manifest(job, run_dir, resolved, dtype, model, accelerator, stats, start_from, tasks=task_info)
-        common.say_plan(job, say, len(train_set), len(val_set), len(rows), stats["padding_share"], model, dtype,
-                        accelerator, run_dir)
+    task_info = {t: {"train_rows": sizes[t], "validation_rows": len(val_groups[t]), "probability": probabilities[t],
+                     "instruction": job.multitask.instructions.get(t)} for t in tasks}
+    common.record_start(job, run_dir, resolved, dtype, model, accelerator, stats, say, len(train_set), len(val_set),
+                        start_from, tasks=task_info)
     score_samples = common.sample_scorer(tokenizer, val_raw, job.training.val_generate,
                                          job.training.val_generate_tokens, bf16=dtype == torch.bfloat16)
     summary = train(model, train_set, rows, val_set, val_rows, common.settings(job, dtype), run_dir, accelerator,

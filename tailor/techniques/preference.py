@@ -59,11 +59,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     if job.preference.loss != "orpo":
         _attach_reference(model, train_set, rows, val_set, val_rows, tokenizer.pad_token_id, job.training.batch_size,
                           bf16, run_dir / "reference_logps.json", accelerator, say)
-    if accelerator.is_main_process:
-        common.write_manifest(job, run_dir, resolved, dtype, model, accelerator, stats, start_from,
-                              preference=job.preference.model_dump())
-        common.say_plan(job, say, stats["train_pairs"], stats["validation_pairs"], len(rows), stats["padding_share"],
-                        model, dtype, accelerator, run_dir, unit="pairs")
+    common.record_start(job, run_dir, resolved, dtype, model, accelerator, stats, say, stats["train_pairs"],
+                        stats["validation_pairs"], start_from, unit="pairs", preference=job.preference.model_dump())
 
     # 4. Train with the preference loss: its mean over the pairs of each step.
     objective = PreferenceLoss(model, job.preference.loss, job.preference.beta, job.preference.sft_weight)

@@ -20,12 +20,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     from tailor.techniques import multitask, preference, task
 
     recipes = {"task": task.run, "multitask": multitask.run, "preference": preference.run}
-    stages = [Stage(stage.name, _quiet(job.stage_job(i)), recipes[stage.technique],
+    stages = [Stage(stage.name, job.stage_job(i), recipes[stage.technique],
                     frozenset({"preference"} if stage.technique == "preference" else {"chat", "text"}))
               for i, stage in enumerate(job.stages)]
     return run_stages(job, stages, resume=resume, console=console, show_progress=show_progress)
 
-
-def _quiet(stage_job: Job) -> Job:
-    stage_job.eval.enabled = False
-    return stage_job

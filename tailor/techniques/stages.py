@@ -25,7 +25,6 @@ from typing import Callable, NamedTuple
 import torch
 from rich.console import Console
 
-from tailor.data import read_many
 from tailor.evaluate.report import write_report
 from tailor.spec import Job, dump_job
 from tailor.techniques import common
@@ -100,8 +99,8 @@ def _gate(folder: Path, name: str, stages: list[Stage], before: list[dict], job:
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     losses = {}
     for i, (stage_name, stage_job, _, kinds) in enumerate(stages):
-        records = [ex for ex in _validation_records(stage_job, folder.parent / f"{i + 1}-{stage_name}")
-                   if ex.kind in kinds]
+        _, records = common.splits(stage_job, folder.parent / f"{i + 1}-{stage_name}")  # as its recipe read them
+        records = [ex for ex in records if ex.kind in kinds]
         losses[stage_name] = validation_loss(model, tokenizer, records, stage_job.training.max_seq_len, bf16)
     baselines = {s["name"]: s["baseline"] for s in before}
     regressions = []
@@ -124,44 +123,14 @@ def _gate(folder: Path, name: str, stages: list[Stage], before: list[dict], job:
             "regressions": regressions}
 
 
-def _validation_records(stage_job: Job, folder: Path) -> list:
-    """The stage's validation records, as its recipe read them."""
-    if stage_job.data.prepare:
-        from tailor.data.store import read_prepared
-
-        records = read_prepared(folder / "data", "validation")
-        return read_many(stage_job.data.validation, split="validation") if stage_job.data.validation else records
-    return common.read_data(stage_job)[1]
-
-
-def validation_loss(model, tokenizer, records: list, max_len: int, bf16: bool, batch_size: int = 8) -> float | None:
+def validation_loss(model, tokenizer, records: list, max_len: int, bf16: bool) -> float | None:
     """Mean loss per label token on conversations (their answers), plain text (every token) and
     preference pairs (their chosen answers): one number any stage's data gives."""
-    from tailor.train.encode import encode_chat
-    from tailor.train.loss import CausalLMLoss
-    from tailor.train.packing import collate
+    from tailor.train.loss import encoded_loss
 
-    encoded = []
-    for ex in records:
-        if ex.kind == "preference":
-            encoded.append(encode_chat(tokenizer, ex.messages + ex.chosen, max_len))
-        else:
-            encoded += common.encode(tokenizer, ex, max_len)
-    encoded = [e for e in encoded if e.n_labels]
-    if not encoded:
-        return None
-    objective = CausalLMLoss(model).eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for a in range(0, len(encoded), batch_size):
-            batch = collate([[i] for i in range(a, min(a + batch_size, len(encoded)))], encoded,
-                            tokenizer.pad_token_id)
-            loss_sum, _, n = objective(batch["input_ids"].to(device), batch["labels"].to(device),
-                                       batch["position_ids"].to(device))
-            total += loss_sum.item()
-            count += int(n.item())
-    return total / count
+    encoded = [e for ex in common.demonstrations(records, with_chosen=True) for e in common.encode(tokenizer, ex, max_len)]
+    scored = encoded_loss(model, encoded, tokenizer.pad_token_id, bf16=bf16, batch_size=8)
+    return scored.mean if scored.tokens else None
 
 
 # --- the run folder -----------------------------------------------------------------------------

@@ -53,10 +53,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
 
     # 3. The model with its adapter (or an earlier stage's).
     model = common.model_to_train(job, resolved, dtype, accelerator.device, start_from)
-    if accelerator.is_main_process:
-        common.write_manifest(job, run_dir, resolved, dtype, model, accelerator, stats, start_from)
-        common.say_plan(job, say, len(train_set), len(val_set), len(rows), stats["padding_share"], model, dtype,
-                        accelerator, run_dir)
+    common.record_start(job, run_dir, resolved, dtype, model, accelerator, stats, say, len(train_set), len(val_set),
+                        start_from)
 
     # 4. Train.
     score_samples = common.sample_scorer(tokenizer, val_raw, job.training.val_generate,

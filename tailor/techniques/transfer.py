@@ -22,15 +22,10 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     t = job.transfer
     if not t.domain_text:
         return task.run(job, resume=resume, console=console, show_progress=show_progress)
-    domain = job.model_copy(update={
-        "name": f"{job.name}.domain", "technique": "task",
-        "data": DataSpec(train=t.domain_text, validation_fraction=job.data.validation_fraction),
-        "training": job.training.model_copy(update={"epochs": t.domain_epochs,
-                                                    "learning_rate": t.domain_learning_rate or job.training.learning_rate,
-                                                    "val_generate": 0, "early_stopping_patience": 0}),
-    }, deep=True)
-    the_task = job.model_copy(update={"name": f"{job.name}.task", "technique": "task"}, deep=True)
-    for stage in (domain, the_task):
-        stage.eval.enabled = False  # the run evaluates once, on the task stage's result
+    domain = job.as_stage("domain", "task",
+                          DataSpec(train=t.domain_text, validation_fraction=job.data.validation_fraction),
+                          {"epochs": t.domain_epochs, "learning_rate": t.domain_learning_rate or job.training.learning_rate,
+                           "val_generate": 0, "early_stopping_patience": 0})
+    the_task = job.as_stage("task", "task")
     return run_stages(job, [Stage("domain", domain, task.run), Stage("task", the_task, task.run)], resume=resume,
                       console=console, show_progress=show_progress)

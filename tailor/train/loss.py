@@ -88,16 +88,25 @@ def answer_loss(model: nn.Module, tokenizer, conversations: list[list[dict]], ma
     """`model`'s loss on the answers of conversations scored one at a time: held-out loss for
     benchmarks, perplexity for data cards and evaluation."""
     from tailor.train.encode import encode_chat
+
+    encoded = [encode_chat(tokenizer, c, max_len) for c in conversations]
+    return encoded_loss(model, encoded, tokenizer.pad_token_id, bf16=bf16)
+
+
+def encoded_loss(model: nn.Module, encoded: list, pad_id: int, bf16: bool = True, batch_size: int = 1) -> AnswerLoss:
+    """`model`'s loss on the labels of encoded examples, batch_size examples at a time (padded on
+    the right, so each example's loss is the one it has alone); examples with no label are left out."""
     from tailor.train.packing import collate
 
     objective = CausalLMLoss(model).eval()
-    encoded = [e for e in (encode_chat(tokenizer, c, max_len) for c in conversations) if e.n_labels]
+    encoded = [e for e in encoded if e.n_labels]
+    device = _device(model)
     total, count, hits = 0.0, 0, 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for i in range(len(encoded)):
-            b = collate([[i]], encoded, tokenizer.pad_token_id)
-            loss_sum, correct, n = objective(b["input_ids"].to(_device(model)), b["labels"].to(_device(model)),
-                                             b["position_ids"].to(_device(model)))
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for a in range(0, len(encoded), batch_size):
+            b = collate([[i] for i in range(a, min(a + batch_size, len(encoded)))], encoded, pad_id)
+            loss_sum, correct, n = objective(b["input_ids"].to(device), b["labels"].to(device),
+                                             b["position_ids"].to(device))
             total += loss_sum.item()
             count += int(n.item())
             hits += int(correct.item())
