@@ -344,3 +344,17 @@ def test_eval_on_a_plain_file_of_conversations(tiny_run, tmp_path):
     summary = json.loads((tiny_run / "eval" / "summary.json").read_text())
     assert summary["data"] == {"sources": [str(holdout)], "examples": 7}
     assert summary["retention"] is None and summary["gate"]["checks"][0]["passed"] is None  # retention: skipped
+
+
+def test_the_base_models_probe_is_computed_once_and_reused(tiny_model_dir, tmp_path, monkeypatch):
+    from tailor.evaluate.probe import base_retention
+    from tailor.models import load_model, load_tokenizer
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path))
+    model, tokenizer = load_model(str(tiny_model_dir), torch.float32), load_tokenizer(str(tiny_model_dir))
+    first = base_retention(model, tokenizer, str(tiny_model_dir), batch_size=40, bf16=False)
+    assert len(first["answers"]) == 120
+    # the second time no model is needed: the numbers come from the cache
+    assert base_retention(None, None, str(tiny_model_dir), batch_size=40, bf16=False) == first
+    with pytest.raises(AttributeError):  # other settings are another entry: computed, so they need the model
+        base_retention(None, None, str(tiny_model_dir), batch_size=20, bf16=False)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tailor.models import ModelNotFound, best_dtype, load_tokenizer, resolve_model
+from tailor.models import ModelNotFound, best_dtype, resolve_model
 from tailor.models import hardware
 from tailor.models.generate import answer, load_base
 

@@ -9,9 +9,12 @@ from the base model to the tuned one is what fine-tuning cost in general skill.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from importlib import resources
+from pathlib import Path
 
 from tailor.evaluate.metrics import contains_answer
 from tailor.models.generate import answer
@@ -44,3 +47,31 @@ def retention(model, tokenizer, n_questions: int | None = None, batch_size: int 
             "by_skill": {k: sum(v) / len(v) for k, v in sorted(by_skill.items())},
             "text_perplexity": math.exp(prose.mean) if prose.tokens else float("nan"),
             "answers": [{"id": q["id"], "reply": r, "correct": ok} for q, r, ok in zip(qs, replies, right)]}
+
+
+def base_retention(model, tokenizer, base_path: str, batch_size: int = 16, max_len: int = 512,
+                   bf16: bool = True) -> dict:
+    """retention() of an untouched base model, computed once per model, probe and settings and
+    kept in the cache: every run of a base is compared with the same numbers, and each evaluation
+    after the first skips half of the probe's work."""
+    from tailor.models.embedded import cache_root
+
+    key = hashlib.sha256(json.dumps({
+        "model": _fingerprint(Path(base_path)), "questions": questions(), "text": general_text(),
+        "batch_size": batch_size, "max_len": max_len, "bf16": bf16, "new_tokens": QUESTION_TOKENS,
+        "version": 1,  # bump when the decoding or the scoring changes
+    }, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_root().parent / "base-retention" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    result = retention(model, tokenizer, batch_size=batch_size, max_len=max_len, bf16=bf16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result), encoding="utf-8")
+    os.replace(tmp, path)
+    return result
+
+
+def _fingerprint(folder: Path) -> list:
+    """The model folder's files by name, size and modification time."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())

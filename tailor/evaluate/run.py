@@ -29,9 +29,10 @@ from tailor.data import DataError, read_many
 from tailor.data.chat import prepared_folders, with_instructions
 from tailor.evaluate.gate import verdict
 from tailor.evaluate.metrics import rouge_l, text_scores
-from tailor.evaluate.probe import retention
+from tailor.evaluate.probe import base_retention, retention
 from tailor.evaluate.report import write_report
 from tailor.models.generate import answer, load_base, load_run
+from tailor.models.load import resolve_model
 from tailor.spec import EvalSpec, Job, parse_job
 from tailor.train.loss import answer_loss
 from tailor.train.rundir import replace_dir
@@ -66,7 +67,10 @@ def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | Non
                              "token_accuracy": scored.token_accuracy,
                              **text_scores(outputs[name], [t["reference"] for t in tests]),
                              **preferred_style(outputs[name], tests)}
-            if spec.retention:
+            if spec.retention and name == "base":
+                probes[name] = base_retention(model, tokenizer, resolve_model(job.model.base).path,
+                                              batch_size=max(spec.batch_size, 40), bf16=bf16)
+            elif spec.retention:
                 probes[name] = retention(model, tokenizer, batch_size=max(spec.batch_size, 40), bf16=bf16)
         say(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if v is not None))
 
