@@ -48,6 +48,10 @@ class ModelSpec(Section):
     trust_remote_code: bool = Field(
         False, description="Allow model code from the hub to run. Only for models you trust."
     )
+    from_run: str | None = Field(
+        None, description="A finished run folder to continue from (its LoRA adapter, or its weights): continual "
+        "fine-tuning on new data, such as `tailor feedback export` writes. It must have trained model.base with the "
+        "same adapter.kind. `tailor train JOB --from-run RUN` sets it.")
 
 
 FormatName = Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "preference", "openai_preference", "text"]
@@ -586,6 +590,8 @@ def resolve_paths(job: Job, base_dir: Path) -> Job:
         data.validation = [resolve_source(p) for p in data.validation]
     job.eval.data = [resolve_source(p) for p in job.eval.data]
     job.transfer.domain_text = [resolve_source(p) for p in job.transfer.domain_text]
+    if job.model.from_run:
+        job.model.from_run = resolve(job.model.from_run)
     base = job.model.base
     if base.startswith((".", "/", "~")) or base.endswith(".gguf"):
         job.model.base = resolve(base)

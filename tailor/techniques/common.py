@@ -31,7 +31,7 @@ from tailor.train.compiled import compile_blocks
 from tailor.train.encode import encode_chat, encode_text
 from tailor.train.layer_change import layer_change, metrics_row
 from tailor.train.loop import TrainSettings
-from tailor.train.rundir import MetricsLog, latest_run_dir, new_run_dir, path_sha256, versions, write_atomic
+from tailor.train.rundir import MetricsLog, latest_run_dir, new_run_dir, path_sha256, read_json, versions, write_atomic
 
 # Settings that change how fast a run goes, not what it computes: a resume may change them.
 SPEED_ONLY = {"threads", "compile"}
@@ -247,6 +247,22 @@ def model_to_train(job: Job, resolved, dtype, device, start_from: Path | None = 
     if job.training.compile:
         compile_blocks(model)
     return model
+
+
+def continued_from(job: Job, start_from: Path | None) -> Path | None:
+    """What a run continues: an earlier stage (start_from), else the job's model.from_run (a
+    deployed run that continual fine-tuning goes on from), checked to share the job's base."""
+    if start_from is not None or not job.model.from_run:
+        return start_from
+    run = Path(job.model.from_run)
+    manifest = read_json(run / "manifest.json")
+    if manifest is None or not (run / "DONE").exists():
+        raise AdapterError(f"model.from_run {run}: not a finished run folder (no manifest.json or DONE); give "
+                           f"runs/NAME/RUN-ID of a run that finished")
+    if manifest["model"]["source"] != job.model.base:
+        raise AdapterError(f"model.from_run {run} trained {manifest['model']['source']}, but this job's model.base is "
+                           f"{job.model.base}; set model.base: {manifest['model']['source']}")
+    return run
 
 
 def _check_continuable(start_from: Path, kind: str) -> None:

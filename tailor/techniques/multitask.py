@@ -65,6 +65,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         + f" (sampling {job.multitask.sampling})")
 
     # 4. The model, and 5. train.
+    start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
     model = common.model_to_train(job, resolved, dtype, accelerator.device, start_from)
     task_info = {t: {"train_rows": sizes[t], "validation_rows": len(val_groups[t]), "probability": probabilities[t],
                      "instruction": job.multitask.instructions.get(t)} for t in tasks}

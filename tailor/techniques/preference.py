@@ -54,6 +54,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     stats["padding_share"] = 1 - stats["train_tokens"] / max(1, room)
 
     # 3. The model, and the reference: the same model as it starts, scored once.
+    start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
     model = common.model_to_train(job, resolved, dtype, accelerator.device, start_from)
     bf16 = dtype == torch.bfloat16
     if job.preference.loss != "orpo":
