@@ -82,6 +82,8 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Override a job key: --set training.learning_rate=1e-4"),
     resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run of this job from its last checkpoint."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (logs still go to metrics.jsonl)."),
+    from_run: Optional[Path] = typer.Option(None, "--from-run", help="Continue from a finished (deployed) run's adapter "
+                                            "or weights, on this job's data: continual fine-tuning (model.from_run)."),
 ):
     """Fine-tune a base model as the job file says; writes a run folder under output.dir/name/."""
     from tailor.data import DataError
@@ -94,7 +96,7 @@ def train(
     from tailor.train.encode import TemplateError
 
     try:
-        job = load_job(job_file, set_)
+        job = load_job(job_file, set_ + ([f"model.from_run={from_run.resolve()}"] if from_run else []))
     except SpecError as exc:
         _fail(exc)
     _quiet_libraries()
@@ -308,3 +310,136 @@ def quickstart(
     _quiet_libraries()
     run_quickstart(out_dir, steps, out, err, technique)
 
+
+
+@app.command()
+def serve(
+    runs: list[str] = typer.Argument(None, help="Finished run folders to serve (NAME=FOLDER to choose the model name) "
+                                     "[default: none, the base model alone]."),
+    base: Optional[str] = typer.Option(None, "--base", help="A base model to serve as well [default: the runs' base; "
+                                       "without runs, the embedded model]."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --api-key."),
+    port: int = typer.Option(8000, "--port"),
+    api_key: list[str] = typer.Option([], "--api-key", envvar="TAILOR_API_KEY",
+                                      help="Accepted bearer key(s); clients send `Authorization: Bearer KEY`."),
+    db: str = typer.Option("sqlite:///runs/feedback.db", "--db", help="Feedback store: a SQLAlchemy URL."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 where the hardware is fast at it), bfloat16 or float32."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Most tokens a request may ask for."),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads [default: torch's choice]."),
+    log_prompts: bool = typer.Option(False, "--log-prompts", help="Log prompts and answers, anonymized (see --privacy)."),
+    privacy: Optional[Path] = typer.Option(None, "--privacy", help="data.yaml or job file whose privacy: section "
+                                           "configures the anonymizer for --log-prompts."),
+    engine: str = typer.Option("transformers", "--engine", help="transformers (CPU or GPU) or vllm (GPU, when installed)."),
+):
+    """An OpenAI-compatible API over the base model and any number of runs, with feedback collection."""
+    from tailor.models import ModelNotFound
+    from tailor.serve.app import Limits
+    from tailor.serve.models import ModelError
+    from tailor.serve.server import ServeError, ServeSettings
+    from tailor.serve.server import serve as run_server
+
+    if dtype not in ("auto", "bfloat16", "float32"):
+        _fail(ValueError(f"--dtype {dtype}: use auto, bfloat16 or float32"))
+    settings = ServeSettings(runs=list(runs or []), base=base, host=host, port=port,
+                             api_keys=tuple(k for key in api_key for k in key.split(",") if k), db=db, dtype=dtype,
+                             max_batch=max_batch, threads=threads,
+                             limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body), log_prompts=log_prompts,
+                             privacy=str(privacy) if privacy else None, engine=engine)
+    _quiet_libraries()
+    try:
+        run_server(settings, say=lambda m: err.print(escape(m), highlight=False))
+    except (ServeError, ModelError, ModelNotFound) as exc:
+        _fail(exc)
+
+
+@app.command(name="export")
+def export_(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (runs/NAME/RUN-ID)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="The model folder to write [default: RUN/export]."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (the base model's), float32, bfloat16, float16."),
+    check: bool = typer.Option(True, "--parity/--no-parity", help="Check that adapter, merged model and server "
+                               "give the same greedy tokens."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts for the parity check: JSONL of "
+                                           "{messages} or {prompt} [default: the run's test questions]."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Tokens generated per prompt in the parity check."),
+):
+    """A standalone merged model folder for transformers and vLLM, checked token for token against the run."""
+    import json
+
+    from tailor.models import ModelNotFound
+    from tailor.serve.export import ExportError, export_run, parity, read_prompts
+
+    _quiet_libraries()
+    try:
+        folder = export_run(run_dir, out_dir, dtype, say=_print_out)
+        if not check:
+            return
+        result = parity(run_dir, folder, read_prompts(prompts) if prompts else None, max_new_tokens)
+    except (ExportError, ModelNotFound, FileNotFoundError) as exc:
+        _fail(exc)
+    (folder / "parity.json").write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    _print_out(f"parity: {result['agree']}/{result['prompts']} prompts give the same greedy tokens from the adapter, "
+               f"the merged folder (plain transformers) and the server ({result['max_new_tokens']} new tokens each)")
+    for r in result["results"]:
+        for problem in r["problems"]:
+            _print_out(f"  MISMATCH {r['prompt'][:60]!r}: {problem}")
+    _print_out(f"→ {folder / 'parity.json'}")
+    if result["agree"] < result["prompts"]:
+        raise typer.Exit(1)
+
+
+feedback_app = typer.Typer(no_args_is_help=True, help="What users said about served answers, and the data it makes.")
+app.add_typer(feedback_app, name="feedback")
+FEEDBACK_DB = typer.Option("sqlite:///runs/feedback.db", "--db", help="The feedback store `tailor serve` wrote to.")
+
+
+@feedback_app.command("list")
+def feedback_list(db: str = FEEDBACK_DB, model: Optional[str] = typer.Option(None, "--model"),
+                  limit: int = typer.Option(20, "--limit")):
+    """The newest feedback: rating, prompt, answer and correction."""
+    from tailor.feedback.store import FeedbackStore
+
+    table = Table(show_lines=True, expand=True)
+    for column in ("when", "model", "rating", "prompt", "answer", "correction / comment"):
+        table.add_column(column, overflow="fold")
+    import time
+
+    for r in FeedbackStore(db).rows(model=model, limit=limit):
+        prompt = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
+        note = " / ".join(x for x in (r["correction"], r["comment"]) if x)
+        table.add_row(time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), r["model"], r["rating"] or "–",
+                      prompt, r["answer"], note or "–")
+    out.print(table)
+
+
+@feedback_app.command("stats")
+def feedback_stats(db: str = FEEDBACK_DB):
+    """Per model: completions served, feedback received, mean score (0 bad … 1 good), corrections."""
+    from tailor.feedback.store import FeedbackStore
+
+    table = Table()
+    for column in ("model", "completions", "feedback", "mean score", "corrections"):
+        table.add_column(column)
+    for name, s in FeedbackStore(db).counts().items():
+        table.add_row(name, str(s["completions"]), str(s["feedback"]),
+                      "–" if s["mean_score"] is None else f"{s['mean_score']:.2f}", str(s["corrections"]))
+    out.print(table)
+
+
+@feedback_app.command("export")
+def feedback_export(out_dir: Path = typer.Option(..., "--out", help="Folder for supervised.jsonl and preferences.jsonl."),
+                    db: str = FEEDBACK_DB, model: Optional[str] = typer.Option(None, "--model", help="Only this served model."),
+                    min_score: float = typer.Option(0.75, "--min-score", help="Answers rated at least this (0-1) are "
+                                                    "kept as examples and preferred in pairs."),
+                    max_bad: float = typer.Option(0.25, "--max-bad", help="Answers rated at most this are rejected in pairs.")):
+    """Corrections and well-rated answers → supervised.jsonl; (worse, better) answers → preferences.jsonl."""
+    from tailor.feedback.export import export
+    from tailor.feedback.store import FeedbackStore
+
+    result = export(FeedbackStore(db), out_dir, model, min_score, max_bad)
+    _print_out(f"{result.n_completions} rated or corrected completions → {result.n_supervised} supervised examples "
+               f"({result.supervised}), {result.n_pairs} preference pairs ({result.preferences})")
+    _print_out(f"next: tailor prepare {result.supervised} --out {out_dir / 'prepared'}, then "
+               f"tailor train JOB --from-run RUN_DIR with data.train: [{out_dir / 'prepared'}]")

@@ -1,0 +1,213 @@
+"""`tailor export RUN`: a standalone model folder (the adapter merged into the base) that plain
+transformers and vLLM load as is, and a parity check that it answers exactly as the run does.
+
+What goes wrong most often when people export a fine-tuned chat model is not the weights: it is
+the chat template (missing, or another model's) and the end of sequence (the end-of-turn token not
+listed, so the model rambles past its answer). So the folder carries the tokenizer with its chat
+template and a generation config whose eos_token_id lists every token that ends an answer, and
+the parity check generates greedily from the same prompts three ways:
+
+  adapter  the run as training left it: base + PEFT adapter, transformers' generate
+  merged   the exported folder loaded fresh with AutoModelForCausalLM/AutoTokenizer, using only
+           what is in the folder (its chat template, its generation config)
+  server   Tailor's serving engine (`tailor serve`) on base + adapter
+
+and compares the token ids. All three run in float32 so that only real differences show. A folder
+saved in bfloat16 holds base + LoRA rounded to bfloat16; near-ties may then pick another token
+late in an answer: the report says so, and `--dtype float32` removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tailor.models.load import load_model, load_tokenizer, resolve_model
+from tailor.models.decode import Engine, Request, Sampling, stop_token_ids
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FALLBACK_PROMPTS = ["Hello! What can you help me with?", "Summarize what you do in one sentence.",
+                    "What should I do if my order arrives damaged?", "Write a short, friendly greeting."]
+
+
+class ExportError(ValueError):
+    pass
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "auto", say=print) -> Path:
+    """Write the merged model folder (default RUN/export) and return it."""
+    run_dir = Path(run_dir).resolve()
+    manifest = _manifest(run_dir)
+    out = Path(out) if out else run_dir / "export"
+    model, tokenizer, base = _merged(run_dir, manifest)
+    target = _dtype(dtype, base)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(target).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    end_ids = answer_end_ids(model, tokenizer)
+    config = model.generation_config
+    config.eos_token_id = end_ids[0] if len(end_ids) == 1 else end_ids
+    config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(tmp)
+    (tmp / "tailor_export.json").write_text(json.dumps({
+        "run": str(run_dir), "base": manifest["model"]["source"], "dtype": str(target).removeprefix("torch."),
+        "adapter_kind": "lora" if (run_dir / "adapter").is_dir() else manifest.get("adapter", {}).get("kind"),
+        "eos_token_id": end_ids}, indent=1), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    say(f"exported {run_dir.name} → {out} ({str(target).removeprefix('torch.')}; stops at token(s) "
+        f"{', '.join(f'{i} {tokenizer.convert_ids_to_tokens(i)!r}' for i in end_ids)})")
+    return out
+
+
+def answer_end_ids(model, tokenizer) -> list[int]:
+    """Every token that ends an answer: eos, and the token the chat template puts after an
+    assistant's turn (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    ids = sorted(stop_token_ids(model, tokenizer))
+    marker = "PARITYMARKER"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    after = text[text.index(marker) + len(marker):]
+    following = tokenizer(after, add_special_tokens=False)["input_ids"]
+    if following and following[0] in tokenizer.all_special_ids and following[0] not in ids:
+        ids.append(following[0])
+    return ids
+
+
+def parity(run_dir: str | Path, folder: str | Path, prompts: list[list[dict]] | None = None,
+           max_new_tokens: int = 48) -> dict:
+    """Greedy answers of adapter, merged folder and serving engine, token for token (see the module doc)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, folder = Path(run_dir).resolve(), Path(folder)
+    prompts = prompts or run_prompts(run_dir)
+    adapter, tokenizer, _ = _merged(run_dir, _manifest(run_dir), merge=False)
+    end_ids = answer_end_ids(adapter, tokenizer)
+    merged = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    merged_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    engine = Engine(adapter, tokenizer)
+    engine.eos_ids = set(end_ids)  # as `tailor serve` reads them: the run's tokenizer and its base's config
+
+    results = []
+    for messages in prompts:
+        ids = engine.chat_prompt(messages)
+        merged_ids = merged_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=True)["input_ids"]
+        answers = {"adapter": _generate(adapter, ids, end_ids, tokenizer.pad_token_id, max_new_tokens),
+                   # plain transformers, nothing but the folder: its template and generation config
+                   "merged": _generate(merged, merged_ids, None, None, max_new_tokens)}
+        request = Request(ids, Sampling(max_tokens=max_new_tokens, temperature=0.0))
+        engine.run([request])
+        answers["server"] = request.token_ids
+        results.append(_compare(messages, ids, merged_ids, answers, tokenizer))
+    mismatched = [r for r in results if not r["agree"]]
+    return {"prompts": len(results), "agree": len(results) - len(mismatched), "max_new_tokens": max_new_tokens,
+            "results": results}
+
+
+def run_prompts(run_dir: Path, n: int = 8) -> list[list[dict]]:
+    """The first n questions of the run's evaluation, else a few general ones."""
+    examples = run_dir / "eval" / "examples.jsonl"
+    questions = []
+    if examples.exists():
+        for line in examples.read_text(encoding="utf-8").splitlines()[:n]:
+            question = json.loads(line).get("question")
+            if question:
+                questions.append(question)
+    return [[{"role": "user", "content": q}] for q in questions or FALLBACK_PROMPTS]
+
+
+def read_prompts(path: str | Path) -> list[list[dict]]:
+    """Parity prompts from a JSONL file: {"messages": [...]} (the last assistant turn, if any, is
+    dropped) or {"prompt": "..."} per line."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            messages = record["messages"] if "messages" in record else [{"role": "user", "content": record["prompt"]}]
+        except (ValueError, KeyError, TypeError):
+            raise ExportError(f"{path}:{number}: expected a JSON object with 'messages' or 'prompt'") from None
+        while messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise ExportError(f"{path}:{number}: no prompt turns before the answer")
+        prompts.append(messages)
+    if not prompts:
+        raise ExportError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def _compare(messages, ids, merged_ids, answers: dict, tokenizer) -> dict:
+    reference = answers["adapter"]
+    problems = []
+    if list(merged_ids) != list(ids):
+        problems.append("the exported chat template renders this conversation differently from the run's")
+    for name in ("merged", "server"):
+        got = answers[name]
+        if got != reference:
+            at = next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference)))
+            why = ("it did not stop where the adapter did: an end-of-sequence mismatch" if got[:at] == reference[:at]
+                   and len(got) != len(reference) and at == min(len(got), len(reference)) else "another token")
+            problems.append(f"{name} differs from adapter at answer token {at}: {why}")
+    return {"prompt": messages[-1]["content"], "agree": not problems, "problems": problems,
+            "answer": tokenizer.decode(reference, skip_special_tokens=True),
+            **{f"{k}_tokens": len(v) for k, v in answers.items()},
+            **({f"{k}_answer": tokenizer.decode(v, skip_special_tokens=True) for k, v in answers.items()}
+               if problems else {})}
+
+
+@torch.no_grad()
+def _generate(model, ids: list[int], eos: list[int] | None, pad: int | None, max_new_tokens: int) -> list[int]:
+    """Greedy new tokens, without the one that ended the answer (eos None: the model's generation config)."""
+    prompt = torch.tensor([ids], device=model.device)
+    extra = {} if eos is None else {"eos_token_id": eos, "pad_token_id": pad}
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, **extra)[0, len(ids):].tolist()
+    ends = set(eos if eos is not None else _as_list(model.generation_config.eos_token_id))
+    cut = next((i for i, t in enumerate(out) if t in ends), len(out))
+    return out[:cut]
+
+
+def _as_list(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def _manifest(run_dir: Path) -> dict:
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        raise ExportError(f"{run_dir}: no manifest.json; give a finished run folder (runs/NAME/RUN-ID)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _merged(run_dir: Path, manifest: dict, merge: bool = True):
+    """(model in float32, tokenizer, resolved base): the adapter merged into the base (merge=False:
+    left as a PEFT adapter), or the run's full weights."""
+    base = resolve_model(manifest["model"]["source"])
+    if (run_dir / "model").is_dir():
+        return (load_model(str(run_dir / "model"), torch.float32).eval(), load_tokenizer(str(run_dir / "model")),
+                base)
+    if not (run_dir / "adapter").is_dir():
+        raise ExportError(f"{run_dir}: no adapter/ or model/ yet; export a run once training has finished")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base.path, torch.float32), str(run_dir / "adapter")).eval()
+    if merge:
+        model = model.merge_and_unload()
+    return model, load_tokenizer(base.path), base
+
+
+def _dtype(requested: str, base) -> torch.dtype:
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ExportError(f"--dtype {requested}: use auto, {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    config = json.loads((Path(base.path) / "config.json").read_text(encoding="utf-8"))
+    return DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)

@@ -1,0 +1,108 @@
+"""What the server serves: base models and finished runs, by the name a request's `model` gives.
+
+LoRA runs on the same base share one engine, so one copy of the base weights serves any number of
+adapters; a run that saved full weights (freeze, full) has an engine of its own. A run can be
+added while the server answers: its adapter loads between two batches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tailor.models.decode import Engine
+from tailor.models.hardware import best_dtype, default_device
+from tailor.models.load import load_model, load_tokenizer, resolve_model
+from tailor.serve.batcher import Batcher
+
+
+class ModelError(ValueError):
+    """A model that cannot be served: the message says why and what to do."""
+
+
+@dataclass
+class Served:
+    name: str
+    engine: Engine
+    adapter: str | None  # the LoRA adapter's name in the engine; None: the engine's own weights
+    base: str  # the base model as the job named it
+    run_dir: str | None
+    created: int
+
+
+class ModelSet:
+    def __init__(self, batcher: Batcher, dtype: str = "auto", device: str | torch.device | None = None,
+                 engine: str = "transformers"):
+        if engine not in ("transformers", "vllm"):
+            raise ModelError(f"--engine {engine}: use transformers or vllm")
+        self.batcher = batcher
+        self.engine_kind = engine
+        self.dtype_name = dtype
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = best_dtype(dtype, self.device)
+        self._engines: dict[str, Engine] = {}  # by weights folder
+        self.served: dict[str, Served] = {}
+        self.default: str | None = None  # the first base: also served as "base"
+
+    def get(self, name: str) -> Served:
+        if name == "base" and self.default:
+            name = self.default
+        if name not in self.served:
+            raise KeyError(name)
+        return self.served[name]
+
+    def names(self) -> list[str]:
+        return list(self.served)
+
+    def add_base(self, source: str) -> str:
+        """Serve a base model (embedded:…, a hub id, a folder, a .gguf file) under its own name."""
+        if source not in self.served:
+            resolved = resolve_model(source)
+            engine = self._engine(resolved.path, resolved.path)
+            self.served[source] = Served(source, engine, None, source, None, int(time.time()))
+        self.default = self.default or source
+        return source
+
+    def add_run(self, run_dir: str | Path, name: str | None = None) -> str:
+        """Serve a finished run under `name` (default: its job's name, or NAME-RUNID when taken)."""
+        run_dir = Path(run_dir).resolve()
+        manifest_file = run_dir / "manifest.json"
+        if not manifest_file.exists():
+            raise ModelError(f"{run_dir}: no manifest.json; give a run folder that `tailor train` wrote "
+                             f"(runs/NAME/RUN-ID), or NAME/RUN-ID with --runs-dir")
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        name = name or (manifest["name"] if manifest["name"] not in self.served else f"{manifest['name']}-{run_dir.name}")
+        if name in self.served or name == "base":
+            raise ModelError(f"a model named {name} is already served; choose another name (NAME=RUN_DIR)")
+        base = manifest["model"]["source"]
+        if (run_dir / "adapter").is_dir():
+            self.add_base(base)
+            engine = self.served[base].engine
+            with self.batcher.lock:  # not while a batch decodes through the same PEFT model
+                engine.add_adapter(name, str(run_dir / "adapter"))
+            self.served[name] = Served(name, engine, name, base, str(run_dir), int(time.time()))
+        elif (run_dir / "model").is_dir():
+            engine = self._engine(str(run_dir / "model"), str(run_dir / "model"))
+            self.served[name] = Served(name, engine, None, base, str(run_dir), int(time.time()))
+        else:
+            raise ModelError(f"{run_dir}: the run has no adapter/ or model/ yet; serve it once training has "
+                             f"finished (`tailor train JOB --resume` continues an interrupted run)")
+        return name
+
+    def _engine(self, key: str, path: str) -> Engine:
+        if key in self._engines:
+            return self._engines[key]
+        if self.engine_kind == "vllm":
+            if self._engines:  # each vllm.LLM takes most of the GPU's memory for its cache
+                raise ModelError(f"{path}: --engine vllm serves one set of weights (a base and its LoRA runs); "
+                                 f"serve full-weight runs or another base from a second `tailor serve`")
+            from tailor.serve.vllm_engine import VllmEngine
+
+            self._engines[key] = VllmEngine(path, self.dtype_name)
+        else:
+            self._engines[key] = Engine(load_model(path, self.dtype, self.device), load_tokenizer(path))
+        return self._engines[key]
