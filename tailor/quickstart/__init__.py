@@ -107,9 +107,50 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
     for line in _task_lines(summary):
         out.print(line, highlight=False, markup=False)
     out.print(f"Report with the curves, base vs tuned and sample answers (opens offline): {run_dir / 'report.html'}")
+
+    out.rule("[bold]6 · Serve it: an OpenAI-compatible API that collects feedback")
+    serve_demo(run_dir, job.name, out_dir.resolve() / "feedback.db", out)
     out.print(f"Done in {time.perf_counter() - started:.0f} s. Run folder: {run_dir}")
     out.print(f"Ask it yourself: tailor chat --run {run_dir} \"How do I pair my Ember?\"")
     return run_dir
+
+
+def serve_demo(run_dir: Path, name: str, db: Path, out: Console) -> None:
+    """Serve the run on a free local port for one streamed question and a thumbs-up, then say how
+    to serve it for real."""
+    import httpx
+
+    from tailor.serve.server import InThread, ServeSettings, build
+
+    t = time.perf_counter()
+    app, _, batcher = build(ServeSettings(runs=[f"{name}={run_dir}"], db=f"sqlite:///{db}"), say=lambda m: None)
+    question = held_out_questions()[0]
+    with InThread(app, batcher) as live:
+        out.print(f"{name} and its base on {live.url}/v1 ({time.perf_counter() - t:.1f} s to load). "
+                  f"A streamed request: {question}", highlight=False, markup=False)
+        body = {"model": name, "messages": [{"role": "user", "content": question}], "temperature": 0,
+                "max_tokens": 120, "stream": True}
+        completion_id = None
+        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line.removeprefix("data: "))
+                    completion_id = chunk["id"]
+                    if chunk["choices"]:
+                        out.print(chunk["choices"][0]["delta"].get("content") or "", end="", highlight=False,
+                                  markup=False, style="green")
+        out.print()
+        stored = httpx.post(f"{live.url}/v1/feedback", json={"completion_id": completion_id, "rating": "up"},
+                            timeout=60).json()
+        out.print(f"POST /v1/feedback {{\"completion_id\": \"{completion_id}\", \"rating\": \"up\"}} → feedback "
+                  f"#{stored['id']} stored in {db}", highlight=False, markup=False)
+    out.print("Serve it yourself, and ask it with curl or any OpenAI client (docs/deploy.md):", highlight=False)
+    out.print(f"  tailor serve {name}={run_dir}", highlight=False, markup=False)
+    request = json.dumps({"model": name, "messages": [{"role": "user", "content": "How do I pair my Ember?"}]})
+    out.print(f"  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{request}'",
+              highlight=False, markup=False, soft_wrap=True)
+    out.print(f"Then: tailor feedback stats; tailor feedback export --out feedback/ (new training data); "
+              f"tailor export {run_dir} (a merged model folder for transformers or vLLM)", highlight=False, markup=False)
 
 
 TITLES = {"task": "task-specific, LoRA", "transfer": "transfer: domain text, then the task, top blocks only",
