@@ -358,7 +358,8 @@ def serve(
 def export_(
     run_dir: Path = typer.Argument(..., help="A finished run folder (runs/NAME/RUN-ID)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="The model folder to write [default: RUN/export]."),
-    dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (the base model's), float32, bfloat16, float16."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32 (answers exactly as the run does), "
+                              "bfloat16 or float16 (half the size; a token near a tie may change), auto (the base's)."),
     check: bool = typer.Option(True, "--parity/--no-parity", help="Check that adapter, merged model and server "
                                "give the same greedy tokens."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts for the parity check: JSONL of "

@@ -1,6 +1,7 @@
 """The embedded SmolLM2-135M for real: a short LoRA run, and the quickstart end to end."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,18 @@ from tailor.techniques import task
 pytestmark = pytest.mark.integration
 
 
-def test_lora_on_the_embedded_model_learns_and_saves_a_peft_adapter(embedded_path, tmp_path):
-    job = load_job(JOB, [f"output.dir={tmp_path}", "training.max_steps=4", "training.log_every=1",
-                         "training.learning_rate=2e-3", "training.warmup_ratio=0", "training.threads=2",
-                         "training.val_generate=0", "eval.enabled=false"])  # the quickstart test evaluates
-    run_dir = task.run(job, show_progress=False)
+@pytest.fixture(scope="module")
+def embedded_run(embedded_path, tmp_path_factory) -> Path:
+    """Four LoRA steps of the quickstart job on the embedded model."""
+    job = load_job(JOB, [f"output.dir={tmp_path_factory.mktemp('embedded-run')}", "training.max_steps=4",
+                         "training.log_every=1", "training.learning_rate=2e-3", "training.warmup_ratio=0",
+                         "training.threads=2", "training.val_generate=0",
+                         "eval.enabled=false"])  # the quickstart test evaluates
+    return task.run(job, show_progress=False)
+
+
+def test_lora_on_the_embedded_model_learns_and_saves_a_peft_adapter(embedded_run, embedded_path):
+    run_dir = embedded_run
     losses = train_losses(run_dir)
     assert len(losses) == 4 and losses[-1] < losses[0]
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
@@ -29,11 +37,53 @@ def test_lora_on_the_embedded_model_learns_and_saves_a_peft_adapter(embedded_pat
     assert manifest["model"]["kind"] == "embedded" and manifest["encoding"]["truncated"] == 0
 
 
+def test_the_embedded_run_served_to_concurrent_clients_and_exported_with_parity(embedded_run, tmp_path):
+    import httpx
+    import openai
+    from transformers import AutoModelForCausalLM
+
+    from tailor.feedback.store import FeedbackStore
+    from tailor.quickstart import held_out_questions
+    from tailor.serve.export import export_run, parity
+    from tailor.serve.server import InThread, ServeSettings, build
+
+    db = f"sqlite:///{tmp_path / 'feedback.db'}"
+    questions = held_out_questions()
+    app, _, batcher = build(ServeSettings(runs=[f"support={embedded_run}"], db=db), say=lambda m: None)
+    with InThread(app, batcher) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+        def session(i: int) -> str:
+            messages = [{"role": "user", "content": questions[i % len(questions)]}]
+            reply = client.chat.completions.create(model="support", messages=messages, temperature=0, max_tokens=12)
+            rating = {"completion_id": reply.id, "rating": 1 + i % 5}
+            assert httpx.post(live.url + "/v1/feedback", json=rating, timeout=60).json()["completion_id"] == reply.id
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(session, range(16)))
+        # the same question gets the same greedy answer, whatever else shared its batch
+        for i in range(16):
+            assert answers[i] == answers[i % len(questions)]
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="support", messages=[{"role": "user", "content": questions[0]}], temperature=0, max_tokens=12,
+            stream=True))
+        assert streamed == answers[0]
+    assert len(FeedbackStore(db).rows()) == 16
+
+    folder = export_run(embedded_run, tmp_path / "export", dtype="float32", say=lambda m: None)
+    eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    assert AutoModelForCausalLM.from_pretrained(folder).config.model_type == "llama" and 2 in (eos if isinstance(eos, list) else [eos])
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    result = parity(embedded_run, folder, prompts, max_new_tokens=24)
+    assert result["agree"] == len(prompts), result
+
+
 def test_quickstart_runs_every_step(embedded_path, tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--steps", "2", "--out", str(tmp_path)], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     for heading in ("1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune", "4 · Base vs tuned",
-                    "5 · Evaluate"):
+                    "5 · Evaluate", "6 · Serve it"):
         assert heading in result.output
     assert "records: 132 read = 121 kept + 2 rejected + 9 duplicates (6 exact, 3 near) + 0 filtered" in result.output
     prepared = tmp_path / "prepared"
@@ -48,6 +98,7 @@ def test_quickstart_runs_every_step(embedded_path, tmp_path):
     assert summary["retention"]["questions"] == 120
     assert ("gate: PASSED" if summary["gate"]["passed"] else "gate: FAILED") in result.output
     assert "ROUGE-L" in result.output and "general questions" in result.output
+    assert '"rating": "up"} → feedback #1 stored' in result.output and "curl http://127.0.0.1:8000/v1/chat" in result.output
 
 
 def test_quickstart_sequential_runs_three_gated_stages(embedded_path, tmp_path):

@@ -146,7 +146,7 @@ def test_two_adapters_and_the_base_in_one_batch_give_their_own_answers(two_runs,
     with LiveServer(settings(two_runs, tmp_path)) as live:
         client = live.client()
         sizes = []
-        live.batcher.on_batch = sizes.append
+        live.batcher.on_step = sizes.append
         jobs = [(name, i) for i in range(4) for name in ("lamps", "sea", "base")]
         with ThreadPoolExecutor(len(jobs)) as pool:
             got = list(pool.map(lambda job: client.chat.completions.create(
@@ -364,3 +364,27 @@ def test_prompts_are_logged_only_when_asked_and_then_anonymized(two_runs, tmp_pa
         assert not any("maria.keller" in line for line in logged)
         assert len(logged) == (1 if log_prompts else 0)
     assert "write to <EMAIL_ADDRESS>" in logged[0] or "write to <EMAIL>" in logged[0], logged[0]
+
+
+def test_requests_that_join_a_running_batch_get_the_answers_they_get_alone(tiny_model_dir):
+    from tailor.models.load import load_model, load_tokenizer
+
+    engine = Engine(load_model(str(tiny_model_dir), torch.float32), load_tokenizer(str(tiny_model_dir)))
+    prompts = [engine.chat_prompt([{"role": "user", "content": q}]) for q in ("hi", "a longer one, this", "mid")]
+    alone = []
+    for p in prompts:
+        request = Request(p, Sampling(max_tokens=10, temperature=0.0))
+        engine.run([request])
+        alone.append(request.token_ids)
+    first, *later = [Request(p, Sampling(max_tokens=n, temperature=0.0)) for p, n in zip(prompts, (4, 10, 10))]
+    calls, steps = [], []
+    engine.on_step = steps.append
+
+    def more(k: int) -> list[Request]:  # one joins at the 2nd token, one after the first has finished
+        calls.append(k)
+        return [later.pop(0)] if len(calls) in (2, 7) and later else []
+
+    joined = [first] + list(later)
+    engine.run([first], more=more, max_batch=4)
+    assert [r.token_ids for r in joined] == [alone[0][:4], alone[1], alone[2]]
+    assert max(steps) == 2 and all(r.finish_reason == "length" for r in joined)

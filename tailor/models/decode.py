@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -66,6 +66,8 @@ class Engine:
         # transformers renamed past_key_values to cache (5.2x); speak whichever this model takes.
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
         self._cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        self.on_step: Callable[[int], None] | None = None  # rows decoded at each step (the server's metrics)
+        self._current: str | None = "*"
 
     def add_adapter(self, name: str, folder: str) -> None:
         """Load a PEFT adapter folder under `name`; the base weights are shared, not copied."""
@@ -81,6 +83,7 @@ class Engine:
             self.model.load_adapter(folder, adapter_name=name, autocast_adapter_dtype=False)
             self.model.eval()
         self.adapters.add(name)
+        self._switch("*")  # layers on, each row picks its adapter, until a batch of one kind switches
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """The token ids of a conversation with the assistant's turn opened, as training saw it."""
@@ -91,8 +94,45 @@ class Engine:
         return self.tokenizer(text)["input_ids"]
 
     @torch.no_grad()
-    def run(self, requests: list[Request]) -> None:
-        """Decode a batch to the end. Results and callbacks go to each request."""
+    def run(self, requests: list[Request], more: Callable[[int], list[Request]] | None = None,
+            max_batch: int | None = None) -> None:
+        """Decode a batch to the end. Results and callbacks go to each request.
+
+        more(k): up to k requests that arrived meanwhile; they join the running batch before the
+        next token (continuous batching), so the row of a finished answer is used at once."""
+        max_batch = max_batch or len(requests)
+        active, state = list(requests), self._prefill(requests)
+        while True:
+            if more is not None and len(active) < max_batch and self._joinable(state.cache):
+                joining = more(max_batch - len(active))
+                if joining:
+                    state = _merge(state, self._prefill(joining))
+                    active += joining
+            tokens = [self._pick(row_logits, r) for row_logits, r in zip(state.logits, active)]
+            keep = [i for i, (r, t) in enumerate(zip(active, tokens)) if not self._advance(r, t)]
+            if not keep:
+                joining = more(max_batch) if more is not None else []
+                if not joining:
+                    return
+                active, state = joining, self._prefill(joining)
+                continue
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=state.mask.device)
+                state.cache.batch_select_indices(index)
+                state = state._replace(mask=state.mask[index], last=state.last[index])
+                active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
+            mask = torch.cat([state.mask, state.mask.new_ones((len(active), 1))], dim=1)
+            last = state.last + 1
+            logits = self._forward(active, input_ids=torch.tensor(tokens, device=mask.device)[:, None],
+                                   attention_mask=mask, position_ids=last[:, None],
+                                   **{self._cache_arg: state.cache}).logits[:, -1].float()
+            state = _Batch(state.cache, mask, last, logits)
+            if self.on_step is not None:
+                self.on_step(len(active))
+
+    def _prefill(self, requests: list[Request]) -> "_Batch":
+        """The prompts, left-padded into one batch, through the model: the cache, and each row's
+        next-token logits."""
         for r in requests:
             r._generator = torch.Generator().manual_seed(r.sampling.seed if r.sampling.seed is not None
                                                          else random.getrandbits(63))
@@ -108,32 +148,43 @@ class Engine:
         # Only the last position's logits. As an index tensor, not the int 1: the int slices a
         # strided view, and the output layer then copies its weight once per row (1 GB at 40 rows).
         last_only = torch.tensor([width - 1], device=device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=last_only, **self._adapter_args(requests))
-        cache, last = getattr(out, self._cache_arg), positions[:, -1]
-        active = list(requests)
-        logits = out.logits[:, -1].float()
-        while True:
-            tokens = [self._pick(row_logits, r) for row_logits, r in zip(logits, active)]
-            keep = [i for i, (r, t) in enumerate(zip(active, tokens)) if not self._advance(r, t)]
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, last = mask[index], last[index]
-                active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            last = last + 1
-            out = self.model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
-                             position_ids=last[:, None], use_cache=True,
-                             **{self._cache_arg: cache}, **self._adapter_args(active))
-            logits = out.logits[:, -1].float()
+        out = self._forward(requests, input_ids=ids, attention_mask=mask, position_ids=positions,
+                            logits_to_keep=last_only)
+        return _Batch(getattr(out, self._cache_arg), mask, positions[:, -1], out.logits[:, -1].float())
 
-    def _adapter_args(self, requests: list[Request]) -> dict:
+    def _forward(self, requests: list[Request], **inputs):
+        """One pass, each row through its own adapter. PEFT's mixed-adapter path only when the rows
+        need it: a batch of one adapter, or of the base alone, takes the plain path (20 % faster)."""
         if not self.adapters:
-            return {}
-        return {"adapter_names": [r.adapter or BASE_ADAPTER for r in requests]}
+            return self.model(**inputs, use_cache=True)
+        names = {r.adapter for r in requests}
+        self._switch(None if names == {None} else next(iter(names)) if len(names) == 1 else "*")
+        if len(names) > 1:
+            return self.model(**inputs, use_cache=True, adapter_names=[r.adapter or BASE_ADAPTER for r in requests])
+        return self.model(**inputs, use_cache=True)
+
+    def _switch(self, want: str | None) -> None:
+        """Adapter layers on (one adapter, or "*": all, chosen per row) or off (None). Only on a
+        change: PEFT walks every module to switch (8 ms for an adapter, 33 ms for its
+        disable_adapter() context on SmolLM2-135M, as long as a token takes)."""
+        if want == self._current:
+            return
+        lora = self.model.base_model
+        if want is None:
+            lora.disable_adapter_layers()
+        else:
+            if self._current is None:
+                lora.enable_adapter_layers()
+            if want != "*":
+                self.model.set_adapter(want)
+        self._current = want
+
+    @staticmethod
+    def _joinable(cache) -> bool:
+        """Rows can join a running batch when every cache layer is a plain growing key/value pair
+        (not a sliding window or a quantized cache)."""
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
     def _pick(self, logits: torch.Tensor, r: Request) -> int:
         s = r.sampling
@@ -166,6 +217,8 @@ class Engine:
         if r.on_text is not None and len(final) > r._emitted:
             r.on_text(final[r._emitted:])
         r._emitted = max(r._emitted, len(final))
+        if r.finish_reason is not None and r.on_done is not None:
+            r.on_done(r)  # now, not when the batch ends: others may go on decoding for long
         return r.finish_reason is not None
 
 
@@ -198,3 +251,29 @@ def stop_token_ids(model, tokenizer) -> set[int]:
         elif value:
             ids.update(value)
     return ids
+
+
+class _Batch(NamedTuple):
+    cache: object  # the model's key/value cache, a row per request
+    mask: torch.Tensor  # [rows, length] attention mask, 0 on each row's left padding
+    last: torch.Tensor  # [rows] the position of each row's last token
+    logits: torch.Tensor  # [rows, vocab] next-token logits
+
+
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """Two batches as one: the shorter one's cache and mask are left-padded (masked) to the longer's length."""
+    length = max(a.mask.shape[1], b.mask.shape[1])
+    for left, right in zip(a.cache.layers, b.cache.layers):
+        left.keys = torch.cat([_pad_left(left.keys, length, 2), _pad_left(right.keys, length, 2)])
+        left.values = torch.cat([_pad_left(left.values, length, 2), _pad_left(right.values, length, 2)])
+    mask = torch.cat([_pad_left(a.mask, length, 1), _pad_left(b.mask, length, 1)])
+    return _Batch(a.cache, mask, torch.cat([a.last, b.last]), torch.cat([a.logits, b.logits]))
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

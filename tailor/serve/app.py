@@ -109,7 +109,7 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
     the server logs them through (the anonymizer, or str for raw logs)."""
     app = FastAPI(title="Tailor", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(models)
-    models.batcher.on_batch = metrics.batch_size.observe
+    models.batcher.on_step = metrics.batch_size.observe
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.middleware("http")
@@ -222,8 +222,9 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
         completion_id, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
+        # Text pieces only for a stream: waking the event loop at every token costs the decoder time.
         request = Request(prompt_ids, sampling, served.adapter,
-                          on_text=lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t),
+                          on_text=(lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)) if body.stream else None,
                           on_done=lambda r: loop.call_soon_threadsafe(pieces.put_nowait, None))
         models.batcher.submit(served.engine, request)
 

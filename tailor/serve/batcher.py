@@ -1,25 +1,30 @@
-"""Dynamic batching for the server: requests that wait together are decoded together."""
+"""Dynamic batching for the server: requests decode together, and new ones join a running batch.
+
+One worker thread decodes. It takes the oldest waiting request's engine and every waiting request
+for it (up to max_batch); while that batch decodes, requests that arrive for the same engine join
+it before the next token (continuous batching), and a finished answer's row is freed at once. So
+throughput grows with the number of clients until max_batch rows decode together.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from typing import Callable
 
 from tailor.models.decode import Engine, Request
 
 
 class Batcher:
-    """Dynamic batching: a worker thread takes every waiting request of one engine (up to
-    max_batch) and decodes them together; requests that arrive meanwhile form the next batch."""
-
     def __init__(self, max_batch: int = 8):
         self.max_batch = max_batch
-        self.lock = threading.Lock()  # held while decoding and while an adapter loads
+        self._lock = threading.Lock()  # held while decoding, and while an adapter loads
         self._waiting: list[tuple[Engine, Request]] = []
         self._wakeup = threading.Condition()
         self._closed = False
-        self.batch_sizes: list[int] = []  # observed by the metrics
-        self.on_batch: Callable[[int], None] | None = None
+        self._paused = threading.Event()  # set: no joining, so the running batch ends and frees the lock
+        self.on_step: Callable[[int], None] | None = None  # rows decoded at each step
         self._thread = threading.Thread(target=self._work, name="tailor-batcher", daemon=True)
         self._thread.start()
 
@@ -30,36 +35,67 @@ class Batcher:
             self._waiting.append((engine, request))
             self._wakeup.notify()
 
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The engines to oneself between two batches (to load an adapter): under constant load a
+        batch that others keep joining would never end, so joining stops until then."""
+        self._paused.set()
+        try:
+            with self._lock:
+                yield
+        finally:
+            self._paused.clear()
+
     def close(self) -> None:
+        """Stop after the running batch; requests still waiting get an error."""
         with self._wakeup:
             self._closed = True
+            left, self._waiting = self._waiting, []
             self._wakeup.notify()
+        for _, r in left:
+            r.error, r.finish_reason = RuntimeError("the server is shutting down"), "error"
+            if r.on_done is not None:
+                r.on_done(r)
         self._thread.join(timeout=60)
 
-    def _next_batch(self) -> tuple[Engine, list[Request]] | None:
+    def _take(self, engine: Engine, k: int) -> list[Request]:
+        """Up to k waiting requests for `engine`, in order of arrival."""
+        with self._wakeup:
+            if self._paused.is_set() or self._closed:
+                return []
+            taken = [r for e, r in self._waiting if e is engine][:k]
+            ids = {id(r) for r in taken}
+            self._waiting = [(e, r) for e, r in self._waiting if id(r) not in ids]
+            return taken
+
+    def _next_engine(self) -> Engine | None:
         with self._wakeup:
             while not self._waiting and not self._closed:
                 self._wakeup.wait()
-            if not self._waiting:
-                return None
-            engine = self._waiting[0][0]  # the oldest request's engine goes first
-            batch = [r for e, r in self._waiting if e is engine][:self.max_batch]
-            taken = {id(r) for r in batch}
-            self._waiting = [(e, r) for e, r in self._waiting if id(r) not in taken]
-            return engine, batch
+            return None if self._closed else self._waiting[0][0]
 
     def _work(self) -> None:
-        while (job := self._next_batch()) is not None:
-            engine, batch = job
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
-            try:
-                with self.lock:
-                    engine.run(batch)
-            except Exception as exc:  # reported to each request's caller; the worker keeps serving
-                for r in batch:
-                    if r.finish_reason is None:
-                        r.error, r.finish_reason = exc, "error"
-            for r in batch:
-                if r.on_done is not None:
-                    r.on_done(r)
+        while (engine := self._next_engine()) is not None:
+            if self._paused.is_set():  # an adapter is loading: let it have the lock
+                time.sleep(0.01)
+                continue
+            with self._lock:
+                batch = self._take(engine, self.max_batch)
+                if not batch:
+                    continue
+                served = list(batch)
+
+                def more(k: int) -> list[Request]:
+                    joining = self._take(engine, k)
+                    served.extend(joining)
+                    return joining
+
+                engine.on_step = self.on_step
+                try:
+                    engine.run(batch, more=more, max_batch=self.max_batch)
+                except Exception as exc:  # reported to each unfinished request's caller; the worker goes on
+                    for r in served:
+                        if r.finish_reason is None:
+                            r.error, r.finish_reason = exc, "error"
+                            if r.on_done is not None:
+                                r.on_done(r)

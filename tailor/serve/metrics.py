@@ -21,7 +21,8 @@ class Metrics:
                                  ["path"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.token_count = Counter("tailor_tokens", "Tokens read and written", ["model", "kind"],
                                    registry=self.registry)
-        self.batch_size = Histogram("tailor_batch_size", "Requests decoded together", buckets=(1, 2, 4, 8, 16, 32),
+        self.batch_size = Histogram("tailor_batch_size", "Requests decoded together, at each token step",
+                                    buckets=(1, 2, 4, 8, 16, 32),
                                     registry=self.registry)
         self.feedback = Counter("tailor_feedback", "Feedback received", ["kind"], registry=self.registry)
 

@@ -82,7 +82,7 @@ class ModelSet:
         if (run_dir / "adapter").is_dir():
             self.add_base(base)
             engine = self.served[base].engine
-            with self.batcher.lock:  # not while a batch decodes through the same PEFT model
+            with self.batcher.exclusive():  # not while a batch decodes through the same PEFT model
                 engine.add_adapter(name, str(run_dir / "adapter"))
             self.served[name] = Served(name, engine, name, base, str(run_dir), int(time.time()))
         elif (run_dir / "model").is_dir():

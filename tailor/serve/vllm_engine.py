@@ -33,6 +33,7 @@ class VllmEngine:
         self.context = self.llm.llm_engine.model_config.max_model_len
         self.eos_ids = stop_token_ids(SimpleNamespace(generation_config=_generation_config(path)), self.tokenizer)
         self._lora: dict[str, object] = {}
+        self.on_step = None  # the batcher's metrics hook; vLLM's steps happen inside generate
 
     @property
     def adapters(self) -> set[str]:
@@ -52,7 +53,9 @@ class VllmEngine:
     def text_prompt(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
-    def run(self, requests: list[Request]) -> None:
+    def run(self, requests: list[Request], more=None, max_batch: int | None = None) -> None:
+        """One vllm generate call for the batch (vLLM schedules inside it; requests that arrive
+        meanwhile wait for the next call: `more` is not used)."""
         from vllm import SamplingParams
 
         params = [SamplingParams(max_tokens=r.sampling.max_tokens, temperature=r.sampling.temperature,
@@ -67,6 +70,8 @@ class VllmEngine:
             r.text, r.finish_reason = best.text, best.finish_reason if best.finish_reason in ("stop", "length") else "stop"
             if r.on_text is not None and r.text:
                 r.on_text(r.text)
+            if r.on_done is not None:
+                r.on_done(r)
 
 
 def _generation_config(path: str):
