@@ -86,12 +86,16 @@ def main(argv=None) -> None:
     print(f"# {args.requests} chat requests, greedy, up to {args.max_tokens} tokens each; {args.threads} threads; "
           f"model {args.run or args.model}")
 
-    model, tokenizer = load_run(args.run, args.dtype) if args.run else load_base(args.model, args.dtype)
-    peer_tokens_per_second(model, tokenizer, conversations[:1], 4)  # warm-up
-    peer = peer_tokens_per_second(model, tokenizer, conversations, args.max_tokens)
-    del model
-
     app, _, batcher = build(settings, say=lambda m: None)
+
+    def peer_run() -> float:
+        model, tokenizer = load_run(args.run, args.dtype) if args.run else load_base(args.model, args.dtype)
+        peer_tokens_per_second(model, tokenizer, conversations[:1], 4)  # warm-up
+        return peer_tokens_per_second(model, tokenizer, conversations, args.max_tokens)
+
+    # On the thread that decodes for the server: each thread running torch gets its own OpenMP
+    # team, and a second one would slow whichever runs second (tailor/serve/batcher.py).
+    peer = batcher.call(peer_run)
     with InThread(app, batcher) as live:
         served_tokens_per_second(live.url, name, conversations[:1], 1, 4)  # warm-up
         one = served_tokens_per_second(live.url, name, conversations, 1, args.max_tokens)

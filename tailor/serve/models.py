@@ -61,7 +61,7 @@ class ModelSet:
     def add_base(self, source: str) -> str:
         """Serve a base model (embedded:…, a hub id, a folder, a .gguf file) under its own name."""
         if source not in self.served:
-            resolved = resolve_model(source)
+            resolved = self.batcher.call(lambda: resolve_model(source))  # a GGUF file converts with torch
             engine = self._engine(resolved.path, resolved.path)
             self.served[source] = Served(source, engine, None, source, None, int(time.time()))
         self.default = self.default or source
@@ -82,8 +82,8 @@ class ModelSet:
         if (run_dir / "adapter").is_dir():
             self.add_base(base)
             engine = self.served[base].engine
-            with self.batcher.exclusive():  # not while a batch decodes through the same PEFT model
-                engine.add_adapter(name, str(run_dir / "adapter"))
+            # on the decoding thread, between two batches: not while one runs through the same PEFT model
+            self.batcher.call(lambda: engine.add_adapter(name, str(run_dir / "adapter")))
             self.served[name] = Served(name, engine, name, base, str(run_dir), int(time.time()))
         elif (run_dir / "model").is_dir():
             engine = self._engine(str(run_dir / "model"), str(run_dir / "model"))
@@ -102,7 +102,8 @@ class ModelSet:
                                  f"serve full-weight runs or another base from a second `tailor serve`")
             from tailor.serve.vllm_engine import VllmEngine
 
-            self._engines[key] = VllmEngine(path, self.dtype_name)
-        else:
-            self._engines[key] = Engine(load_model(path, self.dtype, self.device), load_tokenizer(path))
+            self._engines[key] = self.batcher.call(lambda: VllmEngine(path, self.dtype_name))
+        else:  # loaded on the decoding thread: see tailor/serve/batcher.py
+            self._engines[key] = self.batcher.call(
+                lambda: Engine(load_model(path, self.dtype, self.device), load_tokenizer(path)))
         return self._engines[key]

@@ -57,9 +57,9 @@ def check_settings(s: ServeSettings) -> None:
 def build(s: ServeSettings, say=print):
     """(app, models, batcher): everything loaded, ready for uvicorn or a test client."""
     check_settings(s)
-    if s.threads:
-        torch.set_num_threads(s.threads)
     batcher = Batcher(256 if s.engine == "vllm" else s.max_batch)  # vLLM batches by itself: give it all that waits
+    if s.threads:
+        batcher.call(lambda: torch.set_num_threads(s.threads))
     models = ModelSet(batcher, s.dtype, engine=s.engine)
     if s.base or not s.runs:
         models.add_base(s.base or "embedded:smollm2-135m-instruct")
