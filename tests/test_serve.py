@@ -219,6 +219,11 @@ def test_concurrent_clients_and_feedback_lose_nothing_and_export_trains(two_runs
     assert exported.n_pairs >= 16  # each correction against the answer it corrects, and up vs down per prompt
     pair = json.loads(exported.preferences.read_text().splitlines()[0])
     assert set(pair) == {"prompt", "chosen", "rejected"} and pair["prompt"][-1]["role"] == "user"
+    from tailor.data import read_many
+
+    pairs = read_many([str(exported.preferences)])  # the data step reads both files as they are
+    assert len(pairs) == exported.n_pairs and all(p.chosen and p.rejected for p in pairs)
+    assert len(read_many([str(exported.supervised)])) == 32
 
     # the continual-learning stage: the deployed adapter goes on training on what users corrected
     job = load_job(two_runs["lamps"] / "job.yaml", [f"data.train=[{exported.supervised}]", "training.max_steps=2",
