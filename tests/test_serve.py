@@ -390,6 +390,13 @@ def test_requests_that_join_a_running_batch_get_the_answers_they_get_alone(tiny_
         return [later.pop(0)] if len(calls) in (2, 7) and later else []
 
     joined = [first] + list(later)
+    widths = []
+    run_forward = engine._forward
+    engine._forward = lambda requests, **inputs: (widths.append(inputs["attention_mask"].shape[1]),
+                                                  run_forward(requests, **inputs))[1]
     engine.run([first], more=more, max_batch=4)
     assert [r.token_ids for r in joined] == [alone[0][:4], alone[1], alone[2]]
     assert max(steps) == 2 and all(r.finish_reason == "length" for r in joined)
+    # the columns only the finished rows used are dropped: at the end the cache is as long as the
+    # last row (its prompt and the 9 tokens fed back), not as the longer prompt that left before it
+    assert len(prompts[1]) > len(prompts[2]) and widths[-1] == len(prompts[2]) + 9

@@ -119,7 +119,7 @@ class Engine:
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=state.mask.device)
                 state.cache.batch_select_indices(index)
-                state = state._replace(mask=state.mask[index], last=state.last[index])
+                state = _trimmed(state._replace(mask=state.mask[index], last=state.last[index]))
                 active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
             mask = torch.cat([state.mask, state.mask.new_ones((len(active), 1))], dim=1)
             last = state.last + 1
@@ -268,6 +268,17 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
         left.values = torch.cat([_pad_left(left.values, length, 2), _pad_left(right.values, length, 2)])
     mask = torch.cat([_pad_left(a.mask, length, 1), _pad_left(b.mask, length, 1)])
     return _Batch(a.cache, mask, torch.cat([a.last, b.last]), torch.cat([a.logits, b.logits]))
+
+
+def _trimmed(b: _Batch) -> _Batch:
+    """Without the leading columns that are padding in every row: under constant load rows come
+    and go while the batch runs on, and the cache would otherwise grow by a column per token."""
+    start = int(b.mask.any(dim=0).int().argmax())
+    if start == 0 or not Engine._joinable(b.cache):
+        return b
+    for layer in b.cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+    return b._replace(mask=b.mask[:, start:])
 
 
 def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
