@@ -400,3 +400,17 @@ def test_requests_that_join_a_running_batch_get_the_answers_they_get_alone(tiny_
     # the columns only the finished rows used are dropped: at the end the cache is as long as the
     # last row (its prompt and the 9 tokens fed back), not as the longer prompt that left before it
     assert len(prompts[1]) > len(prompts[2]) and widths[-1] == len(prompts[2]) + 9
+
+
+def test_from_run_must_be_a_finished_run_of_the_same_base(two_runs, tmp_path):
+    from tailor.train.adapters import AdapterError
+
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"model": {"source": "org/another-model"}}))
+    (other / "DONE").write_text("")
+    job = two_runs["lamps"] / "job.yaml"
+    with pytest.raises(AdapterError, match="trained org/another-model, but this job's model.base is"):
+        run_technique(load_job(job, [f"model.from_run={other}", "training.max_steps=1"]), show_progress=False)
+    with pytest.raises(AdapterError, match="not a finished run folder"):
+        run_technique(load_job(job, [f"model.from_run={tmp_path}", "training.max_steps=1"]), show_progress=False)

@@ -26,6 +26,7 @@ from tailor.train.packing import make_rows
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True,
         run_dir: Path | None = None, start_from: Path | None = None) -> Path:
     accelerator, say = common.start(job, console)
+    start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
 
     # 1. The data: every record with its task, and each task's instruction as its system prompt.
     run_dir, train_raw, val_raw = common.data_and_folder(job, resume, accelerator, say, run_dir)
@@ -65,7 +66,6 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         + f" (sampling {job.multitask.sampling})")
 
     # 4. The model, and 5. train.
-    start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
     model = common.model_to_train(job, resolved, dtype, accelerator.device, start_from)
     task_info = {t: {"train_rows": sizes[t], "validation_rows": len(val_groups[t]), "probability": probabilities[t],
                      "instruction": job.multitask.instructions.get(t)} for t in tasks}

@@ -26,6 +26,7 @@ from tailor.train.rundir import write_atomic
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True,
         run_dir: Path | None = None, start_from: Path | None = None) -> Path:
     accelerator, say = common.start(job, console)
+    start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
 
     # 1. The pairs.
     run_dir, train_raw, val_raw = common.data_and_folder(job, resume, accelerator, say, run_dir)
@@ -54,7 +55,6 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     stats["padding_share"] = 1 - stats["train_tokens"] / max(1, room)
 
     # 3. The model, and the reference: the same model as it starts, scored once.
-    start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
     model = common.model_to_train(job, resolved, dtype, accelerator.device, start_from)
     bf16 = dtype == torch.bfloat16
     if job.preference.loss != "orpo":

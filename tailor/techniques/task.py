@@ -26,6 +26,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     first stage): True, preference pairs count as their chosen conversations; False, they are left
     to the preference stage; None (technique task), they are an error."""
     accelerator, say = common.start(job, console)
+    start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
 
     # 1. The data, checked record by record before any weights load, and the run folder.
     run_dir, train_raw, val_raw = common.data_and_folder(job, resume, accelerator, say, run_dir)
@@ -52,7 +53,6 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     common.say_truncated(stats, max_len, say)
 
     # 3. The model with its adapter (or an earlier stage's).
-    start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
     model = common.model_to_train(job, resolved, dtype, accelerator.device, start_from)
     common.record_start(job, run_dir, resolved, dtype, model, accelerator, stats, say, len(train_set), len(val_set),
                         start_from)
