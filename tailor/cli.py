@@ -400,13 +400,13 @@ FEEDBACK_DB = typer.Option("sqlite:///runs/feedback.db", "--db", help="The feedb
 def feedback_list(db: str = FEEDBACK_DB, model: Optional[str] = typer.Option(None, "--model"),
                   limit: int = typer.Option(20, "--limit")):
     """The newest feedback: rating, prompt, answer and correction."""
+    import time
+
     from tailor.feedback.store import FeedbackStore
 
     table = Table(show_lines=True, expand=True)
     for column in ("when", "model", "rating", "prompt", "answer", "correction / comment"):
         table.add_column(column, overflow="fold")
-    import time
-
     for r in FeedbackStore(db).rows(model=model, limit=limit):
         prompt = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
         note = " / ".join(x for x in (r["correction"], r["comment"]) if x)

@@ -86,9 +86,7 @@ class Engine:
         self._switch("*")  # layers on, each row picks its adapter, until a batch of one kind switches
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The token ids of a conversation with the assistant's turn opened, as training saw it."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def text_prompt(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
@@ -220,6 +218,12 @@ class Engine:
         if r.finish_reason is not None and r.on_done is not None:
             r.on_done(r)  # now, not when the batch ends: others may go on decoding for long
         return r.finish_reason is not None
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of a conversation with the assistant's turn opened, as training saw it."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def first_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:

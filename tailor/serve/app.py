@@ -108,7 +108,7 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
     """log_prompts: None (prompts and answers are never logged) or a function text → text that
     the server logs them through (the anonymizer, or str for raw logs)."""
     app = FastAPI(title="Tailor", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = Metrics(models)
+    metrics = Metrics()
     models.batcher.on_step = metrics.batch_size.observe
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
 
@@ -182,7 +182,7 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
         return _model_card(models.served[name])
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, http: HttpRequest):
+    async def chat(body: ChatRequest):
         served = _served(models, body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
                     for i, m in enumerate(body.messages)]
@@ -191,10 +191,10 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
         except TemplateError as exc:  # e.g. a template that insists on alternating user/assistant turns
             raise ApiError(400, f"messages: the model's chat template refuses this conversation ({exc})",
                            param="messages") from None
-        return await _complete(http, served, body, prompt_ids, "chat", messages)
+        return await _complete(served, body, prompt_ids, "chat", messages)
 
     @app.post("/v1/completions")
-    async def complete(body: CompletionRequest, http: HttpRequest):
+    async def complete(body: CompletionRequest):
         served = _served(models, body.model)
         prompt = body.prompt
         if isinstance(prompt, list):
@@ -202,7 +202,7 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
                 raise ApiError(400, "prompt: one prompt per request (send several requests: they are batched)",
                                param="prompt")
             prompt = prompt[0]
-        return await _complete(http, served, body, served.engine.text_prompt(prompt), "text", prompt)
+        return await _complete(served, body, served.engine.text_prompt(prompt), "text", prompt)
 
     @app.post("/v1/feedback")
     async def give_feedback(body: FeedbackRequest):
@@ -216,7 +216,7 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
         metrics.feedback.labels("correction" if body.correction else "rating").inc()
         return {"id": feedback_id, "object": "feedback", "completion_id": body.completion_id}
 
-    async def _complete(http: HttpRequest, served, body: _Sampled, prompt_ids: list[int], kind: str, prompt):
+    async def _complete(served, body: _Sampled, prompt_ids: list[int], kind: str, prompt):
         sampling = _sampling(body, limits, len(prompt_ids), served.engine.context)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         completion_id, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -237,10 +237,10 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
             await run_in_threadpool(store.add_completion, Completion(
                 completion_id, served.name, kind, prompt, request.text, request.finish_reason,
                 usage["prompt_tokens"], usage["completion_tokens"]))
-            if log_prompts is not None:
+            if log_prompts is not None:  # the anonymizer runs NER: not on the event loop
                 shown = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
-                log.info("%s %s prompt=%s answer=%s", completion_id, served.name, log_prompts(shown),
-                         log_prompts(request.text))
+                shown, answer = await run_in_threadpool(lambda: (log_prompts(shown), log_prompts(request.text)))
+                log.info("%s %s prompt=%s answer=%s", completion_id, served.name, shown, answer)
             return usage
 
         if not body.stream:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from tailor.models.load import load_model, load_tokenizer, resolve_model
+from tailor.models.generate import load_run
+from tailor.models.load import resolve_model
 from tailor.models.decode import Engine, Request, Sampling, stop_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,8 +46,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = 
     run_dir = Path(run_dir).resolve()
     manifest = _manifest(run_dir)
     out = Path(out) if out else run_dir / "export"
-    model, tokenizer, base = _merged(run_dir, manifest)
-    target = _dtype(dtype, base)
+    model, tokenizer = _merged(run_dir)
+    target = _dtype(dtype, manifest)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(target).save_pretrained(tmp, safe_serialization=True)
@@ -89,7 +90,7 @@ def parity(run_dir: str | Path, folder: str | Path, prompts: list[list[dict]] | 
 
     run_dir, folder = Path(run_dir).resolve(), Path(folder)
     prompts = prompts or run_prompts(run_dir)
-    adapter, tokenizer, _ = _merged(run_dir, _manifest(run_dir), merge=False)
+    adapter, tokenizer = _merged(run_dir, merge=False)
     end_ids = answer_end_ids(adapter, tokenizer)
     rounded = json.loads((folder / "tailor_export.json").read_text(encoding="utf-8"))["dtype"] != "float32"
     merged = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -193,27 +194,20 @@ def _manifest(run_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _merged(run_dir: Path, manifest: dict, merge: bool = True):
-    """(model in float32, tokenizer, resolved base): the adapter merged into the base (merge=False:
-    left as a PEFT adapter), or the run's full weights."""
-    base = resolve_model(manifest["model"]["source"])
-    if (run_dir / "model").is_dir():
-        return (load_model(str(run_dir / "model"), torch.float32).eval(), load_tokenizer(str(run_dir / "model")),
-                base)
-    if not (run_dir / "adapter").is_dir():
-        raise ExportError(f"{run_dir}: no adapter/ or model/ yet; export a run once training has finished")
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_model(base.path, torch.float32), str(run_dir / "adapter")).eval()
-    if merge:
+def _merged(run_dir: Path, merge: bool = True):
+    """(model in float32, tokenizer) of the run: its adapter merged into the base (merge=False:
+    left as a PEFT adapter), or its full weights."""
+    model, tokenizer = load_run(run_dir, "float32")
+    if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    return model, load_tokenizer(base.path), base
+    return model.eval(), tokenizer
 
 
-def _dtype(requested: str, base) -> torch.dtype:
+def _dtype(requested: str, manifest: dict) -> torch.dtype:
     if requested != "auto":
         if requested not in DTYPES:
             raise ExportError(f"--dtype {requested}: use auto, {', '.join(DTYPES)}")
         return DTYPES[requested]
+    base = resolve_model(manifest["model"]["source"])
     config = json.loads((Path(base.path) / "config.json").read_text(encoding="utf-8"))
     return DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)

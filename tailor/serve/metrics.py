@@ -12,8 +12,7 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, models):
-        self.models = models
+    def __init__(self):
         self.registry = CollectorRegistry()  # one per app: two servers in one process stay apart
         self.requests = Counter("tailor_requests", "HTTP requests answered", ["path", "status"],
                                 registry=self.registry)

@@ -62,7 +62,7 @@ class ModelSet:
         """Serve a base model (embedded:…, a hub id, a folder, a .gguf file) under its own name."""
         if source not in self.served:
             resolved = self.batcher.call(lambda: resolve_model(source))  # a GGUF file converts with torch
-            engine = self._engine(resolved.path, resolved.path)
+            engine = self._engine(resolved.path)
             self.served[source] = Served(source, engine, None, source, None, int(time.time()))
         self.default = self.default or source
         return source
@@ -86,24 +86,24 @@ class ModelSet:
             self.batcher.call(lambda: engine.add_adapter(name, str(run_dir / "adapter")))
             self.served[name] = Served(name, engine, name, base, str(run_dir), int(time.time()))
         elif (run_dir / "model").is_dir():
-            engine = self._engine(str(run_dir / "model"), str(run_dir / "model"))
+            engine = self._engine(str(run_dir / "model"))
             self.served[name] = Served(name, engine, None, base, str(run_dir), int(time.time()))
         else:
             raise ModelError(f"{run_dir}: the run has no adapter/ or model/ yet; serve it once training has "
                              f"finished (`tailor train JOB --resume` continues an interrupted run)")
         return name
 
-    def _engine(self, key: str, path: str) -> Engine:
-        if key in self._engines:
-            return self._engines[key]
+    def _engine(self, path: str) -> Engine:
+        if path in self._engines:
+            return self._engines[path]
         if self.engine_kind == "vllm":
             if self._engines:  # each vllm.LLM takes most of the GPU's memory for its cache
                 raise ModelError(f"{path}: --engine vllm serves one set of weights (a base and its LoRA runs); "
                                  f"serve full-weight runs or another base from a second `tailor serve`")
             from tailor.serve.vllm_engine import VllmEngine
 
-            self._engines[key] = self.batcher.call(lambda: VllmEngine(path, self.dtype_name))
+            self._engines[path] = self.batcher.call(lambda: VllmEngine(path, self.dtype_name))
         else:  # loaded on the decoding thread: see tailor/serve/batcher.py
-            self._engines[key] = self.batcher.call(
+            self._engines[path] = self.batcher.call(
                 lambda: Engine(load_model(path, self.dtype, self.device), load_tokenizer(path)))
-        return self._engines[key]
+        return self._engines[path]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tailor.models.decode import Request, stop_token_ids
+from tailor.models.decode import Request, chat_prompt_ids, stop_token_ids
 from tailor.models.load import load_tokenizer
 from tailor.serve.models import ModelError
 
@@ -47,8 +47,7 @@ class VllmEngine:
         self._lora[name] = LoRARequest(name, len(self._lora) + 1, folder)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def text_prompt(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
