@@ -178,6 +178,168 @@ def chat(
     out.print(answer(lm, tokenizer, [messages], max_new_tokens)[0], highlight=False, markup=False)
 
 
+@app.command()
+def advise(
+    answers: Optional[Path] = typer.Option(None, "--answers", help="answers.yaml: the answers to every question "
+                                           "(docs/advise.md); flags below override it. Without it or flags, asks."),
+    out_dir: Path = typer.Option(Path("advice"), "--out", help="Folder for advice.md, advice.json and job.yaml."),
+    use_case: Optional[str] = typer.Option(None, "--use-case", help="jargon, localization, voice, compliance, "
+                                           "moderation, accuracy or general."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data files, a folder, or a prepared folder (profiled)."),
+    examples: Optional[int] = typer.Option(None, "--examples", help="Without --data: how many examples you have."),
+    languages: Optional[str] = typer.Option(None, "--languages", help="Comma-separated ISO codes, e.g. en,de."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Target GPU (see --list-hardware) instead of this machine."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="How many of them."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Compute budget in US dollars."),
+    deadline: Optional[float] = typer.Option(None, "--deadline", help="Hours the training may take at most."),
+    expertise: Optional[str] = typer.Option(None, "--expertise", help="none, some or expert."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="exploration, market-test, pilot or production."),
+    hardware: Optional[Path] = typer.Option(None, "--hardware", help="YAML of hardware entries or prices to add or override."),
+    price: list[str] = typer.Option([], "--price", help="Price per device-hour: --price a100-80gb=1.4"),
+    calibrate_: bool = typer.Option(False, "--calibrate", help="Measure this machine first (about 40 s); stored."),
+    list_hardware: bool = typer.Option(False, "--list-hardware", help="Print the hardware table and exit."),
+):
+    """Should you fine-tune, which base model, which technique and settings, and what it costs — before anything runs."""
+    import sys
+
+    from tailor.advise import advise as run_advice
+    from tailor.advise import pick_hardware, profile_data
+    from tailor.advise.answers import load_answers
+    from tailor.advise.estimate import hardware_table, with_overrides
+    from tailor.advise.report import markdown, write
+    from tailor.spec import SpecError
+
+    _quiet_libraries()
+    try:
+        prices = {k: float(v) for k, v in (p.split("=", 1) for p in price)}
+        table = with_overrides(hardware_table(), hardware, prices)
+    except (ValueError, KeyError, OSError) as exc:
+        _fail(ValueError(f"--price/--hardware: {exc}; write --price NAME=USD_PER_HOUR"))
+    if list_hardware:
+        _print_hardware(table)
+        return
+    if calibrate_:
+        from tailor.advise.calibrate import calibrate
+
+        calibrate(say=lambda line: err.print(escape(line), highlight=False))
+    flags = {"use_case": use_case, "data.path": data, "data.examples": examples, "compute.target": gpu,
+             "compute.count": gpus, "budget_usd": budget, "deadline_hours": deadline, "expertise": expertise,
+             "stage": stage, "languages": languages.split(",") if languages else None}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if answers is None and not flags and calibrate_:
+        return
+    if answers is None and not flags:
+        if not sys.stdin.isatty():
+            _fail(ValueError("no answers: give --answers answers.yaml or flags (tailor advise --help), "
+                             "or run it in a terminal to be asked"))
+        flags = _ask_advice_questions()
+    try:
+        a = load_answers(answers, flags)
+        hw = pick_hardware(a, table)
+        if a.compute.target != "local":
+            hw = table[a.compute.target]
+        adv = run_advice(a, profile_data(a, out_dir, say=lambda line: err.print(escape(str(line)), highlight=False)), hw)
+    except (SpecError, FileNotFoundError) as exc:
+        _fail(exc)
+    files = write(adv, out_dir)
+    from rich.markdown import Markdown
+
+    out.print(Markdown(markdown(adv)))
+    err.print("wrote " + ", ".join(str(p) for p in files.values()), highlight=False)
+
+
+def _ask_advice_questions() -> dict:
+    """The advisor's questions, one at a time, in a terminal."""
+    from tailor.advise.answers import STAGES, USE_CASES
+
+    def choose(question: str, options: dict[str, str], default: str) -> str:
+        out.print(f"\n[bold]{question}[/]")
+        for key, text in options.items():
+            out.print(f"  [cyan]{key}[/]: {escape(text)}")
+        return typer.prompt("answer", default=default, type=click_choice(list(options)))
+
+    import click
+
+    def click_choice(options):
+        return click.Choice(options)
+
+    a: dict = {"use_case": choose("What is the model for?", USE_CASES, "voice")}
+    path = typer.prompt("\nYour data: a file or folder (empty: give a count instead)", default="", show_default=False)
+    if path:
+        a["data.path"] = path
+    else:
+        a["data.examples"] = typer.prompt("How many examples (conversations) do you have?", type=int)
+    a["languages"] = typer.prompt("Languages (comma-separated ISO codes)", default="en").split(",")
+    target = typer.prompt("Train on: 'local' (this machine) or a GPU (t4, l4, a10g, rtx-4090, l40s, a100-40gb, "
+                          "a100-80gb, h100-80gb, h200, b200)", default="local")
+    a["compute.target"] = target
+    if target != "local":
+        a["compute.count"] = typer.prompt("How many GPUs?", default=1, type=int)
+    budget = typer.prompt("Budget in US dollars (empty: none)", default="", show_default=False)
+    if budget:
+        a["budget_usd"] = float(budget)
+    deadline = typer.prompt("Hours the training may take (empty: no limit)", default="", show_default=False)
+    if deadline:
+        a["deadline_hours"] = float(deadline)
+    a["expertise"] = choose("Machine-learning expertise in your team?", {"none": "nobody", "some": "some experience",
+                                                                        "expert": "ML engineers"}, "some")
+    a["stage"] = choose("Project stage?", STAGES, "production")
+    return a
+
+
+def _print_hardware(table) -> None:
+    t = Table(title="hardware (prices: per device-hour; override with --price NAME=USD or --hardware FILE)")
+    for col in ("name", "device", "memory", "peak bf16", "bandwidth", "price"):
+        t.add_column(col)
+    for hw in table.values():
+        t.add_row(hw.name, hw.label, f"{hw.memory_gb:g} GB", f"{hw.peak_tflops:g} TFLOP/s", f"{hw.bandwidth_gbs:g} GB/s",
+                  f"${hw.usd_per_hour:.2f}")
+    out.print(t)
+
+
+models_app = typer.Typer(no_args_is_help=True, help="The model catalog: open-weight base models and their facts.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(family: Optional[str] = typer.Option(None, "--family", help="Only this family, e.g. Qwen3."),
+                commercial: bool = typer.Option(False, "--commercial", help="Only licences that allow commercial use."),
+                language: Optional[str] = typer.Option(None, "--language", help="Only models that list this language.")):
+    """Every model in the catalog: size, context, languages, licence."""
+    from tailor.models.catalog import load_catalog, size_label
+
+    models = [m for m in load_catalog() if (not family or m.family.casefold() == family.casefold())
+              and (not commercial or m.commercial_use) and (not language or language in m.languages)]
+    table = Table(title=f"{len(models)} models (tailor models show NAME for one)")
+    for col in ("name", "family", "size", "layers", "context", "languages", "licence", "commercial"):
+        table.add_column(col, overflow="fold")
+    for m in models:
+        table.add_row(m.name, m.family, size_label(m.params), str(m.layers), f"{m.context_length:,}",
+                      ",".join(m.languages[:6]) + ("…" if len(m.languages) > 6 else ""), m.license,
+                      "yes" if m.commercial_use else "[red]no[/]")
+    out.print(table)
+
+
+@models_app.command("show")
+def models_show(name: str = typer.Argument(..., help="A catalog name (tailor models list) or hub id.")):
+    """One model's facts, and what fine-tuning it takes on each GPU of the hardware table."""
+    from tailor.advise.estimate import GB, Arch, Workload, hardware_table, memory
+    from tailor.models.catalog import CatalogError, find_model, size_label
+
+    try:
+        m = find_model(name)
+    except CatalogError as exc:
+        _fail(exc)
+    for key, value in m.model_dump().items():
+        out.print(f"[bold]{key}[/]: {escape(str(value))}", highlight=False)
+    arch = Arch.of(m)
+    out.print(f"\nMemory to fine-tune {size_label(m.params)} (rows of 1,024 tokens, 1 per micro-step):")
+    for method in ("full", "lora", "qlora"):
+        need = memory(arch, Workload(method=method, seq_len=1024, micro_batch=1), "gpu").total / GB
+        fits = [hw.name for hw in hardware_table().values() if need <= hw.memory_gb * 0.9]
+        out.print(f"  {method:<6} {need:7.1f} GB   fits: {', '.join(fits) or 'no single GPU here'}", highlight=False)
+
+
 runs_app = typer.Typer(no_args_is_help=True, help="The run folders: list them, show one, compare several.")
 app.add_typer(runs_app, name="runs")
 RUNS_DIR = typer.Option(Path("runs"), "--dir", help="The output directory that holds NAME/RUN-ID folders.")

@@ -82,9 +82,14 @@ def test_the_embedded_run_served_to_concurrent_clients_and_exported_with_parity(
 def test_quickstart_runs_every_step(embedded_path, tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--steps", "2", "--out", str(tmp_path)], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
-    for heading in ("1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune", "4 · Base vs tuned",
-                    "5 · Evaluate", "6 · Serve it"):
+    for heading in ("0 · Decide", "1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune",
+                    "4 · Base vs tuned", "5 · Evaluate", "6 · Serve it"):
         assert heading in result.output
+    # The advisor's verdict on the shipped example, its files, and its estimate held against the run.
+    assert "Fine-tune: custom responses" in result.output and "model 1: " in result.output
+    advice = json.loads((tmp_path / "advice" / "advice.json").read_text())
+    assert advice["decision"] == "fine-tune" and advice["technique"]["name"] == "task"
+    assert (tmp_path / "advice" / "job.yaml").exists() and "Steps 2-5 took" in result.output
     assert "records: 132 read = 121 kept + 2 rejected + 9 duplicates (6 exact, 3 near) + 0 filtered" in result.output
     prepared = tmp_path / "prepared"
     for planted in ("maria.keller@gmail.com", "4111 1111 1111 1111", "DE89 3704", "Priya", "(415) 555-2671"):

@@ -96,7 +96,8 @@ def load_catalog(path: Path = CATALOG_FILE) -> tuple[CatalogModel, ...]:
         raise CatalogError(f"{path}: expected a list of models, got {type(raw).__name__}")
     models, problems = [], []
     for i, entry in enumerate(raw):
-        label = f"entry {i + 1} ({entry.get('name', '?') if isinstance(entry, dict) else entry!r})"
+        name = entry.get("name", "?") if isinstance(entry, dict) else repr(entry)
+        label = f"entry {i + 1} ({name})"
         try:
             models.append(CatalogModel.model_validate(entry))
         except ValidationError as e:

@@ -41,6 +41,9 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
     job = load_job(job_path(technique), overrides)
     started = time.perf_counter()
 
+    out.rule("[bold]0 · Decide: is fine-tuning worth it here?")
+    estimated = advise_demo(job, out_dir.resolve() / "advice", out, err)
+
     out.rule("[bold]1 · Load the base model")
     t = time.perf_counter()
     resolved = resolve_model(job.model.base)
@@ -48,6 +51,7 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
               "then loaded from this cache)")
 
     out.rule("[bold]2 · Prepare the data")
+    job_started = time.perf_counter()
     datas = [("prepared", job.data)] + [(f"prepared-{st.name}", st.data) for st in job.stages if st.data is not None]
     inputs = [str(getattr(src, "path", src)) for _, data in datas for src in data.train]
     out.print("Raw data of Lumen Lane Lamps' support desk: " + ", ".join(Path(i).name for i in inputs)
@@ -106,6 +110,9 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
               f"retention.jsonl ({summary['seconds']:.0f} s)")
     for line in _task_lines(summary):
         out.print(line, highlight=False, markup=False)
+    if estimated is not None:
+        out.print(f"Steps 2-5 took {time.perf_counter() - job_started:.0f} s; the advisor estimated "
+                  f"{estimated:.0f} s in step 0.", highlight=False)
     out.print(f"Report with the curves, base vs tuned and sample answers (opens offline): {run_dir / 'report.html'}")
 
     out.rule("[bold]6 · Serve it: an OpenAI-compatible API that collects feedback")
@@ -113,6 +120,56 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
     out.print(f"Done in {time.perf_counter() - started:.0f} s. Run folder: {run_dir}")
     out.print(f"Ask it yourself: tailor chat --run {run_dir} \"How do I pair my Ember?\"")
     return run_dir
+
+
+ANSWERS = HERE / "answers.yaml"
+
+
+def advise_demo(job, out_dir: Path, out: Console, err: Console) -> float | None:
+    """The advisor on the bundled example: its verdict, the models it ranks first, and what this
+    quickstart's own job will take on this machine (seconds, for the comparison after step 5)."""
+    import torch
+
+    from tailor.advise import advise, pick_hardware
+    from tailor.advise.answers import load_answers
+    from tailor.advise.calibrate import calibrate, load_calibration
+    from tailor.advise.estimate import Arch, fmt_duration
+    from tailor.advise.profile import from_path
+    from tailor.advise.report import write
+    from tailor.advise.runtime import generate_s, job_time, workload_of
+    from tailor.models.catalog import find_model
+
+    def say(m):
+        err.print(m, highlight=False, markup=False)
+
+    if load_calibration(torch.get_num_threads()) is None:
+        out.print("Measuring this machine once, so that time estimates are measured, not guessed:")
+        calibrate(say=lambda m: out.print(m, highlight=False, markup=False))
+    a = load_answers(ANSWERS)
+    data = from_path(a.data.path, job.model.base, out_dir, say)
+    adv = advise(a, data, pick_hardware(a))
+    files = write(adv, out_dir)
+    out.print(f"Use case: {a.use_case} ({a.goal}) · {data.examples} training examples · stage {a.stage} · "
+              f"training within {a.deadline_hours * 60:.0f} min on {adv.hardware.label}", highlight=False)
+    out.print(f"[bold]{adv.verdict.headline}[/]", highlight=False)
+    for r in adv.verdict.reasons:
+        out.print(f"  {'+' if r.side == 'for' else '-'} {r.case}: {r.text}", highlight=False, markup=False)
+    for i, c in enumerate([c for c in adv.candidates if c.eligible][:3], 1):
+        out.print(f"  model {i}: {c.model.name} ({'; '.join(c.why[:2])})", highlight=False, markup=False)
+    out.print(f"  technique: {adv.technique.name} ({adv.technique.why})", highlight=False, markup=False)
+    arch = Arch.of(find_model("smollm2-135m-instruct"))
+    this_job = job.model_copy(deep=True)
+    this_job.eval.enabled = True
+    estimate = job_time(this_job, data, arch, adv.hardware)
+    w = workload_of(this_job, data)  # step 4: three held-out questions, base and tuned
+    side_by_side = 2 * generate_s(arch, adv.hardware, 3, 120, 3, data.mean_tokens / 2, w)
+    seconds = estimate.total_s + side_by_side
+    out.print(f"This quickstart trains the embedded {arch.name} (it works offline): the advisor expects "
+              f"{fmt_duration(seconds)} for steps 2-5 (training {fmt_duration(estimate.training.seconds)}, "
+              f"{estimate.training.memory.total / 2 ** 30:.1f} GB).", highlight=False, markup=False)
+    out.print(f"→ {files['advice.md']} (the full advice), {files.get('job.yaml', '')} (a starter job)",
+              highlight=False, markup=False)
+    return seconds
 
 
 def serve_demo(run_dir: Path, name: str, db: Path, out: Console) -> None:

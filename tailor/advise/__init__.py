@@ -1,0 +1,118 @@
+"""Step 0 and steps 2-3: should you fine-tune, which base model, which technique, and what it will cost.
+
+advise(answers) reads the data (profiled through tailor prepare, or counts), measures or looks up
+the hardware, ranks the catalog's models, picks the technique and starting hyperparameters,
+estimates memory, time and money for full fine-tuning, LoRA and QLoRA, and decides whether
+fine-tuning is worth it at all. tailor/advise/report.py writes it as Markdown and a starter job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tailor.advise.answers import Answers
+from tailor.advise.choose import (Candidate, Setting, TechniqueChoice, choose_technique, epochs_for,
+                                  hyperparameters, lora_workload, micro_batch, rank_models, seq_len_for)
+from tailor.advise.decide import Feasibility, Verdict, decide
+from tailor.advise.estimate import Arch, Estimate, Hardware, RunSize, estimate, hardware_table
+from tailor.advise.profile import DataProfile, from_counts, from_path
+from tailor.advise.runtime import JobTime, job_time
+from tailor.models.catalog import load_catalog
+
+EMBEDDED_NAMES = {"smollm2-135m-instruct": "embedded:smollm2-135m-instruct"}
+
+
+@dataclass
+class Advice:
+    answers: Answers
+    data: DataProfile
+    hardware: Hardware
+    verdict: Verdict
+    candidates: list[Candidate]
+    technique: TechniqueChoice
+    settings: list[Setting]
+    methods: list[Estimate]  # full, LoRA, QLoRA for the first model
+    job: dict | None  # the starter job file, as a dict
+    run_time: JobTime | None  # the starter job end to end on the chosen hardware
+
+    def lora_epochs(self) -> float:
+        return epochs_for(self.data)
+
+    @property
+    def top(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates and self.candidates[0].eligible else None
+
+
+def pick_hardware(a: Answers, table: dict[str, Hardware] | None = None) -> Hardware:
+    if a.compute.target == "local":
+        from tailor.advise.calibrate import local_hardware
+
+        return local_hardware()
+    table = table or hardware_table()
+    if a.compute.target not in table:
+        from tailor.spec import SpecError
+
+        raise SpecError("answers", [f"compute.target: unknown hardware {a.compute.target!r}; use 'local' or one of "
+                                    f"{', '.join(table)}"])
+    return table[a.compute.target]
+
+
+def profile_data(a: Answers, out: Path, say=print) -> DataProfile:
+    if a.data.path:
+        return from_path(a.data.path, "embedded:smollm2-135m-instruct", out, say)
+    return from_counts(a.data.examples or 0, a.data.tokens_per_example, preference_pairs=a.data.preference_pairs,
+                       tasks=a.data.tasks, languages=a.languages, domain_text_tokens=a.data.domain_text_tokens)
+
+
+def advise(a: Answers, data: DataProfile, hw: Hardware, catalog=None) -> Advice:
+    catalog = catalog or load_catalog()
+    epochs = epochs_for(data)
+    candidates = rank_models(a, data, hw, catalog, epochs)
+    top = candidates[0] if candidates and candidates[0].eligible else None
+    # Time and money are judged on the cheapest model of the size the use case calls for: a budget
+    # that only pays for a smaller one is too small.
+    in_band = [c for c in candidates if c.in_band and c.meets_needs]
+    plan = min(in_band, key=lambda c: c.lora.seconds) if in_band else top
+    feasible = Feasibility(top.model.name if top else None, plan.lora.seconds if plan else None,
+                           plan.lora.usd if plan else None, hw.label, plan.model.name if plan else None)
+    verdict = decide(a, data, feasible)
+    technique = choose_technique(a, data)
+    if top is None:
+        return Advice(a, data, hw, verdict, candidates, technique, [], [], None, None)
+    settings = hyperparameters(a, data, top.model, hw, technique.name, top.micro_batch)
+    w = replace(lora_workload(a, data, hw, seq_len_for(data, top.model.context_length),
+                              next(s.value for s in settings if s.key == "adapter.rank")), micro_batch=top.micro_batch)
+    size = RunSize(train_tokens=max(1, data.train_tokens), epochs=epochs)
+    methods = [estimate(Arch.of(top.model), replace(w, method=m), size, hw, a.compute.count)
+               for m in ("full", "lora", "qlora")]
+    job = starter_job(a, data, top.model, technique.name, settings)
+    from tailor.spec import Job
+
+    run = job_time(Job.model_validate(job), data, Arch.of(top.model), hw, a.compute.count)
+    return Advice(a, data, hw, verdict, candidates, technique, settings, methods, job, run)
+
+
+def starter_job(a: Answers, data: DataProfile, model, technique: str, settings: list[Setting]) -> dict:
+    """A job file that runs the advice: the chosen model, technique and settings, the data (the
+    prepared folder when the advisor prepared or was given one: its splits are used as they are)."""
+    prepared = data.source.endswith("card.json")
+    train = str(Path(data.source).parent) if prepared else (a.data.path or "data/train.jsonl")
+    job: dict = {"name": "advised", "technique": technique,
+                 "model": {"base": EMBEDDED_NAMES.get(model.name, model.hub_id)},
+                 "data": {"train": [train], "prepare": not prepared},
+                 "eval": {"gate": {"metric": "rouge_l", "min_gain": 0.02, "max_retention_drop": 0.10}}}
+    for s in settings:
+        section, key = s.key.split(".")
+        job.setdefault(section, {})[key] = s.value
+    if technique == "transfer" and a.data.domain_text_tokens:
+        job["transfer"] = {"domain_text": ["data/documents.txt"]}  # where your documents are: edit
+    if technique == "sequential":
+        # One stage per task, in order, each on its own file (the advisor knows how many, not which).
+        job["stages"] = [{"name": f"task{i + 1}", "technique": "task",
+                          "data": {"train": [f"data/task{i + 1}.jsonl"], "prepare": True}}
+                         for i in range(max(2, data.n_tasks))]
+    return job
+
+
+__all__ = ["Advice", "Answers", "advise", "micro_batch", "pick_hardware", "profile_data", "starter_job"]

@@ -1,0 +1,275 @@
+"""Measure this machine, so that local estimates are measured, not guessed.
+
+A CPU's share of its peak depends on its cores, caches, memory and thread count more than on any
+data sheet. The probe measures three things, in about 20 seconds:
+
+  peak        bf16 (or float32) matrix products at the shapes of a small model's MLP, TFLOP/s
+  bandwidth   a large tensor copy, GB/s (AdamW and autocast's weight casts are bound by it)
+  utilisation Tailor's own training loop (tailor.train.loop.train, the packed per-example
+              attention, the chunked head) on a randomly initialised SmolLM2-135M-shaped model,
+              LoRA and full fine-tuning, a few steps each after a warm-up step: the FLOPs the
+              estimator counts for those steps, over the time they took, over the peak
+
+and stores them (TAILOR_CACHE/calibration.json) under a key made of the CPU model, core count and
+thread count: another machine, or the same one with another thread count, is measured anew.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tailor.advise.estimate import GB, Arch, Hardware, Workload, memory, train_flops_per_token, traffic_bytes_per_step
+
+PROBE_ARCH = dict(name="smollm2-135m-shape", layers=30, hidden_size=576, intermediate_size=1536, attention_heads=9,
+                  kv_heads=3, vocab_size=49152, tied_embeddings=True)
+PROBE_SEQ, PROBE_ROWS, PROBE_EXAMPLE = 512, 1, 128  # one packed row of four 128-token examples per step
+
+
+def calibration_file() -> Path:
+    from tailor.models.embedded import cache_root
+
+    return cache_root().parent / "calibration.json"
+
+
+def machine_key(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} | {os.cpu_count()} cores | {threads} threads"
+
+
+def memory_gb() -> float:
+    """Physical memory: what a CPU run can plan on."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    except (ValueError, OSError, AttributeError):
+        return 8.0
+
+
+def local_hardware(threads: int | None = None, path: Path | None = None) -> Hardware:
+    """This machine as a Hardware entry: measured if it was calibrated with this thread count, else a
+    rough guess marked uncalibrated (calibrated is None)."""
+    import torch
+
+    from tailor.models.hardware import cpu_has_fast_bf16
+
+    threads = threads or torch.get_num_threads()
+    stored = load_calibration(threads, path)
+    label = f"this machine ({os.cpu_count()} CPU cores, {memory_gb():.0f} GB)"
+    if stored:
+        return Hardware(name="local-cpu", label=label, kind="cpu", memory_gb=memory_gb(),
+                        peak_tflops=stored["peak_tflops"], bandwidth_gbs=stored["bandwidth_gbs"], usd_per_hour=0.0,
+                        bf16=stored["bf16"], utilisation=stored["utilisation"], calibrated=stored["measured_at"],
+                        decode_step_s=stored.get("decode_step_s"), runtime_gb=stored.get("runtime_gb"),
+                        activation_factor=stored.get("activation_factor", 1.0))
+    # Uncalibrated: ~2.5 GHz x 64 bf16 FLOP per cycle and core (AVX512-BF16), 32 in float32 (AVX2 FMA),
+    # and the utilisation Tailor's loop reached on the CPUs it was measured on.
+    bf16 = cpu_has_fast_bf16()
+    peak = threads * 2.5e9 * (64 if bf16 else 32) / 1e12
+    return Hardware(name="local-cpu", label=label, kind="cpu", memory_gb=memory_gb(), peak_tflops=peak,
+                    bandwidth_gbs=10.0 * threads, usd_per_hour=0.0, bf16=bf16,
+                    utilisation={"full": 0.3, "lora": 0.3, "freeze": 0.3})
+
+
+def load_calibration(threads: int, path: Path | None = None) -> dict | None:
+    path = path or calibration_file()
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(machine_key(threads))
+    except (OSError, ValueError):
+        return None
+
+
+def calibrate(threads: int | None = None, steps: int = 2, path: Path | None = None, say=print) -> dict:
+    """Run the probes and store the result; returns it."""
+    import torch
+
+    from tailor.models.hardware import cpu_has_fast_bf16
+
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    bf16 = cpu_has_fast_bf16()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    say(f"calibrating {machine_key(threads)} ({'bf16' if bf16 else 'float32'})")
+    peak = matmul_tflops(dtype)
+    bandwidth = copy_gbs()
+    say(f"  matrix products {peak:.3f} TFLOP/s, memory bandwidth {bandwidth:.1f} GB/s")
+    utilisation = {}
+    for module in ("accelerate", "transformers.models.llama.modeling_llama", "tailor.train.loop"):
+        importlib.import_module(module)  # what a training process holds before its model: the runtime
+    runtime = rss_gb()
+    for method in ("lora", "full"):  # LoRA first: its memory is measured on an allocator not yet grown
+        before = rss_gb()
+        seconds, tokens, peak_rss = probe_step_seconds(method, dtype, steps)
+        arch = Arch(**PROBE_ARCH)
+        w = Workload(method=method, seq_len=PROBE_SEQ, micro_batch=PROBE_ROWS, label_fraction=0.5,
+                     example_tokens=PROBE_EXAMPLE, compute_bytes=2 if bf16 else 4)
+        if method == "lora":
+            m = memory(arch, w, "cpu")
+            held = (peak_rss - before) * GB - m.weights - m.gradients - m.optimizer
+            activation_factor = round(max(1.0, held / m.activations), 3)
+            say(f"  memory: {runtime:.2f} GB before loading, {activation_factor:.2f} bytes held per byte of activations")
+        traffic = traffic_bytes_per_step(arch, w, 1) / (bandwidth * 1e9)
+        flops = tokens * train_flops_per_token(arch, w)
+        utilisation[method] = round(flops / (max(seconds - traffic, 1e-6) * peak * 1e12), 4)
+        say(f"  {method}: {tokens / seconds:.0f} tokens/s, {utilisation[method]:.0%} of the peak")
+    decode = decode_step_seconds(dtype)
+    say(f"  generating: {decode['1'] * 1000:.0f} ms per step for 1 answer, {decode['16'] * 1000:.0f} ms for 16")
+    result = {"peak_tflops": round(peak, 4), "bandwidth_gbs": round(bandwidth, 2), "bf16": bf16,
+              "runtime_gb": round(runtime, 3), "activation_factor": activation_factor,
+              "utilisation": utilisation | {"freeze": utilisation["full"]}, "decode_step_s": decode,
+              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
+    _store(machine_key(threads), result, path or calibration_file())
+    return result
+
+
+def _store(key: str, result: dict, path: Path) -> None:
+    from tailor.train.rundir import write_atomic
+
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        table = {}
+    table[key] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(table, indent=1))
+
+
+def matmul_tflops(dtype, seconds: float = 1.5) -> float:
+    import torch
+
+    a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    for _ in range(5):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - start) / 1e12
+
+
+def copy_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """Read + write bandwidth of a large copy, the best of a few (bytes moved: 2 x size)."""
+    import torch
+
+    src = torch.empty(mb * 2 ** 20 // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def _probe_model(dtype):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = PROBE_ARCH
+    config = LlamaConfig(vocab_size=a["vocab_size"], hidden_size=a["hidden_size"],
+                         intermediate_size=a["intermediate_size"], num_hidden_layers=a["layers"],
+                         num_attention_heads=a["attention_heads"], num_key_value_heads=a["kv_heads"],
+                         tie_word_embeddings=True, max_position_embeddings=PROBE_SEQ, use_cache=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def decode_step_seconds(dtype, steps: int = 12) -> dict[str, float]:
+    """Seconds per generated token for batches of 1 and 16 answers: one token per row through the
+    probe model, as a decoding step runs it (the short caches of evaluation add little)."""
+    import torch
+
+    model = _probe_model(dtype).eval()
+    out = {}
+    for batch in (1, 16):
+        ids = torch.randint(3, PROBE_ARCH["vocab_size"], (batch, 1))
+        times = []
+        with torch.no_grad():
+            for _ in range(steps + 2):
+                start = time.perf_counter()
+                model(input_ids=ids, use_cache=False)
+                times.append(time.perf_counter() - start)
+        out[str(batch)] = round(statistics.median(times[2:]), 5)
+    return out
+
+
+def rss_gb() -> float:
+    """This process's resident memory now."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2 ** 20
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+class PeakRSS:
+    """The highest resident memory while the block runs, sampled every 20 ms."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = rss_gb(), threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, rss_gb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_gb())
+
+
+def probe_step_seconds(method: str, dtype, steps: int) -> tuple[float, int, float]:
+    """(median seconds per step after the first, tokens per step, peak resident GB) of Tailor's loop
+    training a random SmolLM2-135M-shaped model on one packed row of synthetic examples per step."""
+    import torch
+    from accelerate import Accelerator
+
+    from tailor.train.adapters import AdapterConfig, apply_adapter
+    from tailor.train.attention import NAME as PACKED_ATTENTION, set_attention
+    from tailor.train.encode import IGNORE, Encoded
+    from tailor.train.loop import TrainSettings, train
+    from tailor.train.packing import make_rows
+    from tailor.train.rundir import read_jsonl
+
+    a = PROBE_ARCH
+    model = apply_adapter(_probe_model(dtype), AdapterConfig(kind=method, rank=16, alpha=32, dropout=0.0))
+    set_attention(model, PACKED_ATTENTION)
+    g = torch.Generator().manual_seed(0)
+    n_examples = (steps + 1) * PROBE_ROWS * (PROBE_SEQ // PROBE_EXAMPLE)
+    examples = []
+    for _ in range(n_examples):
+        ids = torch.randint(3, a["vocab_size"], (PROBE_EXAMPLE,), generator=g).tolist()
+        half = PROBE_EXAMPLE // 2
+        examples.append(Encoded(ids, [IGNORE] * half + ids[half:]))
+    rows = make_rows(examples, PROBE_SEQ, packing=True)
+    # A validation after every step, as runs validate between steps: its differently sized blocks
+    # are part of what the allocator ends up holding.
+    val = examples[:PROBE_ROWS * (PROBE_SEQ // PROBE_EXAMPLE)]
+    settings = TrainSettings(learning_rate=1e-4, max_steps=steps + 1, batch_size=PROBE_ROWS, log_every=1,
+                             eval_every=1, save_every=0, warmup_ratio=0.0, bf16_autocast=dtype == torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
+        train(model, examples, rows, val, make_rows(val, PROBE_SEQ, packing=True), settings, Path(tmp),
+              Accelerator(cpu=True), pad_id=0, show_progress=False)
+        metrics = [r for r in read_jsonl(Path(tmp) / "metrics.jsonl") if r["type"] == "train"]
+    times = [r["tokens"] / r["tokens_per_s"] for r in metrics[1:]]
+    return statistics.median(times), PROBE_SEQ * PROBE_ROWS, rss.peak

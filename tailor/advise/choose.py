@@ -1,0 +1,220 @@
+"""Which base model, which technique, which starting hyperparameters — each with its reason.
+
+Models: every catalog entry is checked against the hard needs (a licence that allows the use,
+the languages, a context that holds the longest examples, memory on the chosen hardware with
+LoRA, the deadline and the budget); of those that pass, the ones in the size band the use case
+calls for come first, the largest first (more capacity, while it still meets every constraint),
+then the newest. Everything excluded says why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from tailor.advise.answers import Answers
+from tailor.advise.estimate import GB, Arch, Estimate, Hardware, RunSize, Workload, estimate, fmt_duration
+from tailor.advise.profile import DataProfile
+from tailor.models.catalog import CatalogModel, size_label
+
+# Parameter band (billions) each use case calls for: a tone is learnt by a small model; a
+# language or a field's knowledge needs capacity.
+SIZE_BAND = {"voice": (0.1, 8), "moderation": (0.1, 8), "accuracy": (0.1, 8), "compliance": (0.5, 14),
+             "jargon": (0.5, 14), "localization": (1.5, 32), "general": (3, 72)}
+
+
+@dataclass
+class Candidate:
+    model: CatalogModel
+    lora: Estimate
+    in_band: bool
+    micro_batch: int = 1
+    why: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    over_limits: bool = False  # excluded by the deadline or the budget only
+
+    @property
+    def eligible(self) -> bool:
+        return not self.excluded
+
+    @property
+    def meets_needs(self) -> bool:
+        """Licence, languages, context and memory are fine (time or money may not be)."""
+        return self.eligible or self.over_limits
+
+
+def lora_workload(a: Answers, data: DataProfile, hw: Hardware, seq_len: int, rank: int) -> Workload:
+    return Workload(method="lora", seq_len=seq_len, micro_batch=micro_batch(hw), lora_rank=rank,
+                    example_tokens=min(data.mean_tokens, seq_len), label_fraction=data.label_fraction)
+
+
+def rank_models(a: Answers, data: DataProfile, hw: Hardware, catalog, epochs: float) -> list[Candidate]:
+    low, high = SIZE_BAND[a.use_case]
+    out = []
+    for m in catalog:
+        seq = seq_len_for(data, m.context_length)
+        w = lora_workload(a, data, hw, seq, lora_rank(a, data))
+        size = RunSize(train_tokens=max(1, data.train_tokens), epochs=epochs)
+        # Fewer rows per micro-step (more accumulation) fit a larger model in the same memory.
+        for micro in range(w.micro_batch, 0, -1):
+            est = estimate(Arch.of(m), replace(w, micro_batch=micro), size, hw, a.compute.count)
+            if est.fits:
+                break
+        c = Candidate(m, est, low <= m.billions <= high, micro_batch=micro)
+        _check(c, a, data, hw)
+        out.append(c)
+    eligible = sorted((c for c in out if c.eligible),
+                      key=lambda c: (not c.in_band, -min(c.model.billions, high) if c.in_band else
+                                     abs(math.log(c.model.billions / low)), -int(c.model.released.replace("-", ""))))
+    return eligible + sorted((c for c in out if not c.eligible), key=lambda c: c.model.params)
+
+
+def _check(c: Candidate, a: Answers, data: DataProfile, hw: Hardware) -> None:
+    m, low_high = c.model, SIZE_BAND[a.use_case]
+    if a.commercial and not m.commercial_use:
+        c.excluded.append(f"licence {m.license} does not allow commercial use")
+    missing = [lang for lang in a.languages if lang not in m.languages]
+    if missing:
+        c.excluded.append(f"does not list {', '.join(missing)} among its languages")
+    if m.context_length < data.p99_tokens:
+        c.excluded.append(f"context {m.context_length:,} tokens is shorter than your long examples ({data.p99_tokens:,})")
+    need = c.lora.memory.total / GB
+    if not c.lora.fits:
+        c.excluded.append(f"needs {need:.1f} GB with LoRA; {hw.label} has {hw.memory_gb:.0f} GB")
+    needs_met = not c.excluded
+    if a.deadline_hours is not None and c.lora.seconds > a.deadline_hours * 3600:
+        c.excluded.append(f"training takes {fmt_duration(c.lora.seconds)}, past the {a.deadline_hours:g} h deadline")
+    if a.budget_usd is not None and c.lora.usd > a.budget_usd:
+        c.excluded.append(f"costs ${c.lora.usd:,.2f}, above the ${a.budget_usd:,.2f} budget")
+    c.over_limits = needs_met and bool(c.excluded)
+    if c.excluded:
+        return
+    size = size_label(m.params)
+    if c.in_band:
+        c.why.append(f"{size} is in the {low_high[0]:g}-{low_high[1]:g}B band for {a.use_case}")
+    else:
+        c.why.append(f"{size} is outside the {low_high[0]:g}-{low_high[1]:g}B band for {a.use_case}")
+    c.why.append(f"LoRA fits: {need:.1f} of {hw.memory_gb:.0f} GB; {fmt_duration(c.lora.seconds)}"
+                 + (f", ${c.lora.usd:,.2f}" if hw.usd_per_hour else ""))
+    c.why.append(f"{m.license}" + (f" ({m.license_note})" if m.license_note else "")
+                 + (", gated: accept the licence on the hub first" if m.gated else ""))
+    if a.languages != ["en"]:
+        c.why.append("speaks " + ", ".join(a.languages))
+    c.why.append(f"context {m.context_length:,} tokens")
+
+
+# ---- technique -------------------------------------------------------------------------------
+
+TECHNIQUES = {
+    "task": ("task-specific fine-tuning", "a model tuned tightly to one job; expect it to be no better (and possibly "
+             "worse) at everything else, which the general-skills check in the evaluation measures"),
+    "transfer": ("transfer learning", "reuses what the model knows and trains only its upper layers (after a pass "
+                 "over your documents): cheap and good with little data, less precise for a highly specialized task"),
+    "multitask": ("multi-task learning", "one model for several related tasks that share what they learn; the "
+                  "balance between tasks needs care (task sampling and per-task scores in the report)"),
+    "sequential": ("sequential fine-tuning", "stages that each build on the last, with a check that earlier skills "
+                   "hold; costs more compute and planning than one stage"),
+    "behavioral": ("behavioral fine-tuning", "demonstrations, then preferences between better and worse answers, "
+                   "teach a way of behaving; the behaviour needs watching over time (feedback, re-tuning)"),
+}
+
+
+@dataclass(frozen=True)
+class TechniqueChoice:
+    name: str
+    why: str
+    alternatives: tuple[str, ...] = ()
+
+
+def choose_technique(a: Answers, data: DataProfile) -> TechniqueChoice:
+    if data.preference_pairs and data.examples:
+        return TechniqueChoice("behavioral", f"you have {data.preference_pairs:,} preference pairs beside "
+                               "demonstrations, and the goal is a behaviour (tone, rules), which pairs teach best",
+                               ("task on the demonstrations alone, if the pairs are few or noisy",))
+    if data.n_tasks > 1 and a.data.staged:
+        return TechniqueChoice("sequential", f"{data.n_tasks} tasks that build on each other: one stage each, "
+                               "with a regression check after every stage", ("multitask, if order does not matter",))
+    if data.n_tasks > 1:
+        return TechniqueChoice("multitask", f"{data.n_tasks} related tasks trained together in one model",
+                               ("one task-specific model per task, if one task matters most",))
+    if a.data.domain_text_tokens and a.use_case in ("jargon", "localization", "compliance"):
+        return TechniqueChoice("transfer", f"{a.data.domain_text_tokens:,} tokens of your documents teach the "
+                               "vocabulary first; only the upper layers then adapt to the task",
+                               ("task, if the documents add little beyond the examples",))
+    return TechniqueChoice("task", "one task with examples of the answers you want",
+                           ("transfer, once you have manuals or policies to read first",))
+
+
+# ---- hyperparameters ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # the job-file key
+    value: object
+    why: str
+
+
+def micro_batch(hw: Hardware) -> int:
+    return 2 if hw.kind == "cpu" else 4
+
+
+def seq_len_for(data: DataProfile, context: int) -> int:
+    """The next power of two that holds 99 % of the examples, 256 at least, within the context."""
+    return min(context, 4096, max(256, 2 ** math.ceil(math.log2(max(1, data.p99_tokens)))))
+
+
+def lora_rank(a: Answers, data: DataProfile) -> int:
+    base = {"voice": 8, "moderation": 8, "accuracy": 8, "compliance": 16, "jargon": 16, "localization": 32,
+            "general": 16}[a.use_case]
+    return base * 2 if data.examples >= 10_000 else base
+
+
+def epochs_for(data: DataProfile) -> float:
+    n = data.examples
+    return 4.0 if n < 300 else 3.0 if n < 2_000 else 2.0 if n < 20_000 else 1.0
+
+
+def hyperparameters(a: Answers, data: DataProfile, m: CatalogModel, hw: Hardware, technique: str,
+                    micro: int) -> list[Setting]:
+    b = m.billions
+    rank = lora_rank(a, data)
+    epochs = epochs_for(data)
+    lr = 5e-4 if b < 0.5 else 2e-4 if b <= 3 else 1e-4 if b <= 14 else 5e-5
+    seq = seq_len_for(data, m.context_length)
+    rows = max(1, math.ceil(data.train_tokens / (seq * 0.95)))
+    rows_per_step = max(1, min(16, rows // 10))
+    accum = max(1, math.ceil(rows_per_step / micro))
+    out = [
+        Setting("adapter.kind", "lora", "LoRA trains ~1 % of the weights: a fraction of full fine-tuning's memory, "
+                "little forgetting, and an adapter of a few MB to serve"),
+        Setting("adapter.rank", rank, f"{a.use_case} with {data.examples:,} examples: "
+                + ("a style needs little capacity" if rank <= 8 else "knowledge or a language needs more capacity")
+                + ("; doubled for 10,000+ examples" if data.examples >= 10_000 else "")),
+        Setting("adapter.alpha", 2 * rank, "alpha = 2 x rank keeps the update's scale steady across ranks"),
+        Setting("training.learning_rate", lr, f"LoRA on a {size_label(m.params)} model: smaller models take larger "
+                "steps; halve it if the validation loss jumps"),
+        Setting("training.epochs", epochs, f"{data.examples:,} training examples: fewer examples need more passes; "
+                "early stopping keeps the best validation"),
+        Setting("training.max_seq_len", seq, f"holds 99 % of your examples ({data.p99_tokens:,} tokens)"),
+        Setting("training.batch_size", micro, "rows per micro-step: " + ("the most that fit the memory"
+                if micro < micro_batch(hw) else "a CPU gains nothing from more" if hw.kind == "cpu"
+                else "enough to keep a GPU busy")),
+        Setting("training.grad_accum", accum, f"{rows_per_step} rows per optimizer step: at least ~10 steps per epoch "
+                f"on {rows} packed rows"),
+        Setting("training.early_stopping_patience", 2, "stop after two validations without improvement; the best "
+                "checkpoint is kept"),
+    ]
+    decay = 0.9 if technique in ("transfer", "sequential") and m.layers >= 24 else 1.0
+    out.append(Setting("training.layer_lr_decay", decay, "each lower block learns 0.9x as fast as the one above: the "
+                       "general features near the input change least" if decay < 1 else
+                       "one learning rate for every block: LoRA's updates are small already"))
+    if technique == "transfer":
+        top = max(1, m.layers // 2)
+        out.append(Setting("adapter.lora_top_blocks", top, f"transfer learning: the lower {m.layers - top} of "
+                           f"{m.layers} blocks (general features) stay frozen; the upper {top} adapt"))
+    else:
+        out.append(Setting("adapter.target_modules", "all-linear", "every projection of every block: the best "
+                           "quality per trained weight"))
+    if technique == "behavioral":
+        out.append(Setting("preference.beta", 0.1, "how far preferences may pull the model from its demonstrations"))
+    return out

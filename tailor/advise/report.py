@@ -1,0 +1,163 @@
+"""The advice as Markdown (advice.md), JSON (advice.json) and a starter job file (job.yaml)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tailor.advise import Advice
+from tailor.advise.answers import USE_CASES
+from tailor.advise.choose import TECHNIQUES
+from tailor.advise.estimate import GB, fmt_duration
+from tailor.models.catalog import size_label
+
+SHOWN_MODELS, SHOWN_EXCLUDED = 5, 6
+
+
+def money(usd: float, hourly: float) -> str:
+    return "your own machine" if hourly == 0 else f"${usd:,.2f}"
+
+
+def markdown(adv: Advice) -> str:
+    a, v, d, hw = adv.answers, adv.verdict, adv.data, adv.hardware
+    out = [f"# Fine-tuning advice: {v.headline}", ""]
+    if a.goal:
+        out += [f"Goal: {a.goal}", ""]
+    out += [f"Use case: {USE_CASES[a.use_case]}. Stage: {a.stage}. Languages: {', '.join(a.languages)}. "
+            f"Expertise: {a.expertise}. Hardware: {a.compute.count} x {hw.label}."
+            + (f" Budget: ${a.budget_usd:,.0f}." if a.budget_usd is not None else "")
+            + (f" Deadline: {a.deadline_hours:g} h." if a.deadline_hours is not None else ""), ""]
+
+    out += ["## Should you fine-tune?", "", f"**{v.decision}**", ""]
+    for side, title in (("for", "For"), ("against", "Against")):
+        reasons = [r for r in v.reasons if r.side == side]
+        if reasons:
+            out += [f"{title}:", ""] + [f"- **{r.case}**{' (decides it)' if r.blocking else ''}: {r.text}"
+                                        for r in reasons] + [""]
+    if v.instead and v.decision != "fine-tune":
+        out += ["Instead, for now:", ""] + [f"- {x}" for x in v.instead] + [""]
+    if v.would_change:
+        out += ["What would change this answer:", ""] + [f"- {x}" for x in v.would_change] + [""]
+
+    out += ["## Your data", "", _data_line(adv), ""]
+    for key in ("sufficient", "relevant"):
+        if d.card_verdicts.get(key):
+            out += [f"- {d.card_verdicts[key]}"]
+    out += [""] if d.card_verdicts else []
+
+    out += ["## Base models", "", "| # | model | size | licence | context | LoRA memory | training time | cost | why |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    eligible = [c for c in adv.candidates if c.eligible]
+    for i, c in enumerate(eligible[:SHOWN_MODELS], 1):
+        m, e = c.model, c.lora
+        out.append(f"| {i} | {m.name} (`{m.hub_id}`) | {size_label(m.params)} | {m.license} | {m.context_length:,} | "
+                   f"{e.memory.total / GB:.1f} GB | {fmt_duration(e.seconds)} | {money(e.usd, hw.usd_per_hour)} | "
+                   f"{'; '.join(c.why[:1])} |")
+    if not eligible:
+        out.append("| – | none fits | | | | | | | |")
+    excluded = [c for c in adv.candidates if not c.eligible]
+    if excluded:
+        out += ["", f"Not recommended ({len(excluded)} of {len(adv.candidates)}), for example:", ""]
+        shown = _spread(excluded, SHOWN_EXCLUDED)
+        out += [f"- {c.model.name}: {'; '.join(c.excluded)}" for c in shown]
+    out += ["", "`tailor models list` shows the whole catalog; `tailor models show NAME` one model.", ""]
+    if adv.top is None:
+        return "\n".join(out)
+
+    top, t = adv.top, adv.technique
+    out += [f"Why {top.model.name} first: " + "; ".join(top.why) + ".", ""]
+    name, tradeoff = TECHNIQUES[t.name]
+    out += ["## Technique", "", f"**{t.name}** ({name}): {t.why}.", "", f"Trade-off: {tradeoff}.", ""]
+    out += [f"Also possible: {x}." for x in t.alternatives] + [""]
+
+    out += ["## Starting hyperparameters", "", "| job key | value | why |", "|---|---|---|"]
+    out += [f"| `{s.key}` | {s.value} | {s.why} |" for s in adv.settings] + [""]
+
+    out += [f"## Memory, time and money ({top.model.name}, {adv.lora_epochs():g} epochs over "
+            f"{d.train_tokens:,} tokens, {a.compute.count} x {hw.label})", "",
+            "| method | trains | memory per device | fits | training time | cost |", "|---|---|---|---|---|---|"]
+    for e in adv.methods:
+        mem = e.memory.as_gb()
+        note = f" ({'; '.join(e.notes)})" if e.notes else ""
+        out.append(f"| {e.method} | {e.trainable:,} | {mem['total']} GB (weights {mem['weights']}, gradients "
+                   f"{mem['gradients']}, optimizer {mem['optimizer']}, activations {mem['activations']}) | "
+                   f"{'yes' if e.fits else 'no'} | {fmt_duration(e.seconds)} | {money(e.usd, hw.usd_per_hour)}{note} |")
+    out += ["", _assumptions(adv), ""]
+    if adv.run_time:
+        r = adv.run_time
+        parts = ", ".join(f"{k} {fmt_duration(s)}" for k, s in r.parts().items() if s >= 0.5)
+        out += [f"The starter job end to end: about {fmt_duration(r.total_s)} ({parts})"
+                + (f"; the first evaluation on a machine adds {fmt_duration(r.first_time_s)} for the base model's "
+                   "general-skills probe" if r.first_time_s >= 1 else "") + ".", ""]
+    out += ["## Next", "", "```", "tailor train job.yaml", "```", "",
+            "job.yaml (beside this file) holds the model, technique and settings above; every key is described by "
+            "`tailor spec`."]
+    return "\n".join(out)
+
+
+def _data_line(adv: Advice) -> str:
+    d = adv.data
+    where = f"from {d.source}" if d.source != "counts" else "from the counts you gave"
+    tasks = f", {d.n_tasks} tasks" if d.n_tasks > 1 else ""
+    prefs = f", {d.preference_pairs:,} preference pairs" if d.preference_pairs else ""
+    ppl = f"; the base model's perplexity on a sample of the answers: {d.base_perplexity:.1f}" if d.base_perplexity else ""
+    return (f"{d.examples:,} training / {d.validation_examples:,} validation / {d.test_examples:,} test examples "
+            f"{where}{tasks}{prefs}; {d.train_tokens:,} training tokens per epoch, {d.mean_tokens:.0f} per example on "
+            f"average, 99 % within {d.p99_tokens:,}{ppl}.")
+
+
+def _assumptions(adv: Advice) -> str:
+    hw = adv.hardware
+    if hw.kind == "cpu":
+        basis = (f"measured on this machine ({hw.calibrated[:10]}: {hw.peak_tflops:.2f} TFLOP/s peak, "
+                 f"{hw.util('lora'):.0%} of it in LoRA training)" if hw.calibrated else
+                 "a guess for this CPU: run `tailor advise --calibrate` (about 40 s) to measure it")
+        return f"Time is {basis}. QLoRA needs a CUDA GPU (bitsandbytes); Tailor's job files run full, LoRA and freeze."
+    return (f"Time assumes {hw.util('lora'):.0%} of the {hw.peak_tflops:g} TFLOP/s peak for LoRA "
+            f"({hw.util('full'):.0%} full, {hw.util('qlora'):.0%} QLoRA), typical for PyTorch fine-tuning, not measured; "
+            f"cost ${hw.usd_per_hour:.2f} per GPU-hour (override: --price {hw.name}=USD). QLoRA is estimated for "
+            "comparison; Tailor's job files run full, LoRA and freeze.")
+
+
+def _spread(items: list, n: int) -> list:
+    """n items spread over the list (the excluded are sorted by size: show small and large ones)."""
+    if len(items) <= n:
+        return items
+    step = (len(items) - 1) / (n - 1)
+    return [items[round(i * step)] for i in range(n)]
+
+
+def write(adv: Advice, out: Path) -> dict[str, Path]:
+    """advice.md, advice.json and (when a model fits) job.yaml in `out`, each written whole or not at all."""
+    from tailor.train.rundir import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"advice.md": out / "advice.md", "advice.json": out / "advice.json"}
+    write_atomic(files["advice.md"], markdown(adv) + "\n")
+    write_atomic(files["advice.json"], json.dumps(as_dict(adv), indent=1))
+    if adv.job is not None:
+        files["job.yaml"] = out / "job.yaml"
+        header = ("# Written by tailor advise: the advised model, technique and starting settings (advice.md says "
+                  "why).\n# Check data.train, then: tailor train job.yaml\n")
+        write_atomic(files["job.yaml"], header + yaml.safe_dump(adv.job, sort_keys=False))
+    return files
+
+
+def as_dict(adv: Advice) -> dict:
+    v = adv.verdict
+    return {
+        "decision": v.decision, "headline": v.headline,
+        "reasons": [{"side": r.side, "case": r.case, "text": r.text, "blocking": r.blocking} for r in v.reasons],
+        "instead": v.instead, "would_change": v.would_change,
+        "answers": adv.answers.model_dump(), "hardware": adv.hardware.model_dump(),
+        "models": [{"name": c.model.name, "hub_id": c.model.hub_id, "eligible": c.eligible, "why": c.why,
+                    "excluded": c.excluded, "lora": c.lora.as_dict()} for c in adv.candidates],
+        "technique": {"name": adv.technique.name, "why": adv.technique.why},
+        "hyperparameters": [{"key": s.key, "value": s.value, "why": s.why} for s in adv.settings],
+        "methods": [e.as_dict() for e in adv.methods],
+        "run_seconds": {**{k: round(s, 1) for k, s in adv.run_time.parts().items()},
+                        "total": round(adv.run_time.total_s, 1)} if adv.run_time else None,
+        "job": adv.job,
+    }

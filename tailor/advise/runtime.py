@@ -1,0 +1,129 @@
+"""How long a job file will take, end to end: loading, training, validation, checkpoints, evaluation.
+
+Training is tailor.advise.estimate's FLOP and memory-traffic model; the rest is counted from the
+job the way the recipes run it (tailor/techniques/, tailor/evaluate/): how many validations the
+loop makes, how many answers evaluation generates and how long each generated token takes (a
+decoding step is bound by per-layer overhead and weight reads, not FLOPs, so it is scaled from the
+calibrated probe by layers and bytes). Early stopping can only make a run shorter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from tailor.advise.estimate import Arch, Estimate, Hardware, RunSize, Workload, estimate
+from tailor.advise.profile import DataProfile
+
+ANSWER_SHARE = 0.8  # generated answers stop at their end-of-turn token: ~80 % of max_new_tokens on average
+RETENTION_QUESTIONS, RETENTION_TOKENS, RETENTION_BATCH = 120, 24, 40  # tailor/evaluate/probe.py
+DISK_GBS = 0.5  # checkpoint and model writes
+PROBE_LAYERS, PROBE_PARAMS = 30, 134_515_008  # the calibration probe's model (SmolLM2-135M shape)
+PREPARE_RECORDS_PER_S = 300  # tailor prepare with name detection (bench/prepare_throughput.py, NER on)
+# Tailor's decoding loop (stop strings, per-row bookkeeping, cache merges) takes ~1.7x the bare
+# forward pass the calibration times: 66 ms a token serving one client against 35-40 ms
+# (bench/serve_throughput.py, on the machine the calibration was written on).
+ENGINE_FACTOR = 1.7
+EVAL_FIXED_S = 5.0  # scoring, the per-layer change summary, report.html
+
+
+@dataclass(frozen=True)
+class JobTime:
+    training: Estimate
+    prepare_s: float
+    load_s: float
+    validation_s: float
+    checkpoints_s: float
+    evaluation_s: float
+    first_time_s: float  # the base model's retention probe, cached after the first run on a machine
+
+    @property
+    def total_s(self) -> float:
+        return (self.prepare_s + self.load_s + self.training.seconds + self.validation_s + self.checkpoints_s
+                + self.evaluation_s)
+
+    def parts(self) -> dict[str, float]:
+        return {"prepare": self.prepare_s, "load": self.load_s, "train": self.training.seconds,
+                "validation": self.validation_s, "checkpoints": self.checkpoints_s, "evaluation": self.evaluation_s}
+
+
+def workload_of(job, profile: DataProfile, method: str | None = None) -> Workload:
+    """The job's adapter and training shape as the estimator's Workload."""
+    a, t = job.adapter, job.training
+    return Workload(method=method or a.kind, seq_len=t.max_seq_len, micro_batch=t.batch_size, lora_rank=a.rank,
+                    lora_dropout=a.dropout, lora_top_blocks=a.lora_top_blocks, train_top_blocks=a.train_top_blocks,
+                    train_head=a.train_head, label_fraction=profile.label_fraction,
+                    example_tokens=min(profile.mean_tokens, t.max_seq_len))
+
+
+def decode_step_s(arch: Arch, hw: Hardware, batch: int) -> float:
+    """Seconds per generated token for `batch` answers at once."""
+    n = arch.params
+    if hw.kind == "cpu" and hw.decode_step_s:
+        one, sixteen = hw.decode_step_s["1"], hw.decode_step_s["16"]
+        per_row = max(0.0, (sixteen - one) / 15)
+        fixed = one - per_row
+        return fixed * max(arch.layers / PROBE_LAYERS, n / PROBE_PARAMS) + per_row * batch * n / PROBE_PARAMS
+    weights = n * 2 / (hw.bandwidth_gbs * 1e9 * 0.6)
+    return max(weights, arch.layers * 3e-4) + batch * 2 * n / (hw.peak_tflops * 1e12 * 0.3)
+
+
+def forward_s(arch: Arch, w: Workload, tokens: float, hw: Hardware) -> float:
+    """A no-grad forward pass over `tokens` (validation loss, perplexity, prompt prefill)."""
+    linear = 2 * (arch.block_params - 2 * arch.hidden_size) * arch.layers
+    attention = 4 * arch.q_width * w.example_tokens * arch.layers
+    head = 2 * arch.vocab_size * arch.hidden_size * w.label_fraction
+    return tokens * (linear + attention + head) / (hw.peak_tflops * 1e12 * hw.util(w.method))
+
+
+def generate_s(arch: Arch, hw: Hardware, answers: int, new_tokens: int, batch: int, prompt_tokens: float,
+               w: Workload) -> float:
+    if answers <= 0:
+        return 0.0
+    batches = math.ceil(answers / batch)
+    per_batch = min(batch, answers)
+    steps = batches * new_tokens * ANSWER_SHARE
+    return steps * decode_step_s(arch, hw, per_batch) * ENGINE_FACTOR + forward_s(arch, w, answers * prompt_tokens, hw)
+
+
+def job_time(job, profile: DataProfile, arch: Arch, hw: Hardware, devices: int = 1,
+             method: str | None = None) -> JobTime:
+    t, e = job.training, job.eval
+    w = workload_of(job, profile, method)
+    size = RunSize(train_tokens=profile.train_tokens, epochs=t.epochs, grad_accum=t.grad_accum)
+    training = estimate(arch, w, size, hw, devices)
+    if t.max_steps:
+        training = replace(training, steps=t.max_steps, seconds=training.seconds * t.max_steps / max(1, training.steps),
+                           usd=training.usd * t.max_steps / max(1, training.steps))
+    steps = training.steps
+    steps_per_epoch = max(1, math.ceil(steps / t.epochs))
+    validations = 0
+    if profile.validation_tokens:
+        marks = {steps} | set(range(steps_per_epoch, steps + 1, steps_per_epoch))
+        if t.eval_every:
+            marks |= set(range(t.eval_every, steps + 1, t.eval_every))
+        validations = len(marks)
+    prompt = profile.mean_tokens * (1 - profile.label_fraction)
+    one_validation = forward_s(arch, w, profile.validation_tokens, hw) + generate_s(
+        arch, hw, min(t.val_generate, profile.validation_examples), t.val_generate_tokens, t.val_generate, prompt, w)
+    saves = len({steps} | (set(range(t.save_every, steps + 1, t.save_every)) if t.save_every else set()))
+    state_bytes = 12 * training.trainable  # float32 weights + AdamW's two states
+    weights_bytes = arch.params * 2
+    checkpoints = saves * state_bytes / (DISK_GBS * 1e9) + (weights_bytes if w.method != "lora" else 0) / (DISK_GBS * 1e9)
+    evaluation = first_time = 0.0
+    if e.enabled:
+        tests = min(e.max_examples, profile.test_examples)
+        one_model = generate_s(arch, hw, tests, e.max_new_tokens, e.batch_size, prompt, w)
+        retention = 0.0
+        if e.retention:
+            retention = generate_s(arch, hw, RETENTION_QUESTIONS, RETENTION_TOKENS, RETENTION_BATCH, 40, w)
+        evaluation = 2 * one_model + retention + 2 * _load_s(arch, hw) + EVAL_FIXED_S
+        first_time = retention
+    prepare = profile.raw_records / PREPARE_RECORDS_PER_S + 2 if job.data.prepare else 0.0
+    return JobTime(training, prepare, _load_s(arch, hw), validations * one_validation, checkpoints, evaluation,
+                   first_time)
+
+
+def _load_s(arch: Arch, hw: Hardware) -> float:
+    """Reading the weights from the local cache and building the model."""
+    return 2.0 + arch.params * 2 / 1e9

@@ -1,0 +1,302 @@
+"""The advisor: the catalog's facts, the estimator's formulas against hand-computed values, the
+verdict on each business case, and a starter job that trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tailor.advise import advise, pick_hardware, profile_data, starter_job
+from tailor.advise.answers import load_answers
+from tailor.advise.calibrate import local_hardware, machine_key
+from tailor.advise.estimate import (GB, NF4_BYTES, Arch, RunSize, Workload, activation_bytes_per_token, estimate,
+                                    hardware_table, memory, train_flops_per_token, with_overrides)
+from tailor.advise.profile import from_card
+from tailor.advise.report import as_dict, markdown, write
+from tailor.cli import app
+from tailor.models.catalog import CatalogError, decoder_params, find_model, load_catalog
+from tailor.spec import Job, SpecError
+
+SMOLLM2 = Arch("smollm2-135m", layers=30, hidden_size=576, intermediate_size=1536, attention_heads=9, kv_heads=3,
+               vocab_size=49152, tied_embeddings=True)
+
+
+# ---- the catalog ---------------------------------------------------------------------------------
+
+def test_catalog_entries_validate_and_their_shapes_imply_their_parameter_counts():
+    catalog = load_catalog()
+    assert len(catalog) >= 25
+    assert len({m.family for m in catalog}) >= 6
+    assert len({m.hub_id for m in catalog}) == len(catalog)
+    for m in catalog:
+        assert 0.97 <= decoder_params(m) / m.params <= 1.03, m.name
+        assert m.source.startswith("https://huggingface.co/"), m.name
+
+
+def test_find_model_by_name_or_hub_id_and_a_close_name_in_the_error():
+    assert find_model("Qwen/Qwen2.5-7B-Instruct").name == "qwen2.5-7b-instruct"
+    with pytest.raises(CatalogError, match="did you mean qwen2.5-7b-instruct"):
+        find_model("qwen2.5-7b-instrct")
+
+
+def test_a_catalog_entry_with_a_wrong_key_is_named(tmp_path):
+    bad = tmp_path / "catalog.yaml"
+    entry = {**find_model("smollm2-135m-instruct").model_dump(), "layer": 30}
+    bad.write_text(yaml.safe_dump([entry]), encoding="utf-8")
+    with pytest.raises(CatalogError, match=r"entry 1 \(smollm2-135m-instruct\): layer: Extra inputs"):
+        load_catalog(bad)
+
+
+# ---- the estimator against hand-computed values ---------------------------------------------------
+
+def test_lora_parameters_match_what_peft_trains_on_smollm2():
+    # the quickstart's manifest: "lora training 4,884,480 of 139,399,488 parameters" (r16, all-linear)
+    assert 30 * SMOLLM2.lora_params(16) == 4_884_480
+    assert SMOLLM2.params == 134_515_008
+
+
+def test_memory_terms_by_method_on_smollm2():
+    n = 134_515_008
+    w = Workload(method="full", seq_len=512, micro_batch=2)
+    m = memory(SMOLLM2, w, "cpu")
+    assert m.weights == 4 * n + 2 * n  # float32 weights and autocast's bf16 copy
+    assert m.gradients == 4 * n and m.optimizer == 12 * n  # AdamW: two states and a temporary
+    lora = memory(SMOLLM2, Workload(method="lora", seq_len=512, micro_batch=2), "cpu")
+    assert lora.weights == 2 * n + 4 * 4_884_480
+    assert lora.gradients == 4 * 4_884_480
+    qlora = memory(SMOLLM2, Workload(method="qlora", seq_len=512, micro_batch=2), "gpu")
+    blocks = 30 * SMOLLM2.block_params
+    assert qlora.weights == pytest.approx(blocks * NF4_BYTES + (n - blocks) * 2 + 4 * 4_884_480)
+
+
+def test_activations_per_token_and_block_by_hand():
+    # norms 2 x (4 + 2) x 576, q/k/v and the o input 2 x (2 x 576 + 2 x 192), the MLP 4 x 2 x 1536, LoRA 7 x 2 x 16
+    assert activation_bytes_per_token(SMOLLM2, Workload(method="full")) == 6912 + 3072 + 12288
+    assert activation_bytes_per_token(SMOLLM2, Workload(method="lora")) == 6912 + 3072 + 12288 + 224
+    full = memory(SMOLLM2, Workload(method="full", seq_len=512, micro_batch=2), "cpu").activations
+    frozen_below = memory(SMOLLM2, Workload(method="freeze", train_top_blocks=3, seq_len=512, micro_batch=2),
+                          "cpu").activations
+    per_block = 1024 * 22272
+    assert full - frozen_below == pytest.approx(27 * per_block)  # frozen blocks below keep nothing
+    checkpointed = memory(SMOLLM2, Workload(method="full", seq_len=512, micro_batch=2, checkpointing=True),
+                          "cpu").activations
+    assert checkpointed < full / 4
+
+
+def test_training_flops_by_method():
+    w = dict(seq_len=512, micro_batch=1, example_tokens=128, label_fraction=0.5)
+    full = train_flops_per_token(SMOLLM2, Workload(method="full", **w))
+    linear = 2 * (SMOLLM2.block_params - 2 * 576)
+    attention = 4 * 576 * 128
+    head = 2 * 49152 * 576 * 0.5
+    assert full == pytest.approx(30 * (3 * linear + 4 * attention) + 4 * head)
+    lora = train_flops_per_token(SMOLLM2, Workload(method="lora", **w))
+    assert lora == pytest.approx(30 * (2 * linear + 4 * attention) + 3 * head + 6 * 30 * SMOLLM2.lora_params(16))
+
+
+def test_time_scales_with_tokens_and_devices_and_cost_with_price():
+    hw = hardware_table()["a100-80gb"]
+    arch = Arch.of(find_model("llama-3.1-8b-instruct"))
+    w = Workload(method="lora", seq_len=1024, micro_batch=4)
+    one = estimate(arch, w, RunSize(train_tokens=1_000_000, epochs=1), hw)
+    two = estimate(arch, w, RunSize(train_tokens=2_000_000, epochs=1), hw)
+    assert two.seconds == pytest.approx(2 * one.seconds, rel=0.02)
+    pair = estimate(arch, w, RunSize(train_tokens=2_000_000, epochs=1), hw, devices=2)
+    assert pair.seconds == pytest.approx(two.seconds / (2 * 0.9), rel=0.02)
+    assert one.usd == pytest.approx(one.seconds / 3600 * hw.usd_per_hour)
+    assert one.fits and not estimate(arch, Workload(method="full", seq_len=1024, micro_batch=4),
+                                     RunSize(1_000_000), hw).fits
+
+
+def test_hardware_overrides_from_a_file_and_prices(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("- {name: a100-80gb, usd_per_hour: 1.1}\n- {name: my-box, label: Our box, memory_gb: 48, "
+                 "peak_tflops: 100, bandwidth_gbs: 900, usd_per_hour: 0}\n", encoding="utf-8")
+    table = with_overrides(hardware_table(), f, {"h100-80gb": 2.0})
+    assert table["a100-80gb"].usd_per_hour == 1.1 and table["a100-80gb"].memory_gb == 80
+    assert table["my-box"].label == "Our box" and table["h100-80gb"].usd_per_hour == 2.0
+    with pytest.raises(KeyError, match="no hardware named 'h300'"):
+        with_overrides(hardware_table(), None, {"h300": 1.0})
+
+
+def test_local_hardware_reads_this_machines_calibration(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path))
+    assert local_hardware().calibrated is None  # a guess until measured
+    stored = {machine_key(torch.get_num_threads()): {
+        "peak_tflops": 0.4, "bandwidth_gbs": 40.0, "bf16": True, "runtime_gb": 0.4, "activation_factor": 1.8,
+        "utilisation": {"lora": 0.5, "full": 0.5, "freeze": 0.5}, "decode_step_s": {"1": 0.03, "16": 0.05},
+        "measured_at": "2026-11-29T00:00:00+00:00"}}
+    (tmp_path / "calibration.json").write_text(json.dumps(stored), encoding="utf-8")
+    hw = local_hardware()
+    assert hw.calibrated and hw.peak_tflops == 0.4 and hw.util("lora") == 0.5 and hw.activation_factor == 1.8
+
+
+# ---- the verdict on each case --------------------------------------------------------------------
+
+# (answers, expected decision, business cases that must be among the reasons)
+SCENARIOS = {
+    "legal jargon in production": ({"use_case": "jargon", "data.examples": 3000, "compute.target": "a100-80gb",
+                                    "budget_usd": 200, "stage": "production"},
+                                   "fine-tune", {"industry jargon", "long-lived use", "enough data"}),
+    "a dialect": ({"use_case": "localization", "languages": ["de"], "data.examples": 4000,
+                   "compute.target": "l40s", "stage": "production"}, "fine-tune", {"language localization"}),
+    "brand voice": ({"use_case": "voice", "data.examples": 400, "compute.target": "l4", "stage": "production"},
+                    "fine-tune", {"custom responses"}),
+    "compliance": ({"use_case": "compliance", "data.examples": 2000, "compute.target": "a10g"},
+                   "fine-tune", {"regulatory compliance"}),
+    "moderation": ({"use_case": "moderation", "data.examples": 5000, "compute.target": "t4"},
+                   "fine-tune", {"content moderation"}),
+    "accuracy on one task": ({"use_case": "accuracy", "data.examples": 1500, "compute.target": "l4",
+                              "expertise": "expert"}, "fine-tune", {"improving accuracy", "in-house expertise"}),
+    "a general assistant": ({"use_case": "general", "data.examples": 5000, "compute.target": "a100-80gb"},
+                            "no", {"broad general use"}),
+    "early exploration": ({"use_case": "jargon", "data.examples": 3000, "compute.target": "a10g",
+                           "stage": "exploration"}, "not yet", {"early-stage exploration"}),
+    "a quick market test": ({"use_case": "voice", "data.examples": 500, "compute.target": "l4",
+                             "stage": "market-test"}, "not yet", {"quick market test"}),
+    "a short pilot": ({"use_case": "voice", "data.examples": 500, "compute.target": "l4", "stage": "pilot"},
+                      "not yet", {"short pilot"}),
+    "a tight budget": ({"use_case": "jargon", "data.examples": 200_000, "tokens_per_example": 800,
+                        "compute.target": "h100-80gb", "budget_usd": 0.5}, "not yet", {"budget"}),
+    "no expertise": ({"use_case": "voice", "data.examples": 500, "compute.target": "l4", "expertise": "none"},
+                     "not yet", {"no in-house expertise"}),
+    "too little data": ({"use_case": "jargon", "data.examples": 40, "compute.target": "l4"},
+                        "not yet", {"too little data"}),
+    "the base model already scores well": ({"use_case": "accuracy", "data.examples": 2000, "data.base_score": 0.91,
+                                            "compute.target": "l4"}, "not yet", {"the base model already does it"}),
+    "a deadline the hardware cannot meet": ({"use_case": "jargon", "data.examples": 100_000,
+                                             "tokens_per_example": 1000, "compute.target": "t4",
+                                             "deadline_hours": 1}, "not yet", {"deadline"}),
+}
+
+
+def _advise(flags: dict, tmp_path: Path):
+    flags = {("data.tokens_per_example" if k == "tokens_per_example" else k): v for k, v in flags.items()}
+    a = load_answers(None, flags)
+    return advise(a, profile_data(a, tmp_path), pick_hardware(a))
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_verdict_on_each_business_case(name, tmp_path):
+    flags, decision, cases = SCENARIOS[name]
+    adv = _advise(flags, tmp_path)
+    found = {r.case for r in adv.verdict.reasons}
+    assert adv.verdict.decision == decision, (name, adv.verdict.headline)
+    assert cases <= found, (name, found)
+    if decision != "fine-tune":
+        assert adv.verdict.instead and adv.verdict.would_change, name
+
+
+def test_models_are_ranked_by_the_constraints_and_the_excluded_say_why(tmp_path):
+    adv = _advise({"use_case": "localization", "languages": ["de", "fr"], "data.examples": 4000,
+                   "compute.target": "a10g", "commercial": True}, tmp_path)
+    eligible = [c for c in adv.candidates if c.eligible]
+    assert eligible and all({"de", "fr"} <= set(c.model.languages) and c.model.commercial_use for c in eligible)
+    assert all(c.lora.memory.total <= 24 * GB * 0.9 for c in eligible)
+    excluded = {c.model.name: c.excluded for c in adv.candidates if not c.eligible}
+    assert any("licence" in why for why in excluded["qwen2.5-3b-instruct"])
+    assert any("among its languages" in why for why in excluded["smollm2-135m-instruct"])
+    assert any("GB with LoRA" in why for why in excluded["qwen2.5-72b-instruct"])
+
+
+def test_technique_follows_the_shape_of_the_data(tmp_path):
+    base = {"use_case": "voice", "data.examples": 600, "compute.target": "l4"}
+    assert _advise(base, tmp_path).technique.name == "task"
+    assert _advise({**base, "data.preference_pairs": 300}, tmp_path).technique.name == "behavioral"
+    assert _advise({**base, "data.tasks": 3}, tmp_path).technique.name == "multitask"
+    assert _advise({**base, "data.tasks": 3, "data.staged": True}, tmp_path).technique.name == "sequential"
+    transfer = _advise({**base, "use_case": "jargon", "data.domain_text_tokens": 2_000_000}, tmp_path)
+    assert transfer.technique.name == "transfer"
+    assert any(s.key == "adapter.lora_top_blocks" for s in transfer.settings)
+
+
+def test_hyperparameters_scale_with_model_and_data(tmp_path):
+    small = {s.key: s.value for s in _advise({"use_case": "voice", "data.examples": 150, "compute.target": "l4",
+                                              "deadline_hours": 0.05}, tmp_path).settings}
+    large = {s.key: s.value for s in _advise({"use_case": "localization", "languages": ["en", "de"],
+                                              "data.examples": 30_000, "compute.target": "h100-80gb"},
+                                             tmp_path).settings}
+    assert small["training.epochs"] > large["training.epochs"]
+    assert small["adapter.rank"] < large["adapter.rank"]
+    assert small["training.learning_rate"] > large["training.learning_rate"]
+
+
+def test_answers_errors_name_the_key():
+    with pytest.raises(SpecError, match="use_case"):
+        load_answers(None, {"use_case": "chatbot", "data.examples": 10})
+    with pytest.raises(SpecError, match="data.path .* or data.examples"):
+        load_answers(None, {"use_case": "voice"})
+    with pytest.raises(SpecError, match="compute.target: unknown hardware 'v100'"):
+        pick_hardware(load_answers(None, {"data.examples": 10, "compute.target": "v100"}))
+
+
+# ---- the starter job, the report, the command ----------------------------------------------------
+
+def test_starter_job_parses_and_trains_on_a_tiny_model(tmp_path, tiny_model_dir, chat_file):
+    from tailor.techniques import task
+
+    adv = _advise({"use_case": "voice", "data.examples": 300, "compute.target": "l4"}, tmp_path)
+    job = adv.job
+    Job.model_validate(job)  # as written
+    job["model"] = {"base": str(tiny_model_dir), "dtype": "float32"}
+    job["data"] = {"train": [str(chat_file)], "validation_fraction": 0.2}
+    job["training"].update(max_steps=2, max_seq_len=128, batch_size=2, grad_accum=1, save_every=0, threads=1)
+    job["eval"]["enabled"] = False
+    job["output"] = {"dir": str(tmp_path / "runs")}
+    run_dir = task.run(Job.model_validate(job), show_progress=False)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_prepared_folder_becomes_the_starter_jobs_data(tmp_path):
+    card = {"splits": {"train": {"records": 900, "tokens": 270_000}, "validation": {"records": 50, "tokens": 15_000},
+                       "test": {"records": 50, "tokens": 15_000}},
+            "training_tokens_per_epoch": 270_000, "tokens": {"mean": 300, "p99": 700}, "counts": {"read": 1100},
+            "kinds": {"chat": 1000}, "tasks": {"(none)": 1000}, "languages": {"en": 1000},
+            "perplexity": {"perplexity": 35.0}, "relevance": {"distinctive_share": 0.15}}
+    data = from_card(card, str(tmp_path / "prepared" / "card.json"))
+    assert data.examples == 900 and data.base_perplexity == 35.0
+    a = load_answers(None, {"use_case": "jargon", "data.path": str(tmp_path / "prepared"), "compute.target": "l4"})
+    adv = advise(a, data, pick_hardware(a))
+    assert {"room to learn", "relevant data"} <= {r.case for r in adv.verdict.reasons}
+    assert adv.job["data"] == {"train": [str(tmp_path / "prepared")], "prepare": False}
+    assert starter_job(a, data, adv.top.model, "task", adv.settings)["model"]["base"] == adv.top.model.hub_id
+
+
+def test_report_files_and_json(tmp_path):
+    adv = _advise({"use_case": "jargon", "data.examples": 3000, "compute.target": "a100-80gb", "budget_usd": 50},
+                  tmp_path)
+    files = write(adv, tmp_path / "out")
+    text = files["advice.md"].read_text()
+    for heading in ("## Should you fine-tune?", "## Base models", "## Technique", "## Starting hyperparameters",
+                    "## Memory, time and money"):
+        assert heading in text
+    assert "| full |" in text and "| lora |" in text and "| qlora |" in text
+    saved = json.loads(files["advice.json"].read_text())
+    assert saved["decision"] == adv.verdict.decision == as_dict(adv)["decision"]
+    assert Job.model_validate(yaml.safe_load(files["job.yaml"].read_text())).technique == adv.technique.name
+    assert markdown(adv).startswith("# Fine-tuning advice: Fine-tune")
+
+
+def test_cli_advise_models_list_and_show(tmp_path):
+    answers = tmp_path / "answers.yaml"
+    answers.write_text("use_case: compliance\ndata: {examples: 2500}\ncompute: {target: l40s}\n", encoding="utf-8")
+    runner = CliRunner()
+    result = runner.invoke(app, ["advise", "--answers", str(answers), "--out", str(tmp_path / "advice"),
+                                 "--price", "l40s=0.9"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "Should you fine-tune?" in result.output
+    assert json.loads((tmp_path / "advice" / "advice.json").read_text())["hardware"]["usd_per_hour"] == 0.9
+    listed = runner.invoke(app, ["models", "list", "--family", "Qwen3"], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and "qwen3-8b" in listed.output and "llama" not in listed.output
+    shown = runner.invoke(app, ["models", "show", "qwen3-8b"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "Qwen/Qwen3-8B" in shown.output and "lora" in shown.output
+    missing = runner.invoke(app, ["models", "show", "gpt-5"])
+    assert missing.exit_code == 2 and "no model 'gpt-5'" in missing.output
+    no_answers = runner.invoke(app, ["advise", "--out", str(tmp_path / "x")])
+    assert no_answers.exit_code == 2 and "--answers" in no_answers.output
