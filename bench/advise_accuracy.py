@@ -148,8 +148,9 @@ def run_child(args) -> None:
         wall = time.time() - start
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "train"]
     steps_s = sum(r["tokens"] / r["tokens_per_s"] for r in rows)
-    # Training ends with the last metrics row; what follows is saving and evaluation.
-    train_end = (run_dir / "metrics.jsonl").stat().st_mtime
+    # Training ends where the result is saved (adapter/ or model/); evaluation follows.
+    saved = run_dir / ("adapter" if (run_dir / "adapter").exists() else "model")
+    train_end = min(f.stat().st_mtime for f in saved.iterdir())
     train_peak = max(rss for t, rss in samples if t <= train_end)
     after = [rss for t, rss in samples if t > train_end] or [0.0]
     print("RESULT " + json.dumps({"train_s": steps_s, "total_s": wall, "steps": len(rows),
@@ -221,7 +222,7 @@ def main(argv=None) -> dict:
             predicted = predict(args, name, workdir, profile, hw)
             measured = measure(args, name, workdir)
             results[name] = {"predicted": predicted, "measured": measured}
-            print(f"\n{name}: {measured['steps']} steps (predicted {predicted['steps']})")
+            print(f"\n{name}: {measured['steps']} steps (predicted {predicted['steps']})", flush=True)
             print(ratio_line("training steps", predicted["train_s"], measured["train_s"], "s", 0.30))
             print(ratio_line("whole run", predicted["total_s"], measured["total_s"], "s", 0.30))
             print(ratio_line("peak memory, training", predicted["memory_mb"], measured["memory_mb"], "MB", 0.25))

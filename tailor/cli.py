@@ -196,8 +196,9 @@ def advise(
     stage: Optional[str] = typer.Option(None, "--stage", help="exploration, market-test, pilot or production."),
     hardware: Optional[Path] = typer.Option(None, "--hardware", help="YAML of hardware entries or prices to add or override."),
     price: list[str] = typer.Option([], "--price", help="Price per device-hour: --price a100-80gb=1.4"),
-    calibrate_: bool = typer.Option(False, "--calibrate", help="Measure this machine first (about 40 s); stored."),
+    calibrate_: bool = typer.Option(False, "--calibrate", help="Measure this machine first (about a minute); stored."),
     list_hardware: bool = typer.Option(False, "--list-hardware", help="Print the hardware table and exit."),
+    ask: bool = typer.Option(False, "--ask", help="Ask the questions even when input is not a terminal (piped answers)."),
 ):
     """Should you fine-tune, which base model, which technique and settings, and what it costs — before anything runs."""
     import sys
@@ -229,15 +230,13 @@ def advise(
     if answers is None and not flags and calibrate_:
         return
     if answers is None and not flags:
-        if not sys.stdin.isatty():
+        if not (ask or sys.stdin.isatty()):
             _fail(ValueError("no answers: give --answers answers.yaml or flags (tailor advise --help), "
                              "or run it in a terminal to be asked"))
         flags = _ask_advice_questions()
     try:
         a = load_answers(answers, flags)
         hw = pick_hardware(a, table)
-        if a.compute.target != "local":
-            hw = table[a.compute.target]
         adv = run_advice(a, profile_data(a, out_dir, say=lambda line: err.print(escape(str(line)), highlight=False)), hw)
     except (SpecError, FileNotFoundError) as exc:
         _fail(exc)
@@ -256,12 +255,9 @@ def _ask_advice_questions() -> dict:
         out.print(f"\n[bold]{question}[/]")
         for key, text in options.items():
             out.print(f"  [cyan]{key}[/]: {escape(text)}")
-        return typer.prompt("answer", default=default, type=click_choice(list(options)))
-
-    import click
-
-    def click_choice(options):
-        return click.Choice(options)
+        while (value := typer.prompt("answer", default=default).strip()) not in options:
+            out.print(f"[red]{escape(value)}[/]: choose one of {', '.join(options)}")
+        return value
 
     a: dict = {"use_case": choose("What is the model for?", USE_CASES, "voice")}
     path = typer.prompt("\nYour data: a file or folder (empty: give a count instead)", default="", show_default=False)

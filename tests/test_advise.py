@@ -112,6 +112,19 @@ def test_time_scales_with_tokens_and_devices_and_cost_with_price():
                                      RunSize(1_000_000), hw).fits
 
 
+def test_two_probes_split_matrix_products_from_element_wise_work():
+    from tailor.advise.calibrate import _split
+
+    # made-up probes timed exactly by t = FLOPs / 2e11 + work x 20 ns
+    narrow, wide = (1e9, 8e5), (1.2e9, 5e5)
+    probes = [(f / 2e11 + e * 20e-9, f, e) for f, e in (narrow, wide)]
+    inverse_rate, ns = _split(*probes, peak=4e11)
+    assert inverse_rate == pytest.approx(1 / 2e11) and ns == pytest.approx(20)
+    # noise that would put the products above the peak: they run at the peak, the rest is element-wise
+    inverse_rate, ns = _split(*probes, peak=1.5e11)
+    assert inverse_rate == pytest.approx(1 / 1.5e11) and ns == pytest.approx((probes[0][0] - 1e9 / 1.5e11) / 8e5 * 1e9)
+
+
 def test_hardware_overrides_from_a_file_and_prices(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("- {name: a100-80gb, usd_per_hour: 1.1}\n- {name: my-box, label: Our box, memory_gb: 48, "
@@ -135,6 +148,28 @@ def test_local_hardware_reads_this_machines_calibration(tmp_path, monkeypatch):
     (tmp_path / "calibration.json").write_text(json.dumps(stored), encoding="utf-8")
     hw = local_hardware()
     assert hw.calibrated and hw.peak_tflops == 0.4 and hw.util("lora") == 0.5 and hw.activation_factor == 1.8
+
+
+def test_calibrate_measures_this_machine_and_stores_it(tmp_path, monkeypatch):
+    import torch
+
+    from tailor.advise import calibrate as c
+
+    tiny = dict(name="tiny", layers=2, hidden_size=64, intermediate_size=128, attention_heads=4, kv_heads=2,
+                vocab_size=512, tied_embeddings=True)
+    monkeypatch.setattr(c, "PROBE_ARCH", tiny)
+    monkeypatch.setattr(c, "MEMORY_PROBE", tiny)
+    monkeypatch.setattr(c, "WIDE_PROBE", dict(tiny, layers=1, hidden_size=128, intermediate_size=256))
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path))
+    lines = []
+    result = c.calibrate(threads=torch.get_num_threads(), steps=1, say=lines.append, fresh_process=False)
+    assert result["peak_tflops"] > 0 and result["bandwidth_gbs"] > 0 and result["activation_factor"] >= 1
+    assert set(result["utilisation"]) == {"lora", "full", "freeze"} and all(u > 0 for u in result["utilisation"].values())
+    assert result["decode_step_s"]["16"] > 0 and result["elementwise_ns"] >= 0
+    assert any("lora-wide:" in line for line in lines) and 0 < result["utilisation"]["lora"] <= 1
+    stored = json.loads((tmp_path / "calibration.json").read_text())
+    assert stored[machine_key(torch.get_num_threads())]["measured_at"] == result["measured_at"]
+    assert local_hardware().calibrated == result["measured_at"]
 
 
 # ---- the verdict on each case --------------------------------------------------------------------
@@ -300,3 +335,21 @@ def test_cli_advise_models_list_and_show(tmp_path):
     assert missing.exit_code == 2 and "no model 'gpt-5'" in missing.output
     no_answers = runner.invoke(app, ["advise", "--out", str(tmp_path / "x")])
     assert no_answers.exit_code == 2 and "--answers" in no_answers.output
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("examples/advise/*.yaml")))
+def test_shipped_answer_files_get_advice(path, tmp_path):
+    a = load_answers(path)
+    adv = advise(a, profile_data(a, tmp_path), pick_hardware(a))
+    assert adv.verdict.reasons and markdown(adv)
+
+
+def test_cli_asks_the_questions(tmp_path):
+    # use case, data (a count), languages, hardware, GPUs, budget, deadline, expertise, stage
+    typed = "\n".join(["jargon", "", "2000", "en,fr", "l40s", "2", "50", "", "expert", "production"]) + "\n"
+    result = CliRunner().invoke(app, ["advise", "--ask", "--out", str(tmp_path)], input=typed, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "advice.json").read_text())
+    assert saved["answers"]["use_case"] == "jargon" and saved["answers"]["languages"] == ["en", "fr"]
+    assert saved["answers"]["compute"] == {"target": "l40s", "count": 2} and saved["answers"]["budget_usd"] == 50
+    assert saved["decision"] == "fine-tune"

@@ -17,6 +17,25 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
+def calibrated(embedded_path) -> None:
+    """This machine's calibration as `tailor advise --calibrate` measured it (2026-11-29), so that the
+    quickstart's step 0 does not spend a minute measuring again; tests/test_advise.py runs the probes."""
+    import os
+
+    import torch
+
+    from tailor.advise.calibrate import machine_key
+
+    path = Path(os.environ["TAILOR_CACHE"]) / "calibration.json"
+    if not path.exists():
+        path.write_text(json.dumps({machine_key(torch.get_num_threads()): {
+            "peak_tflops": 0.408, "bandwidth_gbs": 34.9, "bf16": True, "runtime_gb": 0.39, "activation_factor": 2.55,
+            "utilisation": {"lora": 1.0, "full": 0.61, "freeze": 0.61}, "elementwise_ns": 21.1,
+            "decode_step_s": {"1": 0.041, "16": 0.050}, "measured_at": "2026-11-29T19:59:49+00:00"}}),
+            encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
 def embedded_run(embedded_path, tmp_path_factory) -> Path:
     """Four LoRA steps of the quickstart job on the embedded model."""
     job = load_job(JOB, [f"output.dir={tmp_path_factory.mktemp('embedded-run')}", "training.max_steps=4",
@@ -79,7 +98,7 @@ def test_the_embedded_run_served_to_concurrent_clients_and_exported_with_parity(
     assert result["agree"] == len(prompts), result
 
 
-def test_quickstart_runs_every_step(embedded_path, tmp_path):
+def test_quickstart_runs_every_step(embedded_path, calibrated, tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--steps", "2", "--out", str(tmp_path)], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     for heading in ("0 · Decide", "1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune",
@@ -106,7 +125,7 @@ def test_quickstart_runs_every_step(embedded_path, tmp_path):
     assert '"rating": "up"} → feedback #1 stored' in result.output and "curl http://127.0.0.1:8000/v1/chat" in result.output
 
 
-def test_quickstart_sequential_runs_three_gated_stages(embedded_path, tmp_path):
+def test_quickstart_sequential_runs_three_gated_stages(embedded_path, calibrated, tmp_path):
     # the staged path end to end on the real model: each stage's data prepared once, three stages
     # that continue each other, the gate after each, the evaluation of the stage kept
     result = CliRunner().invoke(app, ["quickstart", "--technique", "sequential", "--steps", "2", "--out", str(tmp_path)],

@@ -1,7 +1,7 @@
 """Measure this machine, so that local estimates are measured, not guessed.
 
 A CPU's share of its peak depends on its cores, caches, memory and thread count more than on any
-data sheet. The probe measures three things, in about 20 seconds:
+data sheet. The probes measure, in about a minute:
 
   peak        bf16 (or float32) matrix products at the shapes of a small model's MLP, TFLOP/s
   bandwidth   a large tensor copy, GB/s (AdamW and autocast's weight casts are bound by it)
@@ -9,6 +9,8 @@ data sheet. The probe measures three things, in about 20 seconds:
               attention, the chunked head) on a randomly initialised SmolLM2-135M-shaped model,
               LoRA and full fine-tuning, a few steps each after a warm-up step: the FLOPs the
               estimator counts for those steps, over the time they took, over the peak
+  memory      what the allocator holds per byte of activations (probe_activation_factor)
+  decoding    seconds per generated token, for the evaluation's share of a run
 
 and stores them (TAILOR_CACHE/calibration.json) under a key made of the CPU model, core count and
 thread count: another machine, or the same one with another thread count, is measured anew.
@@ -26,10 +28,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tailor.advise.estimate import GB, Arch, Hardware, Workload, memory, train_flops_per_token, traffic_bytes_per_step
+from tailor.advise.estimate import (GB, Arch, Hardware, Workload, elementwise_per_token, memory, train_flops_per_token,
+                                    traffic_bytes_per_step)
 
 PROBE_ARCH = dict(name="smollm2-135m-shape", layers=30, hidden_size=576, intermediate_size=1536, attention_heads=9,
                   kv_heads=3, vocab_size=49152, tied_embeddings=True)
+# Twice as wide, a third as deep: as many FLOPs per token, half the element-wise work per FLOP.
+WIDE_PROBE = dict(name="wide", layers=10, hidden_size=1152, intermediate_size=3072, attention_heads=18, kv_heads=6,
+                  vocab_size=49152, tied_embeddings=True)
 PROBE_SEQ, PROBE_ROWS, PROBE_EXAMPLE = 512, 1, 128  # one packed row of four 128-token examples per step
 
 
@@ -72,6 +78,7 @@ def local_hardware(threads: int | None = None, path: Path | None = None) -> Hard
                         peak_tflops=stored["peak_tflops"], bandwidth_gbs=stored["bandwidth_gbs"], usd_per_hour=0.0,
                         bf16=stored["bf16"], utilisation=stored["utilisation"], calibrated=stored["measured_at"],
                         decode_step_s=stored.get("decode_step_s"), runtime_gb=stored.get("runtime_gb"),
+                        elementwise_ns=stored.get("elementwise_ns", 0.0),
                         activation_factor=stored.get("activation_factor", 1.0))
     # Uncalibrated: ~2.5 GHz x 64 bf16 FLOP per cycle and core (AVX512-BF16), 32 in float32 (AVX2 FMA),
     # and the utilisation Tailor's loop reached on the CPUs it was measured on.
@@ -90,8 +97,10 @@ def load_calibration(threads: int, path: Path | None = None) -> dict | None:
         return None
 
 
-def calibrate(threads: int | None = None, steps: int = 2, path: Path | None = None, say=print) -> dict:
-    """Run the probes and store the result; returns it."""
+def calibrate(threads: int | None = None, steps: int = 2, path: Path | None = None, say=print,
+              fresh_process: bool = True) -> dict:
+    """Run the probes and store the result; returns it. fresh_process=False measures memory in
+    this process (for tests: a grown allocator reads lower)."""
     import torch
 
     from tailor.models.hardware import cpu_has_fast_bf16
@@ -106,32 +115,74 @@ def calibrate(threads: int | None = None, steps: int = 2, path: Path | None = No
     bandwidth = copy_gbs()
     say(f"  matrix products {peak:.3f} TFLOP/s, memory bandwidth {bandwidth:.1f} GB/s")
     utilisation = {}
-    for module in ("accelerate", "transformers.models.llama.modeling_llama", "tailor.train.loop"):
-        importlib.import_module(module)  # what a training process holds before its model: the runtime
-    runtime = rss_gb()
-    for method in ("lora", "full"):  # LoRA first: its memory is measured on an allocator not yet grown
-        before = rss_gb()
-        seconds, tokens, peak_rss = probe_step_seconds(method, dtype, steps)
-        arch = Arch(**PROBE_ARCH)
+    _import_training()
+    runtime = rss_gb()  # what a training process holds before its model
+    activation_factor = (_in_fresh_process("probe_activation_factor", threads) if fresh_process
+                         else probe_activation_factor(dtype))
+    say(f"  memory: {runtime:.2f} GB before loading, {activation_factor:.2f} bytes held per byte of activations")
+    # Two LoRA probes of different widths separate the matrix products (FLOPs, ~width squared)
+    # from the element-wise work (~width): t = FLOPs / (peak x u) + work x ns. Full fine-tuning
+    # then shares the element-wise cost and gets its own u.
+    probes = {}
+    for name, arch_dict, method in (("lora", PROBE_ARCH, "lora"), ("lora-wide", WIDE_PROBE, "lora"),
+                                    ("full", PROBE_ARCH, "full")):
+        seconds, tokens = probe_step_seconds(method, dtype, steps, arch_dict)
+        arch = Arch(**arch_dict)
         w = Workload(method=method, seq_len=PROBE_SEQ, micro_batch=PROBE_ROWS, label_fraction=0.5,
                      example_tokens=PROBE_EXAMPLE, compute_bytes=2 if bf16 else 4)
-        if method == "lora":
-            m = memory(arch, w, "cpu")
-            held = (peak_rss - before) * GB - m.weights - m.gradients - m.optimizer
-            activation_factor = round(max(1.0, held / m.activations), 3)
-            say(f"  memory: {runtime:.2f} GB before loading, {activation_factor:.2f} bytes held per byte of activations")
         traffic = traffic_bytes_per_step(arch, w, 1) / (bandwidth * 1e9)
-        flops = tokens * train_flops_per_token(arch, w)
-        utilisation[method] = round(flops / (max(seconds - traffic, 1e-6) * peak * 1e12), 4)
-        say(f"  {method}: {tokens / seconds:.0f} tokens/s, {utilisation[method]:.0%} of the peak")
+        probes[name] = (max(seconds - traffic, 1e-6) / tokens, train_flops_per_token(arch, w),
+                        elementwise_per_token(arch, w))
+        say(f"  {name}: {tokens / seconds:.0f} tokens/s")
+    inverse_rate, ns = _split(probes["lora"], probes["lora-wide"], peak * 1e12)
+    utilisation = {"lora": round(1 / (inverse_rate * peak * 1e12), 4)}
+    t, flops, work = probes["full"]
+    utilisation["full"] = round(flops / (max(t - work * ns * 1e-9, 1e-12) * peak * 1e12), 4)
+    say(f"  matrix products at {utilisation['lora']:.0%} of the peak in LoRA steps, {utilisation['full']:.0%} in full "
+        f"fine-tuning; element-wise work (norms, activations, casts) {ns:.1f} ns per element and block")
     decode = decode_step_seconds(dtype)
     say(f"  generating: {decode['1'] * 1000:.0f} ms per step for 1 answer, {decode['16'] * 1000:.0f} ms for 16")
     result = {"peak_tflops": round(peak, 4), "bandwidth_gbs": round(bandwidth, 2), "bf16": bf16,
               "runtime_gb": round(runtime, 3), "activation_factor": activation_factor,
               "utilisation": utilisation | {"freeze": utilisation["full"]}, "decode_step_s": decode,
+              "elementwise_ns": round(ns, 4),
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
     _store(machine_key(threads), result, path or calibration_file())
     return result
+
+
+def _import_training() -> None:
+    for module in ("accelerate", "peft", "transformers.models.llama.modeling_llama", "tailor.train.loop",
+                   "tailor.train.adapters", "tailor.train.attention"):
+        importlib.import_module(module)
+
+
+def _in_fresh_process(probe: str, threads: int):
+    """Run a probe of this module in a new Python process: memory is measured on an allocator no
+    other probe has grown, and the probes that follow run on one that this probe has not grown."""
+    import subprocess
+    import sys
+
+    code = (f"import torch, json; torch.set_num_threads({threads}); from tailor.advise import calibrate as c; "
+            f"from tailor.models.hardware import best_dtype; print(json.dumps(c.{probe}(best_dtype())))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"calibration probe {probe} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _split(narrow: tuple[float, float, float], wide: tuple[float, float, float],
+           peak: float) -> tuple[float, float]:
+    """Solve seconds/token = FLOPs x inverse_rate + work x ns for the two probes; (inverse_rate in
+    s/FLOP, ns). The matrix products cannot beat the measured peak: where timing noise says they
+    do, they run at the peak and the narrow probe's remaining time is the element-wise work's."""
+    (t1, f1, e1), (t2, f2, e2) = narrow, wide
+    det = f1 * e2 - f2 * e1
+    inverse_rate = (t1 * e2 - t2 * e1) / det if det else t1 / f1
+    if inverse_rate < 1 / peak:
+        inverse_rate = 1 / peak
+    ns = max(0.0, (t1 - f1 * inverse_rate) / e1 * 1e9)
+    return inverse_rate, ns
 
 
 def _store(key: str, result: dict, path: Path) -> None:
@@ -173,17 +224,19 @@ def copy_gbs(mb: int = 256, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def _probe_model(dtype):
+def _probe_model(dtype, a: dict | None = None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    a = PROBE_ARCH
+    a = a or PROBE_ARCH
     config = LlamaConfig(vocab_size=a["vocab_size"], hidden_size=a["hidden_size"],
                          intermediate_size=a["intermediate_size"], num_hidden_layers=a["layers"],
                          num_attention_heads=a["attention_heads"], num_key_value_heads=a["kv_heads"],
                          tie_word_embeddings=True, max_position_embeddings=PROBE_SEQ, use_cache=False)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(dtype)
+    # Built in its dtype directly: a float32 copy first would leave freed blocks that a model
+    # loaded from disk (as training loads it) never makes.
+    return LlamaForCausalLM._from_config(config, dtype=dtype)
 
 
 def decode_step_seconds(dtype, steps: int = 12) -> dict[str, float]:
@@ -238,9 +291,45 @@ class PeakRSS:
         self.peak = max(self.peak, rss_gb())
 
 
-def probe_step_seconds(method: str, dtype, steps: int) -> tuple[float, int, float]:
-    """(median seconds per step after the first, tokens per step, peak resident GB) of Tailor's loop
-    training a random SmolLM2-135M-shaped model on one packed row of synthetic examples per step."""
+def probe_step_seconds(method: str, dtype, steps: int, arch: dict | None = None) -> tuple[float, int]:
+    """(median seconds per step after the first, tokens per step) of Tailor's loop training a random
+    model of `arch` (SmolLM2-135M's shape) on one packed row of four 128-token synthetic examples."""
+    n = (steps + 1) * PROBE_ROWS * (PROBE_SEQ // PROBE_EXAMPLE)
+    seconds, _ = _train_probe(arch or PROBE_ARCH, method, dtype, [PROBE_EXAMPLE] * n, PROBE_ROWS, steps + 1, 0)
+    return seconds, PROBE_SEQ * PROBE_ROWS
+
+
+MEMORY_PROBE = PROBE_ARCH  # smaller shapes fragment differently (measured: 6 or 12 blocks read 3.2-4.3)
+
+
+def probe_activation_factor(dtype, steps: int = 8) -> float:
+    """Bytes the allocator holds per byte of saved activations, over a run long enough to show it.
+
+    glibc keeps freed blocks for reuse, and rows of varying length (as packed data has) leave
+    blocks that do not fit the next request: resident memory grows over the first dozen steps and
+    levels off about 1.5-2.5x above the tensors alive. So the probe packs examples of random
+    length (48-400 tokens) into rows of 512, two rows a step, and compares the peak with the
+    estimator's activations for that model (weights and optimizer states, which are exact, taken
+    off). About 30 s; it runs in a fresh process (calibrate)."""
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(48, 400) for _ in range(steps * 2 * 2)]
+    _import_training()  # the libraries' own memory is the runtime, not the allocator's
+    before = rss_gb()
+    _, peak = _train_probe(MEMORY_PROBE, "lora", dtype, lengths, 2, steps, 0)
+    arch = Arch(**MEMORY_PROBE)
+    w = Workload(method="lora", seq_len=PROBE_SEQ, micro_batch=2, compute_bytes=2 if dtype.itemsize == 2 else 4)
+    m = memory(arch, w, "cpu")
+    held = (peak - before) * GB - m.weights - m.gradients - m.optimizer
+    return round(max(1.0, held / m.activations), 3)
+
+
+def _train_probe(arch: dict, method: str, dtype, lengths: list[int], micro: int, steps: int,
+                 eval_every: int) -> tuple[float, float]:
+    """Tailor's loop on a random model of `arch` and synthetic examples of `lengths` tokens (the
+    second half of each is the answer): (median seconds of the steps after the first, peak
+    resident GB while it ran)."""
     import torch
     from accelerate import Accelerator
 
@@ -251,25 +340,21 @@ def probe_step_seconds(method: str, dtype, steps: int) -> tuple[float, int, floa
     from tailor.train.packing import make_rows
     from tailor.train.rundir import read_jsonl
 
-    a = PROBE_ARCH
-    model = apply_adapter(_probe_model(dtype), AdapterConfig(kind=method, rank=16, alpha=32, dropout=0.0))
-    set_attention(model, PACKED_ATTENTION)
     g = torch.Generator().manual_seed(0)
-    n_examples = (steps + 1) * PROBE_ROWS * (PROBE_SEQ // PROBE_EXAMPLE)
     examples = []
-    for _ in range(n_examples):
-        ids = torch.randint(3, a["vocab_size"], (PROBE_EXAMPLE,), generator=g).tolist()
-        half = PROBE_EXAMPLE // 2
-        examples.append(Encoded(ids, [IGNORE] * half + ids[half:]))
-    rows = make_rows(examples, PROBE_SEQ, packing=True)
-    # A validation after every step, as runs validate between steps: its differently sized blocks
-    # are part of what the allocator ends up holding.
-    val = examples[:PROBE_ROWS * (PROBE_SEQ // PROBE_EXAMPLE)]
-    settings = TrainSettings(learning_rate=1e-4, max_steps=steps + 1, batch_size=PROBE_ROWS, log_every=1,
-                             eval_every=1, save_every=0, warmup_ratio=0.0, bf16_autocast=dtype == torch.bfloat16)
+    for n in lengths:
+        ids = torch.randint(3, arch["vocab_size"], (n,), generator=g).tolist()
+        examples.append(Encoded(ids, [IGNORE] * (n // 2) + ids[n // 2:]))
+    val = examples[:8] if eval_every else []
+    settings = TrainSettings(learning_rate=1e-4, max_steps=steps, batch_size=micro, log_every=1,
+                             eval_every=eval_every, save_every=0, warmup_ratio=0.0,
+                             bf16_autocast=dtype == torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
-        train(model, examples, rows, val, make_rows(val, PROBE_SEQ, packing=True), settings, Path(tmp),
-              Accelerator(cpu=True), pad_id=0, show_progress=False)
+        model = apply_adapter(_probe_model(dtype, arch), AdapterConfig(kind=method, rank=16, alpha=32, dropout=0.0))
+        set_attention(model, PACKED_ATTENTION)
+        train(model, examples, make_rows(examples, PROBE_SEQ, packing=True), val,
+              make_rows(val, PROBE_SEQ, packing=True), settings, Path(tmp), Accelerator(cpu=True), pad_id=0,
+              show_progress=False)
         metrics = [r for r in read_jsonl(Path(tmp) / "metrics.jsonl") if r["type"] == "train"]
-    times = [r["tokens"] / r["tokens_per_s"] for r in metrics[1:]]
-    return statistics.median(times), PROBE_SEQ * PROBE_ROWS, rss.peak
+    times = [r["tokens"] / r["tokens_per_s"] for r in metrics[1:]] or [metrics[0]["tokens"] / metrics[0]["tokens_per_s"]]
+    return statistics.median(times), rss.peak

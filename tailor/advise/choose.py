@@ -199,8 +199,8 @@ def hyperparameters(a: Answers, data: DataProfile, m: CatalogModel, hw: Hardware
         Setting("training.batch_size", micro, "rows per micro-step: " + ("the most that fit the memory"
                 if micro < micro_batch(hw) else "a CPU gains nothing from more" if hw.kind == "cpu"
                 else "enough to keep a GPU busy")),
-        Setting("training.grad_accum", accum, f"{rows_per_step} rows per optimizer step: at least ~10 steps per epoch "
-                f"on {rows} packed rows"),
+        Setting("training.grad_accum", accum, f"{micro * accum} rows per optimizer step (batch_size x grad_accum): "
+                f"about 10 steps or more per epoch on {rows:,} packed rows"),
         Setting("training.early_stopping_patience", 2, "stop after two validations without improvement; the best "
                 "checkpoint is kept"),
     ]

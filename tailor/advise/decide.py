@@ -137,7 +137,8 @@ def _data(a: Answers, data: DataProfile, v: Verdict) -> None:
         v.reasons.append(Reason("against", "small data", f"{have} examples is enough for a format or tone, not for "
                                 "new knowledge; expect modest gains and test them"))
     else:
-        v.reasons.append(Reason("for", "enough data", f"{have:,} examples, above the {need} that {a.use_case} needs"))
+        v.reasons.append(Reason("for", "enough data", f"{have:,} examples ({data.examples:,} to train on, the rest "
+                                f"to validate and test), above the {need} that {a.use_case} needs"))
     if data.distinctive_share is not None and data.distinctive_share >= 0.1:
         v.reasons.append(Reason("for", "relevant data", f"{data.distinctive_share:.0%} of its words are far more "
                                 "frequent than in general English: it carries the domain"))

@@ -241,6 +241,17 @@ def train_flops_per_token(arch: Arch, w: Workload) -> float:
     return flops
 
 
+def elementwise_per_token(arch: Arch, w: Workload) -> float:
+    """Element-wise work per row token of a training step, in units of 'one element of one block':
+    norms, rotary, SiLU, residual and LoRA adds scale with the widths (2 x hidden + MLP width) per
+    block, not with their square as the matrix products do. On a CPU this part is about a third of
+    a small model's step, and shrinks as models widen; calibration measures its cost per unit
+    (Hardware.elementwise_ns). Blocks below the lowest trainable one run forward only (1 of 3)."""
+    per_block = 2 * arch.hidden_size + arch.intermediate_size
+    with_grad = _blocks_with_grad(arch, w)
+    return per_block * (with_grad + (arch.layers - with_grad) / 3)
+
+
 def traffic_bytes_per_step(arch: Arch, w: Workload, micro_steps: int) -> float:
     """Memory traffic that is not matrix products: AdamW reads and writes each trainable weight, its
     gradient and two states (~28 bytes); autocast casts each float32 trainable weight to bf16 once
@@ -267,6 +278,9 @@ class Hardware(BaseModel):
     utilisation: dict[Method, float] = Field(default_factory=lambda: dict(GPU_UTILISATION))
     calibrated: str | None = Field(None, description="When utilisation was measured on this machine, if it was.")
     runtime_gb: float | None = Field(None, description="Resident memory before the model loads (measured on this machine).")
+    elementwise_ns: float = Field(
+        0.0, ge=0, description="Nanoseconds per unit of element-wise work (elementwise_per_token), measured on this "
+        "machine; 0 where the utilisation already covers it (GPUs).")
     activation_factor: float = Field(
         1.0, gt=0, description="Memory the allocator holds per byte of saved activations (measured on this machine).")
     decode_step_s: dict[str, float] | None = Field(
@@ -358,6 +372,7 @@ def estimate(arch: Arch, w: Workload, size: RunSize, hw: Hardware, devices: int 
     flops = computed_tokens * train_flops_per_token(arch, w)
     scale = devices * (MULTI_DEVICE_EFFICIENCY if devices > 1 else 1.0)
     compute_s = flops / (hw.peak_tflops * 1e12 * hw.util(w.method) * scale)
+    compute_s += computed_tokens * elementwise_per_token(arch, w) * hw.elementwise_ns * 1e-9 / scale
     micro_steps = size.grad_accum
     traffic_s = steps * traffic_bytes_per_step(arch, w, micro_steps) / (hw.bandwidth_gbs * 1e9)
     seconds = compute_s + traffic_s

@@ -113,7 +113,7 @@ def _assumptions(adv: Advice) -> str:
     if hw.kind == "cpu":
         basis = (f"measured on this machine ({hw.calibrated[:10]}: {hw.peak_tflops:.2f} TFLOP/s peak, "
                  f"{hw.util('lora'):.0%} of it in LoRA training)" if hw.calibrated else
-                 "a guess for this CPU: run `tailor advise --calibrate` (about 40 s) to measure it")
+                 "a guess for this CPU: run `tailor advise --calibrate` (about a minute) to measure it")
         return f"Time is {basis}. QLoRA needs a CUDA GPU (bitsandbytes); Tailor's job files run full, LoRA and freeze."
     return (f"Time assumes {hw.util('lora'):.0%} of the {hw.peak_tflops:g} TFLOP/s peak for LoRA "
             f"({hw.util('full'):.0%} full, {hw.util('qlora'):.0%} QLoRA), typical for PyTorch fine-tuning, not measured; "

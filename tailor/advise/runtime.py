@@ -73,7 +73,8 @@ def forward_s(arch: Arch, w: Workload, tokens: float, hw: Hardware) -> float:
     linear = 2 * (arch.block_params - 2 * arch.hidden_size) * arch.layers
     attention = 4 * arch.q_width * w.example_tokens * arch.layers
     head = 2 * arch.vocab_size * arch.hidden_size * w.label_fraction
-    return tokens * (linear + attention + head) / (hw.peak_tflops * 1e12 * hw.util(w.method))
+    elementwise = (2 * arch.hidden_size + arch.intermediate_size) * arch.layers / 3 * hw.elementwise_ns * 1e-9
+    return tokens * ((linear + attention + head) / (hw.peak_tflops * 1e12 * hw.util(w.method)) + elementwise)
 
 
 def generate_s(arch: Arch, hw: Hardware, answers: int, new_tokens: int, batch: int, prompt_tokens: float,

@@ -127,7 +127,7 @@ def find_model(name: str, catalog: tuple[CatalogModel, ...] | None = None) -> Ca
 
 def size_label(params: int) -> str:
     """134515008 -> '135M', 7615616512 -> '7.6B'."""
-    if params < 1e9:
+    if params < 999.5e6:  # 999,885,952 is "1.0B", not "1000M"
         return f"{params / 1e6:.0f}M"
     return f"{params / 1e9:.1f}B" if params < 1e10 else f"{params / 1e9:.0f}B"
 
