@@ -254,18 +254,14 @@ def run_variant(args) -> None:
 
 
 def matmul_tflops(threads: int, seconds: float = 2.0) -> float:
-    """bf16 matrix products at the shapes of a 135M model's MLP, with the training thread count."""
+    """bf16 matrix products at the shapes of a 135M model's MLP (the advisor's calibration probe),
+    with the training thread count."""
     import torch
 
+    from tailor.advise.calibrate import matmul_tflops as measure
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 576, dtype=torch.bfloat16), torch.randn(576, 1536, dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - start) / 1e12
+    return measure(torch.bfloat16, seconds)
 
 
 def run_child(args, variant: str) -> dict:

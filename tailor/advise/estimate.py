@@ -18,7 +18,6 @@ measures it (tailor/advise/calibrate.py); for GPUs the hardware table carries ty
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -342,10 +341,6 @@ class Estimate:
     tflops_total: float
     notes: tuple[str, ...] = field(default=())
 
-    @property
-    def hours(self) -> float:
-        return self.seconds / 3600
-
     def as_dict(self) -> dict:
         return {"method": self.method, "hardware": self.hardware, "devices": self.devices,
                 "memory_gb": self.memory.as_gb(), "fits": self.fits, "trainable_parameters": self.trainable,
@@ -366,9 +361,8 @@ def estimate(arch: Arch, w: Workload, size: RunSize, hw: Hardware, devices: int 
     rows = math.ceil(size.train_tokens / (w.seq_len * size.packing_fill))
     rows_per_step = w.micro_batch * size.grad_accum * devices
     steps = math.ceil(size.epochs * math.ceil(rows / rows_per_step))
-    row_tokens = steps * rows_per_step * w.seq_len
-    # Rows are padded only to the longest in the micro-batch; count the real tokens plus the gap.
-    computed_tokens = min(row_tokens, size.epochs * size.train_tokens / size.packing_fill)
+    # Every position of a packed row runs through the model, its padding too.
+    computed_tokens = size.epochs * size.train_tokens / size.packing_fill
     flops = computed_tokens * train_flops_per_token(arch, w)
     scale = devices * (MULTI_DEVICE_EFFICIENCY if devices > 1 else 1.0)
     compute_s = flops / (hw.peak_tflops * 1e12 * hw.util(w.method) * scale)
@@ -390,6 +384,3 @@ def fmt_duration(seconds: float) -> str:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
 
-
-def dumps(estimates: list[Estimate]) -> str:
-    return json.dumps([e.as_dict() for e in estimates], indent=2)
