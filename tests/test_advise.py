@@ -353,3 +353,14 @@ def test_cli_asks_the_questions(tmp_path):
     assert saved["answers"]["use_case"] == "jargon" and saved["answers"]["languages"] == ["en", "fr"]
     assert saved["answers"]["compute"] == {"target": "l40s", "count": 2} and saved["answers"]["budget_usd"] == 50
     assert saved["decision"] == "fine-tune"
+
+
+def test_on_a_cpu_without_a_deadline_runs_longer_than_a_day_are_not_recommended(tmp_path):
+    from tailor.advise.estimate import Hardware
+
+    cpu = Hardware(name="local-cpu", label="a 4-core laptop", kind="cpu", memory_gb=64, peak_tflops=0.2,
+                   bandwidth_gbs=20, usd_per_hour=0, utilisation={"lora": 0.5, "full": 0.5})
+    a = load_answers(None, {"use_case": "jargon", "data.examples": 3000})
+    adv = advise(a, profile_data(a, tmp_path), cpu)
+    assert adv.top is not None and all(c.lora.seconds <= 24 * 3600 for c in adv.candidates if c.eligible)
+    assert any("more than a day" in why for c in adv.candidates for why in c.excluded)

@@ -22,6 +22,8 @@ from tailor.models.catalog import CatalogModel, size_label
 SIZE_BAND = {"voice": (0.1, 8), "moderation": (0.1, 8), "accuracy": (0.1, 8), "compliance": (0.5, 14),
              "jargon": (0.5, 14), "localization": (1.5, 32), "general": (3, 72)}
 
+CPU_HOURS = 24  # without a deadline, a CPU run longer than a day is not worth recommending
+
 
 @dataclass
 class Candidate:
@@ -84,6 +86,9 @@ def _check(c: Candidate, a: Answers, data: DataProfile, hw: Hardware) -> None:
     needs_met = not c.excluded
     if a.deadline_hours is not None and c.lora.seconds > a.deadline_hours * 3600:
         c.excluded.append(f"training takes {fmt_duration(c.lora.seconds)}, past the {a.deadline_hours:g} h deadline")
+    elif a.deadline_hours is None and hw.kind == "cpu" and c.lora.seconds > CPU_HOURS * 3600:
+        c.excluded.append(f"training takes {fmt_duration(c.lora.seconds)} on this CPU, more than a day "
+                          "(set deadline_hours to allow longer)")
     if a.budget_usd is not None and c.lora.usd > a.budget_usd:
         c.excluded.append(f"costs ${c.lora.usd:,.2f}, above the ${a.budget_usd:,.2f} budget")
     c.over_limits = needs_met and bool(c.excluded)
