@@ -86,6 +86,9 @@ def decide(a: Answers, data: DataProfile, plan: Feasibility) -> Verdict:
         v.decision = "not yet"
     if v.decision != "fine-tune" and not v.instead:
         v.instead.append("prompt a good instruct model with a few of your best examples, and keep collecting data")
+    if v.decision == "fine-tune" and a.data.base_score is None:
+        v.would_change.append(f"the base model scoring {BASE_SCORE_HIGH:.2f} or more on a validation sample of your "
+                              "task (data.base_score): then tuning would add little")
     return v
 
 
