@@ -319,7 +319,7 @@ def models_list(family: Optional[str] = typer.Option(None, "--family", help="Onl
 @models_app.command("show")
 def models_show(name: str = typer.Argument(..., help="A catalog name (tailor models list) or hub id.")):
     """One model's facts, and what fine-tuning it takes on each GPU of the hardware table."""
-    from tailor.advise.estimate import GB, Arch, Workload, hardware_table, memory
+    from tailor.advise.estimate import GB, USABLE_MEMORY, Arch, Workload, hardware_table, memory
     from tailor.models.catalog import CatalogError, find_model, size_label
 
     try:
@@ -332,7 +332,7 @@ def models_show(name: str = typer.Argument(..., help="A catalog name (tailor mod
     out.print(f"\nMemory to fine-tune {size_label(m.params)} (rows of 1,024 tokens, 1 per micro-step):")
     for method in ("full", "lora", "qlora"):
         need = memory(arch, Workload(method=method, seq_len=1024, micro_batch=1), "gpu").total / GB
-        fits = [hw.name for hw in hardware_table().values() if need <= hw.memory_gb * 0.9]
+        fits = [hw.name for hw in hardware_table().values() if need <= hw.memory_gb * USABLE_MEMORY]
         out.print(f"  {method:<6} {need:7.1f} GB   fits: {', '.join(fits) or 'no single GPU here'}", highlight=False)
 
 

@@ -18,7 +18,7 @@ from tailor.advise.estimate import (GB, NF4_BYTES, Arch, RunSize, Workload, acti
 from tailor.advise.profile import from_card
 from tailor.advise.report import as_dict, markdown, write
 from tailor.cli import app
-from tailor.models.catalog import CatalogError, decoder_params, find_model, load_catalog
+from tailor.models.catalog import CatalogError, find_model, load_catalog
 from tailor.spec import Job, SpecError
 
 SMOLLM2 = Arch("smollm2-135m", layers=30, hidden_size=576, intermediate_size=1536, attention_heads=9, kv_heads=3,
@@ -33,7 +33,7 @@ def test_catalog_entries_validate_and_their_shapes_imply_their_parameter_counts(
     assert len({m.family for m in catalog}) >= 6
     assert len({m.hub_id for m in catalog}) == len(catalog)
     for m in catalog:
-        assert 0.97 <= decoder_params(m) / m.params <= 1.03, m.name
+        assert 0.97 <= Arch.of(m).params / m.params <= 1.03, m.name
         assert m.source.startswith("https://huggingface.co/"), m.name
 
 
@@ -158,7 +158,6 @@ def test_calibrate_measures_this_machine_and_stores_it(tmp_path, monkeypatch):
     tiny = dict(name="tiny", layers=2, hidden_size=64, intermediate_size=128, attention_heads=4, kv_heads=2,
                 vocab_size=512, tied_embeddings=True)
     monkeypatch.setattr(c, "PROBE_ARCH", tiny)
-    monkeypatch.setattr(c, "MEMORY_PROBE", tiny)
     monkeypatch.setattr(c, "WIDE_PROBE", dict(tiny, layers=1, hidden_size=128, intermediate_size=256))
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path))
     lines = []

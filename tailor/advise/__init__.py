@@ -13,12 +13,13 @@ from pathlib import Path
 
 from tailor.advise.answers import Answers
 from tailor.advise.choose import (Candidate, Setting, TechniqueChoice, choose_technique, epochs_for,
-                                  hyperparameters, lora_workload, micro_batch, rank_models, seq_len_for)
+                                  hyperparameters, lora_rank, lora_workload, rank_models, seq_len_for)
 from tailor.advise.decide import Feasibility, Verdict, decide
 from tailor.advise.estimate import Arch, Estimate, Hardware, RunSize, estimate, hardware_table
 from tailor.advise.profile import DataProfile, from_counts, from_path
 from tailor.advise.runtime import JobTime, job_time
 from tailor.models.catalog import load_catalog
+from tailor.spec import EMBEDDED_DEFAULT
 
 EMBEDDED_NAMES = {"smollm2-135m-instruct": "embedded:smollm2-135m-instruct"}
 
@@ -60,7 +61,7 @@ def pick_hardware(a: Answers, table: dict[str, Hardware] | None = None) -> Hardw
 
 def profile_data(a: Answers, out: Path, say=print) -> DataProfile:
     if a.data.path:
-        return from_path(a.data.path, "embedded:smollm2-135m-instruct", out, say)
+        return from_path(a.data.path, EMBEDDED_DEFAULT, out, say)
     return from_counts(a.data.examples or 0, a.data.tokens_per_example, preference_pairs=a.data.preference_pairs,
                        tasks=a.data.tasks, languages=a.languages, domain_text_tokens=a.data.domain_text_tokens)
 
@@ -81,15 +82,17 @@ def advise(a: Answers, data: DataProfile, hw: Hardware, catalog=None) -> Advice:
     if top is None:
         return Advice(a, data, hw, verdict, candidates, technique, [], [], None, None)
     settings = hyperparameters(a, data, top.model, hw, technique.name, top.micro_batch)
-    w = replace(lora_workload(a, data, hw, seq_len_for(data, top.model.context_length),
-                              next(s.value for s in settings if s.key == "adapter.rank")), micro_batch=top.micro_batch)
+    # The same workload rank_models gave the top model, with the other methods.
+    arch = Arch.of(top.model)
+    w = replace(lora_workload(a, data, hw, seq_len_for(data, top.model.context_length), lora_rank(a, data)),
+                micro_batch=top.micro_batch)
     size = RunSize(train_tokens=max(1, data.train_tokens), epochs=epochs)
-    methods = [estimate(Arch.of(top.model), replace(w, method=m), size, hw, a.compute.count)
-               for m in ("full", "lora", "qlora")]
+    full, qlora = (estimate(arch, replace(w, method=m), size, hw, a.compute.count) for m in ("full", "qlora"))
     job = starter_job(a, data, top.model, technique.name, settings)
     from tailor.spec import Job
 
-    run = job_time(Job.model_validate(job), data, Arch.of(top.model), hw, a.compute.count)
+    run = job_time(Job.model_validate(job), data, arch, hw, a.compute.count)
+    methods = [full, top.lora, qlora]
     return Advice(a, data, hw, verdict, candidates, technique, settings, methods, job, run)
 
 
@@ -115,4 +118,4 @@ def starter_job(a: Answers, data: DataProfile, model, technique: str, settings: 
     return job
 
 
-__all__ = ["Advice", "Answers", "advise", "micro_batch", "pick_hardware", "profile_data", "starter_job"]
+__all__ = ["Advice", "Answers", "advise", "pick_hardware", "profile_data", "starter_job"]

@@ -114,7 +114,6 @@ def calibrate(threads: int | None = None, steps: int = 2, path: Path | None = No
     peak = matmul_tflops(dtype)
     bandwidth = copy_gbs()
     say(f"  matrix products {peak:.3f} TFLOP/s, memory bandwidth {bandwidth:.1f} GB/s")
-    utilisation = {}
     _import_training()
     runtime = rss_gb()  # what a training process holds before its model
     activation_factor = (_in_fresh_process("probe_activation_factor", threads) if fresh_process
@@ -295,11 +294,8 @@ def probe_step_seconds(method: str, dtype, steps: int, arch: dict | None = None)
     """(median seconds per step after the first, tokens per step) of Tailor's loop training a random
     model of `arch` (SmolLM2-135M's shape) on one packed row of four 128-token synthetic examples."""
     n = (steps + 1) * PROBE_ROWS * (PROBE_SEQ // PROBE_EXAMPLE)
-    seconds, _ = _train_probe(arch or PROBE_ARCH, method, dtype, [PROBE_EXAMPLE] * n, PROBE_ROWS, steps + 1, 0)
+    seconds, _ = _train_probe(arch or PROBE_ARCH, method, dtype, [PROBE_EXAMPLE] * n, PROBE_ROWS, steps + 1)
     return seconds, PROBE_SEQ * PROBE_ROWS
-
-
-MEMORY_PROBE = PROBE_ARCH  # smaller shapes fragment differently (measured: 6 or 12 blocks read 3.2-4.3)
 
 
 def probe_activation_factor(dtype, steps: int = 8) -> float:
@@ -310,23 +306,24 @@ def probe_activation_factor(dtype, steps: int = 8) -> float:
     levels off about 1.5-2.5x above the tensors alive. So the probe packs examples of random
     length (48-400 tokens) into rows of 512, two rows a step, and compares the peak with the
     estimator's activations for that model (weights and optimizer states, which are exact, taken
-    off). About 30 s; it runs in a fresh process (calibrate)."""
+    off). The model is the 135M shape itself: smaller shapes fragment differently (6 or 12 blocks
+    read 3.2-4.3 where real runs hold 2.4-3.1). About 30 s; it runs in a fresh process (calibrate)."""
     import random
 
     rng = random.Random(0)
     lengths = [rng.randint(48, 400) for _ in range(steps * 2 * 2)]
     _import_training()  # the libraries' own memory is the runtime, not the allocator's
     before = rss_gb()
-    _, peak = _train_probe(MEMORY_PROBE, "lora", dtype, lengths, 2, steps, 0)
-    arch = Arch(**MEMORY_PROBE)
+    _, peak = _train_probe(PROBE_ARCH, "lora", dtype, lengths, 2, steps)
+    arch = Arch(**PROBE_ARCH)
     w = Workload(method="lora", seq_len=PROBE_SEQ, micro_batch=2, compute_bytes=2 if dtype.itemsize == 2 else 4)
     m = memory(arch, w, "cpu")
     held = (peak - before) * GB - m.weights - m.gradients - m.optimizer
     return round(max(1.0, held / m.activations), 3)
 
 
-def _train_probe(arch: dict, method: str, dtype, lengths: list[int], micro: int, steps: int,
-                 eval_every: int) -> tuple[float, float]:
+def _train_probe(arch: dict, method: str, dtype, lengths: list[int], micro: int,
+                 steps: int) -> tuple[float, float]:
     """Tailor's loop on a random model of `arch` and synthetic examples of `lengths` tokens (the
     second half of each is the answer): (median seconds of the steps after the first, peak
     resident GB while it ran)."""
@@ -345,16 +342,13 @@ def _train_probe(arch: dict, method: str, dtype, lengths: list[int], micro: int,
     for n in lengths:
         ids = torch.randint(3, arch["vocab_size"], (n,), generator=g).tolist()
         examples.append(Encoded(ids, [IGNORE] * (n // 2) + ids[n // 2:]))
-    val = examples[:8] if eval_every else []
-    settings = TrainSettings(learning_rate=1e-4, max_steps=steps, batch_size=micro, log_every=1,
-                             eval_every=eval_every, save_every=0, warmup_ratio=0.0,
-                             bf16_autocast=dtype == torch.bfloat16)
+    settings = TrainSettings(learning_rate=1e-4, max_steps=steps, batch_size=micro, log_every=1, save_every=0,
+                             warmup_ratio=0.0, bf16_autocast=dtype == torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         model = apply_adapter(_probe_model(dtype, arch), AdapterConfig(kind=method, rank=16, alpha=32, dropout=0.0))
         set_attention(model, PACKED_ATTENTION)
-        train(model, examples, make_rows(examples, PROBE_SEQ, packing=True), val,
-              make_rows(val, PROBE_SEQ, packing=True), settings, Path(tmp), Accelerator(cpu=True), pad_id=0,
-              show_progress=False)
+        train(model, examples, make_rows(examples, PROBE_SEQ, packing=True), [], [], settings, Path(tmp),
+              Accelerator(cpu=True), pad_id=0, show_progress=False)
         metrics = [r for r in read_jsonl(Path(tmp) / "metrics.jsonl") if r["type"] == "train"]
     times = [r["tokens"] / r["tokens_per_s"] for r in metrics[1:]] or [metrics[0]["tokens"] / metrics[0]["tokens_per_s"]]
     return statistics.median(times), rss.peak

@@ -26,7 +26,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-METHODS = ("full", "lora", "qlora", "freeze")
 Method = Literal["full", "lora", "qlora", "freeze"]
 
 GB = 1024 ** 3
@@ -89,15 +88,6 @@ class Arch:
         """From a catalog entry (tailor.models.catalog.CatalogModel)."""
         return cls(model.name, model.layers, model.hidden_size, model.intermediate_size, model.attention_heads,
                    model.kv_heads, model.vocab_size, model.tied_embeddings, model.head_dim, model.qkv_bias)
-
-    @classmethod
-    def from_config(cls, config: dict, name: str = "model") -> "Arch":
-        """From a Hugging Face config.json (Llama, Qwen2/3, Mistral, Gemma, Phi-3 and alike)."""
-        heads = config["num_attention_heads"]
-        return cls(name, config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"], heads,
-                   config.get("num_key_value_heads") or heads, config["vocab_size"],
-                   bool(config.get("tie_word_embeddings", False)), config.get("head_dim"),
-                   bool(config.get("attention_bias", config.get("model_type") == "qwen2")))
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Each entry carries the facts the advisor reasons with — size and shape (for memory and time),
 context length, languages, licence — copied from the model's published config.json and model card
 (`source` names where). The architecture numbers are cross-checked: the parameter count they imply
-(decoder_params) must match the published count within 3 % (tests/test_models_catalog.py), which
-catches a wrong layer count, width or vocabulary.
+(the estimator's, tailor.advise.estimate.Arch.params) must match the published count within 3 %
+(tests/test_advise.py), which catches a wrong layer count, width or vocabulary.
 
 Dense decoder-only models only: a mixture of experts needs a different memory and time model.
 """
@@ -12,7 +12,6 @@ Dense decoder-only models only: a mixture of experts needs a different memory an
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -59,29 +58,8 @@ class CatalogModel(BaseModel):
         return self
 
     @property
-    def head_width(self) -> int:
-        return self.head_dim or self.hidden_size // self.attention_heads
-
-    @property
     def billions(self) -> float:
         return self.params / 1e9
-
-    @property
-    def multilingual(self) -> bool:
-        return len(self.languages) > 1
-
-
-def decoder_params(m: CatalogModel) -> int:
-    """Parameters implied by the architecture: embeddings (+ an untied head), per layer attention
-    (q, k, v, o and their biases), a gated MLP and two norms, and the final norm."""
-    q_width, kv_width = m.attention_heads * m.head_width, m.kv_heads * m.head_width
-    attention = m.hidden_size * (q_width + 2 * kv_width) + q_width * m.hidden_size
-    if m.qkv_bias:
-        attention += q_width + 2 * kv_width
-    mlp = 3 * m.hidden_size * m.intermediate_size
-    per_layer = attention + mlp + 2 * m.hidden_size
-    embeddings = m.vocab_size * m.hidden_size * (1 if m.tied_embeddings else 2)
-    return embeddings + m.layers * per_layer + m.hidden_size
 
 
 class CatalogError(ValueError):
@@ -130,8 +108,3 @@ def size_label(params: int) -> str:
     if params < 999.5e6:  # 999,885,952 is "1.0B", not "1000M"
         return f"{params / 1e6:.0f}M"
     return f"{params / 1e9:.1f}B" if params < 1e10 else f"{params / 1e9:.0f}B"
-
-
-def base_name_of(hub_id_or_path: str) -> str:
-    """The last path part of a hub id or folder, lower-cased, for matching against the catalog."""
-    return re.split(r"[/\\]", hub_id_or_path.rstrip("/\\"))[-1].casefold()
