@@ -346,6 +346,9 @@ def main(argv=None) -> dict:
           f"{repeated:.0%} repeat an earlier one, {sum(bool(p) for _, p in records) / len(records):.0%} with planted "
           f"values); one at a time on the first {len(sample)}; batched with {args.processes} process(es); "
           f"default entities, placeholder strategy, allow={BRANDS}")
+    if sys.version_info < (3, 12):
+        print("# Python < 3.12: spaCy's wheels for it run the NER with Cython's profiling hooks, which take "
+              "the interpreter lock at every step (docs/data.md: names about twice as fast on 3.12+)")
     results = {}
     for ner in (True, False):
         name = "ner" if ner else "pattern"
