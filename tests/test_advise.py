@@ -15,7 +15,8 @@ from tailor.advise.answers import load_answers
 from tailor.advise.calibrate import local_hardware, machine_key
 from tailor.advise.estimate import (GB, NF4_BYTES, Arch, RunSize, Workload, activation_bytes_per_token, estimate,
                                     hardware_table, memory, train_flops_per_token, with_overrides)
-from tailor.advise.profile import from_card
+from tailor.advise.choose import choose_technique, hyperparameters
+from tailor.advise.profile import from_card, from_counts
 from tailor.advise.report import as_dict, markdown, write
 from tailor.cli import app
 from tailor.models.catalog import CatalogError, find_model, load_catalog
@@ -248,6 +249,27 @@ def test_technique_follows_the_shape_of_the_data(tmp_path):
     transfer = _advise({**base, "use_case": "jargon", "data.domain_text_tokens": 2_000_000}, tmp_path)
     assert transfer.technique.name == "transfer"
     assert any(s.key == "adapter.lora_top_blocks" for s in transfer.settings)
+
+
+def test_documents_found_in_the_data_lead_to_transfer(tmp_path):
+    """The profile of a data folder counts its plain-text records as documents (the answers say
+    nothing of them): they decide the technique, and the starter job reads those files first."""
+    folder = tmp_path / "data"
+    (folder / "docs").mkdir(parents=True)
+    (folder / "chats.jsonl").write_text("")
+    (folder / "docs" / "handbook.md").write_text("# Returns\n")
+    (folder / "glossary.txt").write_text("RMA: return merchandise authorization\n")
+    a = load_answers(None, {"use_case": "jargon", "data.path": str(folder), "compute.target": "l4"})
+    found = from_counts(600, domain_text_tokens=400_000)  # what prepare's card of that folder says
+    assert a.data.domain_text_tokens == 0
+    technique = choose_technique(a, found)
+    assert technique.name == "transfer" and "400,000 tokens" in technique.why
+    model = find_model("SmolLM2-135M-Instruct")
+    settings = hyperparameters(a, found, model, pick_hardware(a), technique.name, 4)
+    job = starter_job(a, found, model, technique.name, settings)
+    assert job["transfer"]["domain_text"] == [str(folder / "docs" / "handbook.md"), str(folder / "glossary.txt")]
+    Job.model_validate(job)
+    assert choose_technique(a, from_counts(600)).name == "task"
 
 
 def test_hyperparameters_scale_with_model_and_data(tmp_path):

@@ -108,14 +108,26 @@ def starter_job(a: Answers, data: DataProfile, model, technique: str, settings: 
     for s in settings:
         section, key = s.key.split(".")
         job.setdefault(section, {})[key] = s.value
-    if technique == "transfer" and a.data.domain_text_tokens:
-        job["transfer"] = {"domain_text": ["data/documents.txt"]}  # where your documents are: edit
+    if technique == "transfer" and data.domain_text_tokens:
+        # The documents found in the data (they stay in the task's data too), or where yours are: edit.
+        job["transfer"] = {"domain_text": documents_in(a.data.path) or ["data/documents.txt"]}
     if technique == "sequential":
         # One stage per task, in order, each on its own file (the advisor knows how many, not which).
         job["stages"] = [{"name": f"task{i + 1}", "technique": "task",
                           "data": {"train": [f"data/task{i + 1}.jsonl"], "prepare": True}}
                          for i in range(max(2, data.n_tasks))]
     return job
+
+
+def documents_in(path: str | None) -> list[str]:
+    """The plain-text files (.txt, .md) in the data the advisor profiled: the documents a transfer
+    job reads first. Text records inside JSONL files are not listed; neither is a prepared folder."""
+    from tailor.data.formats import EXTENSIONS
+
+    if not path or (Path(path) / "card.json").exists():
+        return []
+    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
+    return [str(f) for f in files if EXTENSIONS.get(f.suffix.lower()) == "text"]
 
 
 __all__ = ["Advice", "Answers", "advise", "pick_hardware", "profile_data", "starter_job"]

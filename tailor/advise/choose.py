@@ -142,8 +142,9 @@ def choose_technique(a: Answers, data: DataProfile) -> TechniqueChoice:
     if data.n_tasks > 1:
         return TechniqueChoice("multitask", f"{data.n_tasks} related tasks trained together in one model",
                                ("one task-specific model per task, if one task matters most",))
-    if a.data.domain_text_tokens and a.use_case in ("jargon", "localization", "compliance"):
-        return TechniqueChoice("transfer", f"{a.data.domain_text_tokens:,} tokens of your documents teach the "
+    # The profile's count: the answers' own, or the plain-text records found in the data.
+    if data.domain_text_tokens and a.use_case in ("jargon", "localization", "compliance"):
+        return TechniqueChoice("transfer", f"{data.domain_text_tokens:,} tokens of your documents teach the "
                                "vocabulary first; only the upper layers then adapt to the task",
                                ("task, if the documents add little beyond the examples",))
     return TechniqueChoice("task", "one task with examples of the answers you want",
