@@ -99,7 +99,7 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
         if anonymizer is not None:
             with clock("anonymize"):
                 ds, dropped, pii = _anonymize(ds, anonymizer, spec.privacy.strategy == "drop", spec.privacy.ner,
-                                                 rejects, work)
+                                                 rejects, work, spec.dedup)
             stats["privacy"] = pii
             if dropped:
                 keep = sorted(set(range(len(ds))) - set(dropped))
@@ -296,12 +296,11 @@ class _Measure:
             row = to_row(ex)
             for k in ("messages", "chosen", "rejected", "text"):
                 out[k].append(row[k])
-            prompt = prompt_of(ex)
             out["n_tokens"].append(n_tokens)
             out["n_turns"].append(sum(m["role"] == "user" for m in ex.messages))
             out["language"].append(language)
             out["exact"].append(exact_key(texts))
-            out["prompt"].append(hashlib.blake2b(normalized(prompt).encode(), digest_size=16).hexdigest() if prompt else None)
+            out["prompt"].append(prompt_key(ex))
             out["problem"].append(self._problem(ex, n_tokens, language))
             joined.append(body)
         out["signature"] = list(signatures(joined, self.dedup.ngram, self.dedup.num_perm))
@@ -423,29 +422,49 @@ def _preview(row: dict, width: int = 160) -> str:
 # --- anonymize -------------------------------------------------------------------------------------
 
 
-def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: Path):
+def prompt_key(ex) -> str | None:
+    """What the split keeps in one split: a hash of the normalized prompt."""
+    prompt = prompt_of(ex)
+    return hashlib.blake2b(normalized(prompt).encode(), digest_size=16).hexdigest() if prompt else None
+
+
+def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: Path, dedup):
     """Replace personal data in every text of the kept records; with `drop`, list the records that
-    had any. Writes pii_audit.jsonl: per record, which entity types were replaced and how often."""
+    had any. Writes pii_audit.jsonl: per record, which entity types were replaced and how often.
+    A changed record's prompt key and MinHash signature are computed again: prompts that differed
+    only in a name ("I'm Priya" / "I'm Tom") are the same prompt once anonymized, and the split and
+    its leakage check must see what the model will see."""
     counts_per_record: list[dict] = []
 
     def redact(batch: dict[str, list]) -> dict[str, list]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         examples = [from_row(r) for r in rows]
         texts = [texts_of(ex) for ex in examples]
-        out = {k: [] for k in ("messages", "chosen", "rejected", "text")}
-        for ex, results in zip(examples, anonymizer.anonymize_records(texts)):
+        out = {k: [] for k in ("messages", "chosen", "rejected", "text", "prompt", "signature")}
+        changed = []
+        for i, (ex, results) in enumerate(zip(examples, anonymizer.anonymize_records(texts))):
             found: Counter = Counter()
             new = []
             for text, counts in results:
                 new.append(text)
                 found.update(counts)
             counts_per_record.append(dict(found))
-            row = to_row(with_texts(ex, new))
-            for k in out:
+            redacted = with_texts(ex, new)
+            row = to_row(redacted)
+            for k in ("messages", "chosen", "rejected", "text"):
                 out[k].append(row[k])
+            out["prompt"].append(prompt_key(redacted) if new != texts[i] else batch["prompt"][i])
+            out["signature"].append(np.asarray(batch["signature"][i], np.uint32))
+            if new != texts[i]:
+                changed.append((i, "\n".join(new)))
+        if changed:
+            fresh = signatures([body for _, body in changed], dedup.ngram, dedup.num_perm)
+            for (i, _), sig in zip(changed, fresh):
+                out["signature"][i] = sig
         return out
 
-    ds = ds.map(redact, batched=True, batch_size=BATCH, new_fingerprint="anonymized", desc="anonymizing")
+    ds = ds.map(redact, batched=True, batch_size=BATCH, new_fingerprint="anonymized", desc="anonymizing",
+                features=ds.features)
     ids = column(ds, "id")
     dropped = [i for i, c in enumerate(counts_per_record) if c and drop]
     entities: Counter = Counter()
