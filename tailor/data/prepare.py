@@ -85,10 +85,10 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
         stats["rejected"] = rejects.count
         say(f"read {stats['read']:,} records from {len(sources)} input(s); {rejects.count:,} rejected")
 
-        with clock("clean"):
+        with clock("clean"), _environ_kept():
             ds = ds.map(_Measure(spec, tokenizer, overhead), batched=True, batch_size=BATCH,
-                        num_proc=num_proc if len(ds) >= 4 * BATCH else None, new_fingerprint="measured",
-                        desc="cleaning")
+                        num_proc=num_proc if num_proc > 1 and len(ds) >= 4 * BATCH else None,
+                        new_fingerprint="measured", desc="cleaning")
         with clock("deduplicate"):
             decision = _decide(ds, spec, rejects, stats)
         kept = [i for i, d in enumerate(decision["status"]) if d == "kept"]
@@ -127,6 +127,18 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
     shutil.rmtree(work / "cache", ignore_errors=True)
     replace_dir(work, out)
     return Prepared(out=out, card=card)
+
+
+@contextmanager
+def _environ_kept():
+    """datasets' map with num_proc leaves os.environ replaced by a copy (datasets 5.2), and what
+    holds the original object stops seeing changes: rich's consoles read COLUMNS from it. The
+    original object (which also holds what datasets set there) is put back."""
+    env = os.environ
+    try:
+        yield
+    finally:
+        os.environ = env
 
 
 class _Stopwatch:
