@@ -291,3 +291,23 @@ def test_privacy_drop_moves_records_with_personal_data_to_rejects(tmp_path, tiny
     rejects = [json.loads(line) for line in (result.out / "rejects.jsonl").read_text().splitlines()]
     dropped = [r for r in rejects if r["stage"] == "privacy"]
     assert len(dropped) == 1 and "<EMAIL>" in dropped[0]["record"] and "jane.doe" not in dropped[0]["record"]
+
+
+def test_records_alike_once_anonymized_are_one_record(tmp_path, tiny_model_dir):
+    """Two customers' messages that differ only in their addresses are one text once the addresses
+    are placeholders; the first is kept, the other is an exact duplicate, and a third that differs
+    in one more word is a near duplicate of the anonymized first."""
+    answer = "Thanks, we will send the invoice for order 5521 there within the hour, and a copy to the shop."
+    rows = [chat(f"Please send the invoice for my lamp order to {mail} and not to my old address, thanks.", answer)
+            for mail in ("priya.nair@gmail.com", "tom.baker@outlook.com")]
+    rows.append(chat("Please send the invoice for my lamp order to ana@web.de and not to my old address, thanks!!",
+                     answer + " Cheers."))
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    result = prepare([raw], tmp_path / "prepared", model=str(tiny_model_dir), num_proc=1, say=lambda m: None,
+                     privacy={"ner": False}, card={"perplexity_sample": 0})
+    card = result.card
+    assert card["counts"]["kept"] == 1 and card["duplicates"] == {**card["duplicates"], "exact": 1, "near": 1}
+    rejects = {r["line"]: r for r in map(json.loads, (result.out / "rejects.jsonl").read_text().splitlines())}
+    assert rejects[2]["reason"] == "exact duplicate once anonymized" and rejects[2]["duplicate_of"].endswith(":1")
+    assert rejects[3]["reason"].startswith("near duplicate") and rejects[3]["duplicate_of"].endswith(":1")

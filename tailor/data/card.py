@@ -23,8 +23,8 @@ TERM_SAMPLE = 10_000  # records scanned for distinctive terms
 LANGUAGE_SAMPLE = 2_000  # records whose language is detected: enough for the shares, 200 µs each
 
 
-def write_card(folder: Path, ds, split_of: list[str], stats: dict, spec, model: str, anonymizer) -> dict:
-    card = build_card(ds, split_of, stats, spec, model, anonymizer)
+def write_card(folder: Path, ds, split_of: list[str], stats: dict, spec, model: str) -> dict:
+    card = build_card(ds, split_of, stats, spec, model)
     (folder / "card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False), encoding="utf-8")
     (folder / "card.md").write_text(card_markdown(card), encoding="utf-8")
     if spec.card.html:
@@ -32,16 +32,13 @@ def write_card(folder: Path, ds, split_of: list[str], stats: dict, spec, model: 
     return card
 
 
-def build_card(ds, split_of: list[str], stats: dict, spec, model: str, anonymizer) -> dict:
+def build_card(ds, split_of: list[str], stats: dict, spec, model: str) -> dict:
     tokens, turns = column(ds, "n_tokens"), column(ds, "n_turns")
     train_idx = [i for i, s in enumerate(split_of) if s == "train"]
     counts = {k: stats[k] for k in ("read", "kept", "rejected", "filtered")}
     counts["duplicates"] = sum(stats["duplicates"].values())
     counts["adds_up"] = counts["read"] == counts["kept"] + counts["rejected"] + counts["duplicates"] + counts["filtered"]
-    clusters = stats.get("cluster_examples", [])
-    if anonymizer is not None and clusters:  # the previews were taken before anonymization
-        flat = iter(anonymizer.anonymize_batch([t for c in clusters for t in c["texts"]]))
-        clusters = [{**c, "texts": [next(flat)[0] for _ in c["texts"]]} for c in clusters]
+    clusters = stats.get("cluster_examples", [])  # previews of anonymized records
     card = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model,

@@ -1,6 +1,7 @@
 """`tailor prepare`: raw files in, a prepared dataset folder out.
 
-read → clean and measure → filter → exact and near duplicates → anonymize → split → write + card
+read → clean and measure → filter and exact duplicates → anonymize (exact again where it changed a
+record) → near duplicates → split → write + card
 
 Records live in Arrow files (Hugging Face `datasets`) between stages, so memory stays flat as the
 input grows; cleaning and measuring run in worker processes. Every record read ends up in exactly
@@ -89,32 +90,44 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
             ds = ds.map(_Measure(spec, tokenizer, overhead), batched=True, batch_size=BATCH,
                         num_proc=num_proc if num_proc > 1 and len(ds) >= 4 * BATCH else None,
                         new_fingerprint="measured", desc="cleaning")
+        # Exact copies go before anonymization, which is the costly stage; near duplicates after it,
+        # on what the model will see: prompts and answers that differed only in a name or a number
+        # can be the same text once anonymized ("who is <PERSON>?"), and then they are one record.
+        stats["filter_reasons"], stats["duplicates"] = Counter(), {"exact": 0, "near": 0}
         with clock("deduplicate"):
-            decision = _decide(ds, spec, rejects, stats)
-        kept = [i for i, d in enumerate(decision["status"]) if d == "kept"]
-        say(f"cleaned: {stats['filtered']:,} filtered, {stats['duplicates']['exact']:,} exact and "
-            f"{stats['duplicates']['near']:,} near duplicates removed")
+            ds = ds.select(_filter_and_exact(ds, spec, rejects, stats, "exact duplicate"))
+        say(f"cleaned: {sum(stats['filter_reasons'].values()):,} filtered, "
+            f"{stats['duplicates']['exact']:,} exact duplicates removed")
 
-        ds = ds.select(kept)
         if anonymizer is not None:
             with clock("anonymize"):
                 ds, dropped, pii = _anonymize(ds, anonymizer, spec.privacy.strategy == "drop", spec.privacy.ner,
                                                  rejects, work, spec.dedup)
             stats["privacy"] = pii
             if dropped:
-                keep = sorted(set(range(len(ds))) - set(dropped))
-                ds, kept = ds.select(keep), [kept[i] for i in keep]
-                stats["filtered"] += len(dropped)
+                ds = ds.select(sorted(set(range(len(ds))) - set(dropped)))
                 stats["filter_reasons"]["personal data (privacy.strategy: drop)"] = len(dropped)
             say(f"anonymized: {pii['records_with_pii']:,} records had personal data "
                 f"({', '.join(f'{k} {v:,}' for k, v in pii['entities'].items()) or 'none'})")
+            if pii["records_with_pii"] and not dropped:
+                before = stats["duplicates"]["exact"]
+                with clock("deduplicate"):
+                    ds = ds.select(_filter_and_exact(ds, spec, rejects, stats, "exact duplicate once anonymized"))
+                if stats["duplicates"]["exact"] > before:
+                    say(f"{stats['duplicates']['exact'] - before:,} records became exact duplicates once anonymized")
+        with clock("deduplicate"):
+            kept, cluster = _near(ds, spec, rejects, stats)
+        say(f"near duplicates: {stats['duplicates']['near']:,} removed")
+        stats["filtered"] = sum(stats["filter_reasons"].values())
+        stats["filter_reasons"] = dict(stats["filter_reasons"])
         stats["rejects_by_stage"] = dict(rejects.by_stage)
 
-    # Split the kept records; clusters name their representative by its index before `select`.
+    # Split the kept records; a cluster names its representative by its index before `select`.
     position = {old: new for new, old in enumerate(kept)}
-    clusters = [decision["cluster"][i] for i in kept]
+    clusters = [position.get(cluster[i]) if cluster[i] is not None else None for i in kept]
+    ds = ds.select(kept)
     with clock("split"):
-        split_of = _split(ds, [position.get(c) if c is not None else None for c in clusters], spec)
+        split_of = _split(ds, clusters, spec)
         stats["kept"] = len(ds)
         _write_splits(ds, split_of, work)
         stats["leakage"] = {"shared_prompts": shared_prompts(split_of, column(ds, "prompt")),
@@ -123,7 +136,7 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
     from tailor.data.card import write_card
 
     with clock("card"):
-        card = write_card(work, ds, split_of, stats, spec, model, anonymizer)
+        card = write_card(work, ds, split_of, stats, spec, model)
     shutil.rmtree(work / "cache", ignore_errors=True)
     replace_dir(work, out)
     return Prepared(out=out, card=card)
@@ -340,63 +353,57 @@ def _language(text: str) -> str:
 # --- filter and de-duplicate (one pass in order: the first copy is the one kept) ----------------------
 
 
-def _decide(ds, spec: DataSpec, rejects: _Rejects, stats: dict) -> dict:
-    """Filter, then exact duplicates, then near duplicates, each record against those before it.
-    Exact decisions do not depend on near ones, so they come first, in one pass that also collects
-    band keys; the near pass then visits only records that share a band with another survivor."""
-    n = len(ds)
-    status, cluster = ["kept"] * n, [None] * n
-    first_exact: dict[str, int] = {}
-    near = NearDuplicates(spec.dedup.threshold, spec.dedup.num_perm)
-    reasons: Counter = Counter()
-    dup = Counter(exact=0, near=0)
-    members: dict[int, list[int]] = {}
+def _filter_and_exact(ds, spec: DataSpec, rejects: _Rejects, stats: dict, reason: str) -> list[int]:
+    """The records kept: those with a problem are filtered out, then every exact copy of an earlier
+    record goes (with `reason`)."""
+    kept: list[int] = []
+    first: dict[str, int] = {}
     ids = column(ds, "id")
-    survivors, keys = [], []
-    for start, part in _chunks(ds, ["problem", "exact", "signature", "source", "line"]):
-        alive = []
+    for start, part in _chunks(ds, ["problem", "exact", "source", "line"]):
         for j, (problem, key) in enumerate(zip(part["problem"], part["exact"])):
             i = start + j
             source, line = part["source"][j], part["line"][j]
             if problem:
-                status[i] = "filtered"
-                reasons[problem.split(":")[0]] += 1
+                stats["filter_reasons"][problem.split(":")[0]] += 1
                 rejects.add(source, line, "filter", problem, json.dumps(_record_json(ds[i]), ensure_ascii=False))
-            elif spec.dedup.exact and key in first_exact:
-                status[i] = "duplicate"
-                dup["exact"] += 1
-                rejects.add(source, line, "duplicate", "exact duplicate", duplicate_of=ids[first_exact[key]])
+            elif spec.dedup.exact and key in first:
+                stats["duplicates"]["exact"] += 1
+                rejects.add(source, line, "duplicate", reason, duplicate_of=ids[first[key]])
             else:
-                first_exact.setdefault(key, i)
-                alive.append(j)
-        survivors.extend(start + j for j in alive)
-        keys.append(near.band_keys(part["signature"][alive]))
-    survivors = np.array(survivors, dtype=np.int64)
-    keys = np.concatenate(keys) if keys else np.zeros((0, near.bands), np.uint64)
-    candidate = sharing_a_band(keys)
-    keys_of = dict(zip(survivors[candidate].tolist(), keys[candidate]))
+                first.setdefault(key, i)
+                kept.append(i)
+    return kept
 
+
+def _near(ds, spec: DataSpec, rejects: _Rejects, stats: dict) -> tuple[list[int], list[int | None]]:
+    """The records kept, and for each record the first of its near-duplicate cluster (None: alone).
+    Each record is compared with those before it; only records that share an LSH band with another
+    are indexed at all. With dedup.near off, clusters are still found: they keep to one split."""
+    near = NearDuplicates(spec.dedup.threshold, spec.dedup.num_perm)
+    status, cluster = [True] * len(ds), [None] * len(ds)
+    members: dict[int, list[int]] = {}
+    ids = column(ds, "id")
+    keys = np.concatenate([near.band_keys(part["signature"]) for _, part in _chunks(ds, ["signature"])]
+                          or [np.zeros((0, near.bands), np.uint64)])
+    candidate = sharing_a_band(keys)
     for start, part in _chunks(ds, ["signature", "source", "line"]):
         for j, sig in enumerate(part["signature"]):
             i = start + j
-            if i not in keys_of:
+            if not candidate[i]:
                 continue
-            rep = near.add(i, sig, keys_of[i])
+            rep = near.add(i, sig, keys[i])
             if rep is not None:
                 cluster[i] = rep
                 members.setdefault(rep, [rep]).append(i)
                 if spec.dedup.near:
-                    status[i] = "duplicate"
-                    dup["near"] += 1
+                    status[i] = False
+                    stats["duplicates"]["near"] += 1
                     rejects.add(part["source"][j], part["line"][j], "duplicate",
                                 f"near duplicate (similarity ≥ {spec.dedup.threshold})", duplicate_of=ids[rep])
-    stats["filtered"] = sum(reasons.values())
-    stats["filter_reasons"] = dict(reasons)
-    stats["duplicates"] = dict(dup)
     biggest = sorted(members.values(), key=len, reverse=True)[:3]
     stats["cluster_examples"] = [{"size": len(m), "ids": [ids[i] for i in m[:4]], "texts": [_preview(ds[i]) for i in m[:3]]}
                                  for m in biggest]
-    return {"status": status, "cluster": cluster}
+    return [i for i, keep in enumerate(status) if keep], cluster
 
 
 def _chunks(ds, names: list[str], size: int = 20 * BATCH):
@@ -443,16 +450,16 @@ def prompt_key(ex) -> str | None:
 def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: Path, dedup):
     """Replace personal data in every text of the kept records; with `drop`, list the records that
     had any. Writes pii_audit.jsonl: per record, which entity types were replaced and how often.
-    A changed record's prompt key and MinHash signature are computed again: prompts that differed
-    only in a name ("I'm Priya" / "I'm Tom") are the same prompt once anonymized, and the split and
-    its leakage check must see what the model will see."""
+    A changed record's prompt key, exact key and MinHash signature are computed again: prompts that
+    differed only in a name ("I'm Priya" / "I'm Tom") are the same prompt once anonymized, and the
+    duplicate passes, the split and its leakage check must see what the model will see."""
     counts_per_record: list[dict] = []
 
     def redact(batch: dict[str, list]) -> dict[str, list]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         examples = [from_row(r) for r in rows]
         texts = [texts_of(ex) for ex in examples]
-        out = {k: [] for k in ("messages", "chosen", "rejected", "text", "prompt", "signature")}
+        out = {k: [] for k in ("messages", "chosen", "rejected", "text", "prompt", "exact", "signature")}
         changed = []
         for i, (ex, results) in enumerate(zip(examples, anonymizer.anonymize_records(texts))):
             found: Counter = Counter()
@@ -466,6 +473,7 @@ def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: P
             for k in ("messages", "chosen", "rejected", "text"):
                 out[k].append(row[k])
             out["prompt"].append(prompt_key(redacted) if new != texts[i] else batch["prompt"][i])
+            out["exact"].append(exact_key(new) if new != texts[i] else batch["exact"][i])
             out["signature"].append(np.asarray(batch["signature"][i], np.uint32))
             if new != texts[i]:
                 changed.append((i, "\n".join(new)))
