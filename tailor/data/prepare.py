@@ -93,30 +93,32 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
         # Exact copies go before anonymization, which is the costly stage; near duplicates after it,
         # on what the model will see: prompts and answers that differed only in a name or a number
         # can be the same text once anonymized ("who is <PERSON>?"), and then they are one record.
+        # `rows`: the records of `ds` still in; `ds` itself is narrowed only where a stage needs it,
+        # since every select makes later reads go through an index.
         stats["filter_reasons"], stats["duplicates"] = Counter(), {"exact": 0, "near": 0}
         with clock("deduplicate"):
-            ds = ds.select(_filter_and_exact(ds, spec, rejects, stats, "exact duplicate"))
+            rows = _filter_and_exact(ds, spec, rejects, stats, "exact duplicate")
         say(f"cleaned: {sum(stats['filter_reasons'].values()):,} filtered, "
             f"{stats['duplicates']['exact']:,} exact duplicates removed")
 
         if anonymizer is not None:
             with clock("anonymize"):
-                ds, dropped, pii = _anonymize(ds, anonymizer, spec.privacy.strategy == "drop", spec.privacy.ner,
-                                                 rejects, work, spec.dedup)
+                ds, dropped, pii = _anonymize(ds.select(rows), anonymizer, spec.privacy.strategy == "drop",
+                                                 spec.privacy.ner, rejects, work, spec.dedup)
+            rows = sorted(set(range(len(ds))) - set(dropped))
             stats["privacy"] = pii
             if dropped:
-                ds = ds.select(sorted(set(range(len(ds))) - set(dropped)))
                 stats["filter_reasons"]["personal data (privacy.strategy: drop)"] = len(dropped)
             say(f"anonymized: {pii['records_with_pii']:,} records had personal data "
                 f"({', '.join(f'{k} {v:,}' for k, v in pii['entities'].items()) or 'none'})")
             if pii["records_with_pii"] and not dropped:
                 before = stats["duplicates"]["exact"]
                 with clock("deduplicate"):
-                    ds = ds.select(_filter_and_exact(ds, spec, rejects, stats, "exact duplicate once anonymized"))
+                    rows = _filter_and_exact(ds, spec, rejects, stats, "exact duplicate once anonymized")
                 if stats["duplicates"]["exact"] > before:
                     say(f"{stats['duplicates']['exact'] - before:,} records became exact duplicates once anonymized")
         with clock("deduplicate"):
-            kept, cluster = _near(ds, spec, rejects, stats)
+            kept, cluster = _near(ds, rows, spec, rejects, stats)
         say(f"near duplicates: {stats['duplicates']['near']:,} removed")
         stats["filtered"] = sum(stats["filter_reasons"].values())
         stats["filter_reasons"] = dict(stats["filter_reasons"])
@@ -124,7 +126,7 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
 
     # Split the kept records; a cluster names its representative by its index before `select`.
     position = {old: new for new, old in enumerate(kept)}
-    clusters = [position.get(cluster[i]) if cluster[i] is not None else None for i in kept]
+    clusters = [position.get(cluster[i]) if i in cluster else None for i in kept]
     ds = ds.select(kept)
     with clock("split"):
         split_of = _split(ds, clusters, spec)
@@ -325,7 +327,7 @@ class _Measure:
             out["n_turns"].append(sum(m["role"] == "user" for m in ex.messages))
             out["language"].append(language)
             out["exact"].append(exact_key(texts))
-            out["prompt"].append(prompt_key(ex))
+            out["prompt"].append(_prompt_key(ex))
             out["problem"].append(self._problem(ex, n_tokens, language))
             joined.append(body)
         out["signature"] = list(signatures(joined, self.dedup.ngram, self.dedup.num_perm))
@@ -350,7 +352,7 @@ def _language(text: str) -> str:
     return py3langid.classify(text[:2000])[0] if text.strip() else ""
 
 
-# --- filter and de-duplicate (one pass in order: the first copy is the one kept) ----------------------
+# --- filter and de-duplicate (in order: the first copy is the one kept) ---------------------------------
 
 
 def _filter_and_exact(ds, spec: DataSpec, rejects: _Rejects, stats: dict, reason: str) -> list[int]:
@@ -375,35 +377,45 @@ def _filter_and_exact(ds, spec: DataSpec, rejects: _Rejects, stats: dict, reason
     return kept
 
 
-def _near(ds, spec: DataSpec, rejects: _Rejects, stats: dict) -> tuple[list[int], list[int | None]]:
-    """The records kept, and for each record the first of its near-duplicate cluster (None: alone).
-    Each record is compared with those before it; only records that share an LSH band with another
-    are indexed at all. With dedup.near off, clusters are still found: they keep to one split."""
+def _near(ds, rows: list[int], spec: DataSpec, rejects: _Rejects, stats: dict) -> tuple[list[int], dict[int, int]]:
+    """Of `rows`, the records kept, and the first of each record's near-duplicate cluster
+    ({record: first}). Each record is compared with those before it; only records that share an
+    LSH band with another are indexed at all. With dedup.near off, clusters are still found: they
+    keep to one split."""
     near = NearDuplicates(spec.dedup.threshold, spec.dedup.num_perm)
-    status, cluster = [True] * len(ds), [None] * len(ds)
+    alive = np.zeros(len(ds), bool)
+    alive[rows] = True
+    survivors, keys = [], []
+    for start, part in _chunks(ds, ["signature"]):
+        idx = np.flatnonzero(alive[start:start + len(part["signature"])])
+        survivors.append(start + idx)
+        keys.append(near.band_keys(part["signature"][idx]))
+    survivors = np.concatenate(survivors) if survivors else np.zeros(0, np.int64)
+    keys = np.concatenate(keys) if keys else np.zeros((0, near.bands), np.uint64)
+    candidate = sharing_a_band(keys)
+    keys_of = dict(zip(survivors[candidate].tolist(), keys[candidate]))
+
+    cluster: dict[int, int] = {}
     members: dict[int, list[int]] = {}
     ids = column(ds, "id")
-    keys = np.concatenate([near.band_keys(part["signature"]) for _, part in _chunks(ds, ["signature"])]
-                          or [np.zeros((0, near.bands), np.uint64)])
-    candidate = sharing_a_band(keys)
     for start, part in _chunks(ds, ["signature", "source", "line"]):
         for j, sig in enumerate(part["signature"]):
             i = start + j
-            if not candidate[i]:
+            if i not in keys_of:
                 continue
-            rep = near.add(i, sig, keys[i])
+            rep = near.add(i, sig, keys_of[i])
             if rep is not None:
                 cluster[i] = rep
                 members.setdefault(rep, [rep]).append(i)
                 if spec.dedup.near:
-                    status[i] = False
+                    alive[i] = False
                     stats["duplicates"]["near"] += 1
                     rejects.add(part["source"][j], part["line"][j], "duplicate",
                                 f"near duplicate (similarity ≥ {spec.dedup.threshold})", duplicate_of=ids[rep])
     biggest = sorted(members.values(), key=len, reverse=True)[:3]
     stats["cluster_examples"] = [{"size": len(m), "ids": [ids[i] for i in m[:4]], "texts": [_preview(ds[i]) for i in m[:3]]}
                                  for m in biggest]
-    return [i for i, keep in enumerate(status) if keep], cluster
+    return np.flatnonzero(alive).tolist(), cluster
 
 
 def _chunks(ds, names: list[str], size: int = 20 * BATCH):
@@ -441,7 +453,7 @@ def _preview(row: dict, width: int = 160) -> str:
 # --- anonymize -------------------------------------------------------------------------------------
 
 
-def prompt_key(ex) -> str | None:
+def _prompt_key(ex) -> str | None:
     """What the split keeps in one split: a hash of the normalized prompt."""
     prompt = prompt_of(ex)
     return hashlib.blake2b(normalized(prompt).encode(), digest_size=16).hexdigest() if prompt else None
@@ -472,7 +484,7 @@ def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: P
             row = to_row(redacted)
             for k in ("messages", "chosen", "rejected", "text"):
                 out[k].append(row[k])
-            out["prompt"].append(prompt_key(redacted) if new != texts[i] else batch["prompt"][i])
+            out["prompt"].append(_prompt_key(redacted) if new != texts[i] else batch["prompt"][i])
             out["exact"].append(exact_key(new) if new != texts[i] else batch["exact"][i])
             out["signature"].append(np.asarray(batch["signature"][i], np.uint32))
             if new != texts[i]:
