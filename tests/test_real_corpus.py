@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import re
 import sys
@@ -95,9 +96,11 @@ def test_a_public_dialog_corpus_in_four_formats_with_planted_mess(tmp_path, tiny
     raw = tmp_path / "raw"
     raw.mkdir()
     planted, written = write_messy_folder(raw, random.Random(7))
-    result = prepare([str(raw)], tmp_path / "prepared", model=str(tiny_model_dir), num_proc=1,
+    environ = os.environ
+    result = prepare([str(raw)], tmp_path / "prepared", model=str(tiny_model_dir), num_proc=2,
                      say=lambda m: None, card={"perplexity_sample": 0})
     card, out = result.card, result.out
+    assert os.environ is environ  # datasets' worker pool replaces it; prepare puts it back
 
     c = card["counts"]
     assert c["read"] == written and c["adds_up"]
