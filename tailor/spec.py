@@ -106,6 +106,10 @@ class PrivacySpec(Section):
     allow: list[str] = Field(
         default_factory=list, description="Strings never replaced: your support address, brand or agent names.")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Minimum detector confidence to replace a match.")
+    spacy_model: str | None = Field(
+        None, description="The spaCy pipeline that finds names: an installed package or a folder (./, / or ~: "
+        "relative to the job file); null: the English model installed with Tailor. Its NER must use OntoNotes "
+        "(PERSON) or WikiNER (PER) labels, e.g. a model for your data's language.")
 
 
 class SplitSpec(Section):
@@ -588,6 +592,8 @@ def resolve_paths(job: Job, base_dir: Path) -> Job:
     for data in [job.data] + [st.data for st in job.stages if st.data is not None]:
         data.train = [resolve_source(p) for p in data.train]
         data.validation = [resolve_source(p) for p in data.validation]
+        if (data.privacy.spacy_model or "").startswith((".", "/", "~")):
+            data.privacy.spacy_model = resolve(data.privacy.spacy_model)
     job.eval.data = [resolve_source(p) for p in job.eval.data]
     job.transfer.domain_text = [resolve_source(p) for p in job.transfer.domain_text]
     if job.model.from_run:

