@@ -110,7 +110,8 @@ def profile_of(splits: dict[str, list]):
     tokenizer = load_tokenizer(resolve_model("embedded:smollm2-135m-instruct").path)
 
     def lengths(rows):
-        return [len(tokenizer.apply_chat_template(r["messages"], tokenize=False)) and len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"]) for r in rows]
+        rendered = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+        return [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
 
     train, val = lengths(splits["train"]), lengths(splits["validation"])
     return DataProfile(examples=len(train), train_tokens=sum(train), mean_tokens=sum(train) / len(train),
@@ -134,6 +135,7 @@ def run_child(args) -> None:
     """One configuration, in this process: print RESULT {json}."""
     from transformers.utils import logging as hf_logging
 
+    from tailor.advise.calibrate import PeakRSS
     from tailor.spec import Job
     from tailor.techniques import task
     from tailor.train.rundir import read_jsonl
@@ -141,11 +143,11 @@ def run_child(args) -> None:
     hf_logging.set_verbosity_error()
     workdir = Path(args.workdir)
     job = Job.model_validate(job_dict(args, args.child, workdir))
-    samples = []
-    with Sampler(samples):
+    with PeakRSS() as rss:
         start = time.time()
         run_dir = task.run(job, show_progress=False)
         wall = time.time() - start
+    samples = [(t, gb * 1024) for t, gb in rss.samples]  # MB
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "train"]
     steps_s = sum(r["tokens"] / r["tokens_per_s"] for r in rows)
     # Training ends where the result is saved (adapter/ or model/); evaluation follows.
@@ -156,29 +158,6 @@ def run_child(args) -> None:
     print("RESULT " + json.dumps({"train_s": steps_s, "total_s": wall, "steps": len(rows),
                                   "memory_mb": train_peak, "eval_memory_mb": max(after),
                                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
-
-
-class Sampler:
-    """(time, resident MB) every 50 ms while the block runs."""
-
-    def __init__(self, samples: list):
-        import threading
-
-        self.samples, self.stop = samples, threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        from tailor.advise.calibrate import rss_gb
-
-        while not self.stop.wait(0.05):
-            self.samples.append((time.time(), rss_gb() * 1024))
-
-    def __enter__(self):
-        self.thread.start()
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
 
 def measure(args, name: str, workdir: Path) -> dict:

@@ -42,7 +42,13 @@ class Advice:
 
     @property
     def top(self) -> Candidate | None:
-        return self.candidates[0] if self.candidates and self.candidates[0].eligible else None
+        return first_eligible(self.candidates)
+
+
+def first_eligible(candidates: list[Candidate]) -> Candidate | None:
+    """The recommended model: the first of the ranking, if anything passed (rank_models sorts the
+    eligible first)."""
+    return candidates[0] if candidates and candidates[0].eligible else None
 
 
 def pick_hardware(a: Answers, table: dict[str, Hardware] | None = None) -> Hardware:
@@ -70,7 +76,7 @@ def advise(a: Answers, data: DataProfile, hw: Hardware, catalog=None) -> Advice:
     catalog = catalog or load_catalog()
     epochs = epochs_for(data)
     candidates = rank_models(a, data, hw, catalog, epochs)
-    top = candidates[0] if candidates and candidates[0].eligible else None
+    top = first_eligible(candidates)
     # Time and money are judged on the cheapest model of the size the use case calls for: a budget
     # that only pays for a smaller one is too small.
     in_band = [c for c in candidates if c.in_band and c.meets_needs]

@@ -269,16 +269,19 @@ def rss_gb() -> float:
 
 
 class PeakRSS:
-    """The highest resident memory while the block runs, sampled every 20 ms."""
+    """Resident memory while the block runs, sampled every 20 ms: the highest (GB), and every
+    sample as (time.time(), GB)."""
 
     def __enter__(self):
         import threading
 
-        self.peak, self._stop = rss_gb(), threading.Event()
+        self.peak, self.samples, self._stop = rss_gb(), [], threading.Event()
 
         def sample():
             while not self._stop.wait(0.02):
-                self.peak = max(self.peak, rss_gb())
+                now = rss_gb()
+                self.samples.append((time.time(), now))
+                self.peak = max(self.peak, now)
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()

@@ -205,6 +205,21 @@ def memory(arch: Arch, w: Workload, kind: str = "gpu", activation_factor: float 
 
 # ---- time ------------------------------------------------------------------------------------------
 
+def _forward_terms(arch: Arch, w: Workload) -> tuple[float, float, float]:
+    """Forward matrix-multiply FLOPs per row token: one block's projections, one block's attention
+    (scores and weighted sum over the example), and the head at label positions."""
+    linear = 2 * (arch.block_params - 2 * arch.hidden_size)
+    attention = 4 * arch.q_width * w.example_tokens
+    head = 2 * arch.vocab_size * arch.hidden_size * w.label_fraction
+    return linear, attention, head
+
+
+def forward_flops_per_token(arch: Arch, w: Workload) -> float:
+    """A no-grad forward pass (validation loss, perplexity, prompt prefill), per row token."""
+    linear, attention, head = _forward_terms(arch, w)
+    return arch.layers * (linear + attention) + head
+
+
 def train_flops_per_token(arch: Arch, w: Workload) -> float:
     """Matrix-multiply FLOPs per row token of one training step (forward and backward).
 
@@ -213,9 +228,7 @@ def train_flops_per_token(arch: Arch, w: Workload) -> float:
     gradient costs as much as the forward, the weight gradient as much again (full, freeze's
     blocks); blocks below the lowest trainable one run forward only. Attention and the head
     chunks are recomputed in the backward pass (one more forward each)."""
-    linear = 2 * (arch.block_params - 2 * arch.hidden_size)
-    attention = 4 * arch.q_width * w.example_tokens
-    head = 2 * arch.vocab_size * arch.hidden_size * w.label_fraction
+    linear, attention, head = _forward_terms(arch, w)
     with_grad = _blocks_with_grad(arch, w)
     forward_only = arch.layers - with_grad
     weight_grad = w.method in ("full", "freeze")
@@ -236,9 +249,13 @@ def elementwise_per_token(arch: Arch, w: Workload) -> float:
     block, not with their square as the matrix products do. On a CPU this part is about a third of
     a small model's step, and shrinks as models widen; calibration measures its cost per unit
     (Hardware.elementwise_ns). Blocks below the lowest trainable one run forward only (1 of 3)."""
-    per_block = 2 * arch.hidden_size + arch.intermediate_size
     with_grad = _blocks_with_grad(arch, w)
-    return per_block * (with_grad + (arch.layers - with_grad) / 3)
+    return elementwise_per_block(arch) * (with_grad + (arch.layers - with_grad) / 3)
+
+
+def elementwise_per_block(arch: Arch) -> float:
+    """One block's element-wise work per token in a forward pass: its widths (2 x hidden + MLP)."""
+    return 2 * arch.hidden_size + arch.intermediate_size
 
 
 def traffic_bytes_per_step(arch: Arch, w: Workload, micro_steps: int) -> float:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from tailor.advise.estimate import Arch, Estimate, Hardware, RunSize, Workload, estimate
+from tailor.advise.estimate import (Arch, Estimate, Hardware, RunSize, Workload, elementwise_per_block, estimate,
+                                    forward_flops_per_token)
 from tailor.advise.profile import DataProfile
 
 ANSWER_SHARE = 0.8  # generated answers stop at their end-of-turn token: ~80 % of max_new_tokens on average
@@ -69,12 +70,10 @@ def decode_step_s(arch: Arch, hw: Hardware, batch: int) -> float:
 
 
 def forward_s(arch: Arch, w: Workload, tokens: float, hw: Hardware) -> float:
-    """A no-grad forward pass over `tokens` (validation loss, perplexity, prompt prefill)."""
-    linear = 2 * (arch.block_params - 2 * arch.hidden_size) * arch.layers
-    attention = 4 * arch.q_width * w.example_tokens * arch.layers
-    head = 2 * arch.vocab_size * arch.hidden_size * w.label_fraction
-    elementwise = (2 * arch.hidden_size + arch.intermediate_size) * arch.layers / 3 * hw.elementwise_ns * 1e-9
-    return tokens * ((linear + attention + head) / (hw.peak_tflops * 1e12 * hw.util(w.method)) + elementwise)
+    """A no-grad forward pass over `tokens` (validation loss, perplexity, prompt prefill); element-wise
+    work of a forward pass is a third of a training step's."""
+    elementwise = elementwise_per_block(arch) * arch.layers / 3 * hw.elementwise_ns * 1e-9
+    return tokens * (forward_flops_per_token(arch, w) / (hw.peak_tflops * 1e12 * hw.util(w.method)) + elementwise)
 
 
 def generate_s(arch: Arch, hw: Hardware, answers: int, new_tokens: int, batch: int, prompt_tokens: float,

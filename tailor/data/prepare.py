@@ -485,10 +485,11 @@ def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: P
             row = to_row(redacted)
             for k in ("messages", "chosen", "rejected", "text"):
                 out[k].append(row[k])
-            out["prompt"].append(_prompt_key(redacted) if new != texts[i] else batch["prompt"][i])
-            out["exact"].append(exact_key(new) if new != texts[i] else batch["exact"][i])
+            same = new == texts[i]
+            out["prompt"].append(batch["prompt"][i] if same else _prompt_key(redacted))
+            out["exact"].append(batch["exact"][i] if same else exact_key(new))
             out["signature"].append(np.asarray(batch["signature"][i], np.uint32))
-            if new != texts[i]:
+            if not same:
                 changed.append((i, "\n".join(new)))
         if changed:
             fresh = signatures([body for _, body in changed], dedup.ngram, dedup.num_perm)

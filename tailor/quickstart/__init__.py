@@ -110,9 +110,8 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
               f"retention.jsonl ({summary['seconds']:.0f} s)")
     for line in _task_lines(summary):
         out.print(line, highlight=False, markup=False)
-    if estimated is not None:
-        out.print(f"Steps 2-5 took {time.perf_counter() - job_started:.0f} s; the advisor estimated "
-                  f"{estimated:.0f} s in step 0.", highlight=False)
+    out.print(f"Steps 2-5 took {time.perf_counter() - job_started:.0f} s; the advisor estimated "
+              f"{estimated:.0f} s in step 0.", highlight=False)
     out.print(f"Report with the curves, base vs tuned and sample answers (opens offline): {run_dir / 'report.html'}")
 
     out.rule("[bold]6 · Serve it: an OpenAI-compatible API that collects feedback")
@@ -125,7 +124,7 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
 ANSWERS = HERE / "answers.yaml"
 
 
-def advise_demo(job, out_dir: Path, out: Console, err: Console) -> float | None:
+def advise_demo(job, out_dir: Path, out: Console, err: Console) -> float:
     """The advisor on the bundled example: its verdict, the models it ranks first, and what this
     quickstart's own job will take on this machine (seconds, for the comparison after step 5)."""
     import torch
@@ -133,7 +132,7 @@ def advise_demo(job, out_dir: Path, out: Console, err: Console) -> float | None:
     from tailor.advise import advise, pick_hardware
     from tailor.advise.answers import load_answers
     from tailor.advise.calibrate import calibrate, load_calibration
-    from tailor.advise.estimate import Arch, fmt_duration
+    from tailor.advise.estimate import GB, Arch, fmt_duration
     from tailor.advise.profile import from_path
     from tailor.advise.report import write
     from tailor.advise.runtime import generate_s, job_time, workload_of
@@ -166,7 +165,7 @@ def advise_demo(job, out_dir: Path, out: Console, err: Console) -> float | None:
     seconds = estimate.total_s + side_by_side
     out.print(f"This quickstart trains the embedded {arch.name} (it works offline): the advisor expects "
               f"{fmt_duration(seconds)} for steps 2-5 (training {fmt_duration(estimate.training.seconds)}, "
-              f"{estimate.training.memory.total / 2 ** 30:.1f} GB).", highlight=False, markup=False)
+              f"{estimate.training.memory.total / GB:.1f} GB).", highlight=False, markup=False)
     out.print(f"→ {files['advice.md']} (the full advice), {files.get('job.yaml', '')} (a starter job)",
               highlight=False, markup=False)
     return seconds
