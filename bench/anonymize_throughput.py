@@ -11,7 +11,8 @@ times (digits that are not personal). One at a time is anonymize() on the first 
 the shop's product names. Also printed: the peer, Presidio set up as its documentation shows (whole
 spaCy pipeline, AnonymizerEngine), one at a time on the sample; anonymize_batch([text]) one record
 per call (the batch path without a batch); the share of planted values removed; and whether the
-batched output equals the one-at-a-time output on the sample.
+batched output equals the one-at-a-time output on the sample. This process sets its allocator as
+the batch workers do (privacy.keep_freed_memory), so both paths run with the same settings.
 
     python bench/anonymize_throughput.py                      # 100,000 records, 2,000 one at a time
     python bench/anonymize_throughput.py --records 5000 --processes 1
@@ -335,7 +336,11 @@ def main(argv=None) -> dict:
         # Presidio's own e-mail check asks tldextract, which reads this when first imported: no
         # suffix-list download (Tailor's recognizer passes the same setting explicitly).
         os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
-    from tailor.data.privacy import Anonymizer
+    from tailor.data.privacy import Anonymizer, keep_freed_memory
+
+    # The workers anonymize_batch starts set their allocator so; this process too, so that the one
+    # at a time rates run with the same settings and the ratios are batching alone.
+    keep_freed_memory()
 
     records = make_records(args.records, seed=args.seed)
     texts = [text for text, _ in records]
@@ -346,9 +351,13 @@ def main(argv=None) -> dict:
           f"{repeated:.0%} repeat an earlier one, {sum(bool(p) for _, p in records) / len(records):.0%} with planted "
           f"values); one at a time on the first {len(sample)}; batched with {args.processes} process(es); "
           f"default entities, placeholder strategy, allow={BRANDS}")
-    if sys.version_info < (3, 12):
-        print("# Python < 3.12: spaCy's wheels for it run the NER with Cython's profiling hooks, which take "
-              "the interpreter lock at every step (docs/data.md: names about twice as fast on 3.12+)")
+    import spacy
+    from packaging.version import Version
+
+    if sys.version_info < (3, 12) and Version(spacy.__version__) >= Version("3.8.8"):
+        print(f"# spaCy {spacy.__version__} on Python < 3.12: its wheels run the NER with Cython's profiling "
+              "hooks, which take the interpreter lock at every step; names are found at half the speed "
+              "(pyproject.toml asks for spacy<3.8.8 there; docs/data.md)")
     results = {}
     for ner in (True, False):
         name = "ner" if ner else "pattern"

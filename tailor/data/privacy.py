@@ -255,7 +255,7 @@ class Anonymizer:
         first big batch and serve the next ones: where processes fork (Linux up to Python 3.13)
         they inherit the loaded engine; elsewhere each builds its own once (5-15 s)."""
         if self._workers is None:
-            self._workers = multiprocessing.get_context().Pool(self.processes, initializer=_one_blas_thread)
+            self._workers = multiprocessing.get_context().Pool(self.processes, initializer=_start_worker)
             self._end_workers = weakref.finalize(self, self._workers.terminate)
         size = -(-len(texts) // (4 * self.processes))  # four chunks per worker: they finish together
         chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
@@ -383,12 +383,37 @@ def _keep(finder: _Finder, entity: str, value: str) -> bool:
     return entity != "PERSON" or not any(c.isdigit() for c in value)
 
 
-def _one_blas_thread() -> None:
-    """In a worker process: NER's matrix products on one thread. The workers already fill the
-    cores, and BLAS threads on top of them cost a third of the throughput."""
+def _start_worker() -> None:
+    """In a worker process: NER's matrix products on one thread (the workers already fill the
+    cores, and BLAS threads on top of them cost a third of the throughput), and freed memory kept
+    for the next batch (keep_freed_memory)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, user_api="blas")
+    keep_freed_memory()
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> None:
+    """glibc malloc: blocks under 32 MB from the heap, and the heap handed back to the kernel only
+    past 128 MB free. By default it maps the NER's larger temporary arrays (a batch of 256 texts
+    makes some of tens of MB) one by one and trims the heap once twice the largest is free, so
+    every batch faults its memory in again from zeroed pages: nlp.pipe ran at 747 texts/s with
+    the defaults and 1,040 with these (spaCy 3.8.7, en_core_web_sm, one thread). A no-op where the
+    C library is not glibc. It changes the whole process's allocator, so the library calls it only
+    in the worker processes it starts."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # no mallopt (macOS, Windows): their allocators differ
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 128 << 20)
 
 
 def _find_batch(finder: _Finder, texts: list[str]) -> list[list[_Span]]:
