@@ -25,7 +25,10 @@ from tailor.data.privacy import (  # noqa: E402
     TAGS,
     Anonymizer,
     PrivacyError,
+    _fewest_phone_digits,
+    _longest_phone_run,
     _merge_overlaps,
+    _phone_regions,
     _Span,
 )
 
@@ -177,7 +180,9 @@ text_parts = st.sampled_from(["Hi", "John Smith", "call", "+44 20 7946 0018", "4
                               # one of each id shape the pre-filter has its own test for
                               "AB 12 34 56 C", "12345678Z", "X1234567L", "S1234567D", "131052-308T", "912-71-1234",
                               "943 476 5919", "DE89370400440532013000", "abcd:ef01::", "192.168.0.1/24",
-                              "4111-1111-1111-1111", "536221234", "5362-21234", "12", "1.2", "ſ"])
+                              "4111-1111-1111-1111", "536221234", "5362-21234", "12", "1.2", "ſ",
+                              # the shortest phone numbers the batch path's region skip must keep
+                              "01640", "+43 1110", "LL-48213"])
 
 
 @settings(max_examples=60, deadline=None)
@@ -195,6 +200,30 @@ def test_a_fiscal_code_without_digits_is_found_on_both_paths(patterns_only):
     # the pre-filter looks for 16 letters and digits in a row, wherever they are
     for text in ["cf:RSSMRAURTMLARSNL.", "x_RSSMRA85T10A562S_y", "codice rssmra85t10a562s", "RSSMRA85T10A56"]:
         assert patterns_only.anonymize_batch([text]) == [patterns_only.anonymize(text)], text
+
+
+def test_a_phone_run_joins_every_character_libphonenumber_joins_digits_by():
+    """The batch path's phone scan counts digits in runs (_longest_phone_run): a candidate's
+    digits must never be split over two runs, or a number could be skipped."""
+    import phonenumbers.phonenumbermatcher as matcher
+
+    joins = re.compile(f"[{matcher._VALID_PUNCTUATION}]", matcher._REGEX_FLAGS)  # what its _PATTERN joins by
+    joiners = [chr(c) for c in range(0x10000) if joins.fullmatch(chr(c))]
+    assert "x" in joiners and "X" in joiners and "-" in joiners
+    for c in joiners:
+        assert _longest_phone_run(f"ab 12{c}34{c * 4}56 cd") == 6, repr(c)
+
+
+def test_the_batch_phone_scan_finds_the_shortest_numbers_of_each_kind(patterns_only):
+    # A German national number with four digits after its 0 (the shortest any region has) and an
+    # Austrian international one with six digits in all (the shortest with a country code): below
+    # six digits in a run the batch path scans for DE alone, from six for all regions.
+    assert [_fewest_phone_digits(r) for r in ("DE", "US", "GB", "IN")] == [4, 6, 6, 6]
+    for text in ["ruf an: 01640 danke", "call +43 1110 now"]:
+        assert patterns_only.anonymize(text)[1] == {"PHONE_NUMBER": 1}, text
+        assert patterns_only.anonymize_batch([text]) == [patterns_only.anonymize(text)]
+    assert _phone_regions(("US", "DE", "FR"), 5) == ("DE",)
+    assert _phone_regions(("US", "DE", "FR"), 6) == ("US", "DE", "FR")
 
 
 def test_fewer_than_four_digits_cannot_be_a_phone_number():
