@@ -182,7 +182,7 @@ text_parts = st.sampled_from(["Hi", "John Smith", "call", "+44 20 7946 0018", "4
                               "943 476 5919", "DE89370400440532013000", "abcd:ef01::", "192.168.0.1/24",
                               "4111-1111-1111-1111", "536221234", "5362-21234", "12", "1.2", "ſ",
                               # the shortest phone numbers the batch path's region skip must keep
-                              "01640", "+43 1110", "LL-48213"])
+                              "01640", "+43 1110", "LL-48213", "(", "+", "ext", "#", "x"])
 
 
 @settings(max_examples=60, deadline=None)
@@ -224,6 +224,36 @@ def test_the_batch_phone_scan_finds_the_shortest_numbers_of_each_kind(patterns_o
         assert patterns_only.anonymize_batch([text]) == [patterns_only.anonymize(text)]
     assert _phone_regions(("US", "DE", "FR"), 5) == ("DE",)
     assert _phone_regions(("US", "DE", "FR"), 6) == ("US", "DE", "FR")
+
+
+CARD = "4111 1111 1111 1111"
+
+
+@pytest.mark.parametrize("text, longest", [
+    (f"paid with {CARD} and was charged", 0),  # inside the card: a number there merges into it
+    (f"paid with {CARD}, expiry 04/27", 4),  # the expiry date is a run of its own
+    (f"{CARD} x 12", 18), (f"{CARD} - 4", 17),  # the run goes on past the card
+    (f"paid with ({CARD} and", 16), (f"paid with + {CARD} and", 16),  # a number could open before it
+    (f"paid with {CARD} ext 12", 16), (f"paid with {CARD}#", 16),  # or end after it (an extension)
+    (f"{CARD} ; ext=1", 16), (f"{CARD}. Extension 9", 16), (f"{CARD},    9", 16),
+    (f"{CARD} and order LL-48213", 5),
+])
+def test_runs_inside_a_found_card_do_not_need_a_phone_scan(text, longest):
+    start = text.index(CARD)
+    card = _Span(start, start + len(CARD), "CREDIT_CARD", 1.0)
+    assert _longest_phone_run(text, [card]) == longest
+
+
+@pytest.mark.parametrize("text", [
+    f"paid with {CARD} and was charged", f"({CARD}", f"+{CARD}", f"{CARD} ext 1234", f"{CARD}#", f"card {CARD} x 12",
+    "IBAN DE89 3704 0044 0532 0130 00, call 030 1234567", "DE89370400440532013000 +49 30 1234567",
+    f"(+44) {CARD}", f"call +1 {CARD}", f"{CARD} - 030 123456", "refund GB82 WEST 1234 5698 7654 32 ext. 12",
+    f"(0){CARD.replace(' ', '-')}", "5500 0000 0000 0004 ext 1", "(212) 867-5309 4111111111111111"])
+def test_phones_last_gives_the_full_scans_output(patterns_only, text):
+    assert patterns_only.anonymize_batch([text]) == [patterns_only.anonymize(text)]
+    # spans less sure than a phone number cover nothing
+    unsure = Anonymizer(ner=False, score_threshold=0.05)
+    assert unsure.anonymize_batch([text]) == [unsure.anonymize(text)]
 
 
 def test_fewer_than_four_digits_cannot_be_a_phone_number():

@@ -26,10 +26,10 @@ Two paths, one output (tested, including with several processes):
     anonymize_batch(texts)  spaCy's nlp.pipe over the whole batch, each distinct text once, and a
                             pre-filter that skips the pattern recognizers a text cannot match (no
                             digit: no card, IBAN or id number; fewer than 4: no phone; no '@': no
-                            e-mail), a phone scan only for the regions whose numbers fit in the
-                            text's runs of digits; with processes > 1, chunks run in worker
-                            processes and only the replacing (which holds the pseudonym map) stays
-                            in this one.
+                            e-mail), phone numbers looked for last, only in the regions a number
+                            could still change the output in (see "phone numbers, last"); with
+                            processes > 1, chunks run in worker processes and only the replacing
+                            (which holds the pseudonym map) stays in this one.
 
 Both paths run only the NER component of the spaCy pipeline (and an embedding layer it listens
 to, if any): tagger, parser and lemmatizer more than double spaCy's time, and nothing here reads
@@ -206,8 +206,7 @@ class Anonymizer:
         self.processes = int(processes)
         self._finder = _Finder(self.entities, language, spacy_model if ner else None, float(score_threshold),
                                frozenset(_check_allow(allow)))
-        for batch in (False, True):  # load now: fail early, time later, and forked workers inherit them
-            _engine(self._finder.entities, language, self._finder.spacy_model, batch)
+        _engine(self._finder.entities, language, self._finder.spacy_model)  # load now: fail early, time later
         self._pseudonyms = _Pseudonyms(seed)
         self._workers = None  # a multiprocessing pool, started by the first big batch
 
@@ -327,19 +326,32 @@ def _check_texts(texts) -> list[str]:
 
 # ---- finding ---------------------------------------------------------------------------------
 
-def _find(finder: _Finder, text: str, entities, nlp_artifacts=None, batch=False) -> list[_Span]:
+def _find(finder: _Finder, text: str, entities, nlp_artifacts=None, phones_last=False) -> list[_Span]:
     """Presidio's findings in one text, minus allowed values, as disjoint sorted spans.
-    Without nlp_artifacts, Presidio runs spaCy on the text itself. batch: with the batch path's
-    engine (_engine)."""
+    Without nlp_artifacts, Presidio runs spaCy on the text itself. phones_last (the batch path):
+    phone numbers are looked for after the rest, and only where they could change the output
+    (_phones)."""
     if not entities:  # Presidio reads an empty list as "all entities"
         return []
-    engine = _engine(finder.entities, finder.language, finder.spacy_model, batch)
-    results = engine.analyze(text=text, language=finder.language, entities=list(entities),
-                             score_threshold=finder.score_threshold, nlp_artifacts=nlp_artifacts)
+    if phones_last and "PHONE_NUMBER" in entities:
+        others = [e for e in entities if e != "PHONE_NUMBER"]
+        spans = _kept(finder, text, _analyze(finder, text, others, nlp_artifacts)) if others else []
+        return _merge_overlaps(spans + _kept(finder, text, _phones(finder, text, spans)))
+    return _merge_overlaps(_kept(finder, text, _analyze(finder, text, entities, nlp_artifacts)))
+
+
+def _analyze(finder: _Finder, text: str, entities, nlp_artifacts=None) -> list:
+    engine = _engine(finder.entities, finder.language, finder.spacy_model)
+    return engine.analyze(text=text, language=finder.language, entities=list(entities),
+                          score_threshold=finder.score_threshold, nlp_artifacts=nlp_artifacts)
+
+
+def _kept(finder: _Finder, text: str, results) -> list[_Span]:
+    """Presidio's results as spans, minus allowed values and empty ones."""
     spans = (_trimmed(text, r.start, r.end, r.entity_type, r.score) for r in results)
     allowed = _allowed_ranges(finder, text)
-    return _merge_overlaps([s for s in spans if s.end > s.start and _keep(finder, s.entity, text[s.start:s.end])
-                            and not any(a < s.end and s.start < b for a, b in allowed)])
+    return [s for s in spans if s.end > s.start and _keep(finder, s.entity, text[s.start:s.end])
+            and not any(a < s.end and s.start < b for a, b in allowed)]
 
 
 def _name_words(value: str) -> set[str]:
@@ -425,10 +437,10 @@ def keep_freed_memory() -> None:
 
 def _find_batch(finder: _Finder, texts: list[str]) -> list[list[_Span]]:
     """_find for many texts: spaCy once over the batch, then only the recognizers each text can match."""
-    engine = _engine(finder.entities, finder.language, finder.spacy_model, batch=True)
+    engine = _engine(finder.entities, finder.language, finder.spacy_model)
     prefilter = _prefilter(finder.entities)
     analyzed = engine.nlp_engine.process_batch(texts, finder.language, batch_size=_NLP_BATCH)
-    return [_find(finder, text, prefilter(text), artifacts, batch=True) for text, artifacts in analyzed]
+    return [_find(finder, text, prefilter(text), artifacts, phones_last=True) for text, artifacts in analyzed]
 
 
 @functools.lru_cache(maxsize=16)
@@ -478,11 +490,9 @@ def _union(group: list[_Span]) -> _Span:
 # ---- Presidio, imported on first use (importing it takes ~4 s) ---------------------------------
 
 @functools.lru_cache(maxsize=8)
-def _engine(entities: tuple[str, ...], language: str, spacy_model: str | None, batch: bool = False):
+def _engine(entities: tuple[str, ...], language: str, spacy_model: str | None):
     """Presidio's AnalyzerEngine with exactly the recognizers for `entities`. Cached: building it
-    loads spaCy (~1 s, once for both engines), and worker processes forked from this one inherit
-    it. The batch path's engine (batch=True) differs in one recognizer: its phone scan skips the
-    regions no run of digits in the text is long enough for (_PHONE_RUN)."""
+    loads spaCy (~1 s), and worker processes forked from this one inherit it."""
     try:
         from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     except ImportError as e:
@@ -493,14 +503,13 @@ def _engine(entities: tuple[str, ...], language: str, spacy_model: str | None, b
     registry = RecognizerRegistry(supported_languages=[language])
     for entity in entities:
         if entity in _PATTERN_RECOGNIZERS:
-            registry.add_recognizer(_recognizer(entity, language, batch))
+            registry.add_recognizer(_recognizer(entity, language))
     if spacy_model is not None and any(e in NER_ENTITIES for e in entities):
         registry.add_nlp_recognizer(nlp_engine)
     return AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=[language],
                           context_aware_enhancer=no_context_boost())
 
 
-@functools.lru_cache(maxsize=4)
 def _nlp_engine(language: str, spacy_model: str | None):
     """Presidio's spaCy engine running only NER, or its no_op engine (no model, no NER)."""
     from presidio_analyzer.nlp_engine import NlpEngineProvider
@@ -549,19 +558,14 @@ def _ner_and_its_sources(nlp) -> list[str]:
             if name == "ner" or "ner" in getattr(pipe, "listening_components", ())]
 
 
-def _recognizer(entity: str, language: str, batch: bool = False):
+def _recognizer(entity: str, language: str):
     from presidio_analyzer import Pattern, predefined_recognizers
 
     extensions = _presidio_extensions()
     if entity == "EMAIL_ADDRESS":
         return extensions.OfflineEmailRecognizer(supported_language=language)
     if entity == "PHONE_NUMBER":
-        # Presidio's regions minus Canada: it shares the US numbering plan (country code 1), so
-        # scanning for it finds what the US scan finds (checked on 20,000 numbers), at 1/8 of the
-        # recognizer's cost.
-        regions = tuple(r for r in extensions.ValidPhoneRecognizer.DEFAULT_SUPPORTED_REGIONS if r != "CA")
-        phone = extensions.RunLengthPhoneRecognizer if batch else extensions.ValidPhoneRecognizer
-        return phone(supported_language=language, supported_regions=regions)
+        return _phone_recognizer(language, _phone_regions_all())
     cls = getattr(predefined_recognizers, _PATTERN_RECOGNIZERS[entity][0])
     if entity == "CREDIT_CARD":
         # Presidio's pattern knows card numbers starting 1 and 3-6; Mastercard also issues
@@ -578,7 +582,6 @@ def _presidio_extensions():
     """Subclasses of Presidio's classes, each changing one documented hook; defined on first use
     because importing Presidio is slow."""
     import tldextract
-    from presidio_analyzer import RecognizerResult
     from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
     from presidio_analyzer.predefined_recognizers import EmailRecognizer, PhoneRecognizer
 
@@ -600,29 +603,6 @@ def _presidio_extensions():
 
         SCORE = 0.5
 
-    class RunLengthPhoneRecognizer(ValidPhoneRecognizer):
-        """The batch path's phone scan: only the regions whose numbers fit in the text's longest
-        run of digits (_phone_regions). Region scans are most of the pattern path's cost, and
-        digits in chat are often order numbers, postcodes, prices and years: in runs of fewer
-        than six digits only a German number can be (DE has four-digit ones), and one scan
-        instead of seven took 0.05 ms a text instead of 0.27."""
-
-        def analyze(self, text, entities, nlp_artifacts=None):
-            regions = _phone_regions(self.supported_regions, _longest_phone_run(text))
-            if regions == self.supported_regions:
-                return super().analyze(text, entities, nlp_artifacts)
-            if not regions:
-                return []
-            results = self._scanning(regions).analyze(text, entities, nlp_artifacts)
-            for result in results:  # as this recognizer's: the engine keeps only results of its own recognizers
-                result.recognition_metadata.update({RecognizerResult.RECOGNIZER_NAME_KEY: self.name,
-                                                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id})
-            return results
-
-        @functools.cache
-        def _scanning(self, regions):
-            return ValidPhoneRecognizer(supported_language=self.supported_language, supported_regions=regions)
-
     class NoContextBoost(ContextAwareEnhancer):
         """Words around a value never change its score (module doc)."""
 
@@ -634,24 +614,84 @@ def _presidio_extensions():
             return raw_results
 
     return types.SimpleNamespace(OfflineEmailRecognizer=OfflineEmailRecognizer, ValidPhoneRecognizer=ValidPhoneRecognizer,
-                                 RunLengthPhoneRecognizer=RunLengthPhoneRecognizer, NoContextBoost=NoContextBoost)
+                                 NoContextBoost=NoContextBoost)
 
 
-# A run of digits that could hold all the digits of one phone number: libphonenumber's candidates
-# join blocks of digits by at most four of its punctuation characters (dashes, spaces, dots,
-# slashes, brackets, tildes, 'x' and 'ー', matched ignoring case); any non-word character, x, X or
-# ー joins here, so no candidate's number is spread over two runs. An extension ("ext. 12") is not
-# part of the number, and a national or international prefix only adds digits to it.
+# ---- phone numbers, last (the batch path) -------------------------------------------------------
+#
+# libphonenumber scans a text once per region, and on the pattern path that is most of the time.
+# The batch path looks for phone numbers after the other types, scanning only the regions where a
+# number could still change the output:
+# - all the digits of a number lie in one run (_PHONE_RUN), and each region's numbers have a
+#   fewest number of digits (_fewest_phone_digits): where the longest run has fewer than six
+#   (order numbers, postcodes, years), only a German number can be;
+# - a run inside a span already found, with at least a phone number's confidence (a card, an
+#   IBAN), cannot add one: a number there merges into that span, which is as long or longer and
+#   as sure or surer (_merge_overlaps keeps its type), unless the number could begin before the
+#   span or run on past it (_may_reach_past).
+# anonymize() runs the full scan on every text; the tests compare the two paths.
+
+# libphonenumber's candidates join blocks of digits by at most four of its punctuation characters
+# (dashes, spaces, dots, slashes, brackets, tildes, 'x' and 'ー', matched ignoring case); any
+# non-word character, x, X or ー joins here, so no number is spread over two runs. A national or
+# international prefix only adds digits; an extension ("ext. 12") is not part of the number.
 _PHONE_RUN = re.compile(r"\d(?:[\WxXー]{0,4}\d)*")
+_PHONE_JOIN = re.compile(r"[\WxXー]")
+_PHONE_LEAD = "([（［+＋"  # what may open a number before its first digit, after punctuation
+# What an extension starts with once the separators before it are skipped (libphonenumber's
+# explicit and ambiguous labels, full-width forms included), or a digit.
+_EXTENSION_LABELS = ("ext", "xt", "x", "#", "~", "int", "anexo", "доб", "ｅｘｔ", "ｘｔ", "ｘ", "＃", "～", "ｉｎｔ")
 
 
-def _longest_phone_run(text: str) -> int:
-    return max((sum(c.isdecimal() for c in m.group()) for m in _PHONE_RUN.finditer(text)), default=0)
+def _phones(finder: _Finder, text: str, found: list[_Span]) -> list:
+    """Presidio's phone-number results in `text`, from the regions that could change the output
+    once the spans `found` are in it (section comment)."""
+    covering = [s for s in found if s.score >= _presidio_extensions().ValidPhoneRecognizer.SCORE]
+    regions = _phone_regions(_phone_regions_all(), _longest_phone_run(text, covering))
+    if not regions:
+        return []
+    results = _phone_recognizer(finder.language, regions).analyze(text, ["PHONE_NUMBER"])
+    return [r for r in results if r.score >= finder.score_threshold]
+
+
+def _longest_phone_run(text: str, covering: list[_Span] = ()) -> int:
+    """Digits in the longest run of `text` that is not inside a covering span."""
+    longest = 0
+    for run in _PHONE_RUN.finditer(text):
+        start, end = run.span()
+        if not any(s.start <= start and end <= s.end and not _may_reach_past(text, start, end, s) for s in covering):
+            longest = max(longest, sum(c.isdecimal() for c in run.group()))
+    return longest
+
+
+def _may_reach_past(text: str, start: int, end: int, span: _Span) -> bool:
+    """Whether a number whose digits are in text[start:end] could begin before `span` (an opening
+    bracket or + ahead of it, with only punctuation between) or end after it (an extension)."""
+    i = start - 1
+    while i >= 0 and _PHONE_JOIN.match(text[i]):
+        if i < span.start and text[i] in _PHONE_LEAD:
+            return True
+        i -= 1
+    after = text[end:].lstrip(" \u00a0\t,;:.．-")
+    return after[:1].isdecimal() or after.casefold().startswith(_EXTENSION_LABELS)
 
 
 def _phone_regions(regions: tuple[str, ...], digits: int) -> tuple[str, ...]:
     """The regions whose scan could find a number with at most `digits` digits."""
     return tuple(r for r in regions if digits >= _fewest_phone_digits(r))
+
+
+@functools.cache
+def _phone_regions_all() -> tuple[str, ...]:
+    """Presidio's regions minus Canada: it shares the US numbering plan (country code 1), so
+    scanning for it finds what the US scan finds (checked on 20,000 numbers), at 1/8 of the
+    recognizer's cost."""
+    return tuple(r for r in _presidio_extensions().ValidPhoneRecognizer.DEFAULT_SUPPORTED_REGIONS if r != "CA")
+
+
+@functools.lru_cache(maxsize=256)
+def _phone_recognizer(language: str, regions: tuple[str, ...]):
+    return _presidio_extensions().ValidPhoneRecognizer(supported_language=language, supported_regions=regions)
 
 
 @functools.cache
