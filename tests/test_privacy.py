@@ -244,6 +244,23 @@ def test_runs_inside_a_found_card_do_not_need_a_phone_scan(text, longest):
     assert _longest_phone_run(text, [card]) == longest
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_lead_or_extension_libphonenumber_allows_around_a_card_needs_the_scan(data):
+    """_may_reach_past against libphonenumber's own patterns: whatever may open a number before
+    its digits (brackets, +, punctuation) or follow them as an extension is caught."""
+    import phonenumbers.phonenumbermatcher as matcher
+
+    def drawn(pattern):
+        return data.draw(st.from_regex(re.compile(pattern, matcher._REGEX_FLAGS), fullmatch=True))
+
+    lead = drawn(f"(?:{matcher._LEAD_CLASS}{matcher._PUNCTUATION}){{1,2}}")  # as its _PATTERN opens
+    extension = drawn(matcher._EXTN_PATTERNS_FOR_MATCHING)
+    for text, start in ((f"paid {lead}{CARD} ok", 5 + len(lead)), (f"paid {CARD}{extension}", 5)):
+        card = _Span(start, start + len(CARD), "CREDIT_CARD", 1.0)
+        assert _longest_phone_run(text, [card]) >= 16, repr(text)
+
+
 @pytest.mark.parametrize("text", [
     f"paid with {CARD} and was charged", f"({CARD}", f"+{CARD}", f"{CARD} ext 1234", f"{CARD}#", f"card {CARD} x 12",
     "IBAN DE89 3704 0044 0532 0130 00, call 030 1234567", "DE89370400440532013000 +49 30 1234567",
