@@ -333,11 +333,12 @@ def _find(finder: _Finder, text: str, entities, nlp_artifacts=None, phones_last=
     (_phones)."""
     if not entities:  # Presidio reads an empty list as "all entities"
         return []
+    allowed = _allowed_ranges(finder, text)
     if phones_last and "PHONE_NUMBER" in entities:
         others = [e for e in entities if e != "PHONE_NUMBER"]
-        spans = _kept(finder, text, _analyze(finder, text, others, nlp_artifacts)) if others else []
-        return _merge_overlaps(spans + _kept(finder, text, _phones(finder, text, spans)))
-    return _merge_overlaps(_kept(finder, text, _analyze(finder, text, entities, nlp_artifacts)))
+        spans = _kept(finder, text, _analyze(finder, text, others, nlp_artifacts), allowed) if others else []
+        return _merge_overlaps(spans + _kept(finder, text, _phones(finder, text, spans), allowed))
+    return _merge_overlaps(_kept(finder, text, _analyze(finder, text, entities, nlp_artifacts), allowed))
 
 
 def _analyze(finder: _Finder, text: str, entities, nlp_artifacts=None) -> list:
@@ -346,10 +347,10 @@ def _analyze(finder: _Finder, text: str, entities, nlp_artifacts=None) -> list:
                           score_threshold=finder.score_threshold, nlp_artifacts=nlp_artifacts)
 
 
-def _kept(finder: _Finder, text: str, results) -> list[_Span]:
-    """Presidio's results as spans, minus allowed values and empty ones."""
+def _kept(finder: _Finder, text: str, results, allowed: list[tuple[int, int]]) -> list[_Span]:
+    """Presidio's results as spans, minus empty ones and those on the allow-list or overlapping
+    where an allowed phrase occurs (`allowed`: _allowed_ranges)."""
     spans = (_trimmed(text, r.start, r.end, r.entity_type, r.score) for r in results)
-    allowed = _allowed_ranges(finder, text)
     return [s for s in spans if s.end > s.start and _keep(finder, s.entity, text[s.start:s.end])
             and not any(a < s.end and s.start < b for a, b in allowed)]
 
@@ -635,8 +636,9 @@ def _presidio_extensions():
 # (dashes, spaces, dots, slashes, brackets, tildes, 'x' and 'ー', matched ignoring case); any
 # non-word character, x, X or ー joins here, so no number is spread over two runs. A national or
 # international prefix only adds digits; an extension ("ext. 12") is not part of the number.
-_PHONE_RUN = re.compile(r"\d(?:[\WxXー]{0,4}\d)*")
-_PHONE_JOIN = re.compile(r"[\WxXー]")
+_PHONE_JOINER = r"[\WxXー]"
+_PHONE_RUN = re.compile(rf"\d(?:{_PHONE_JOINER}{{0,4}}\d)*")
+_PHONE_JOIN = re.compile(_PHONE_JOINER)
 _PHONE_LEAD = "([（［+＋"  # what may open a number before its first digit, after punctuation
 # What an extension starts with once the separators before it are skipped (libphonenumber's
 # explicit and ambiguous labels, full-width forms included), or a digit.
