@@ -128,12 +128,11 @@ def starter_job(a: Answers, data: DataProfile, model, technique: str, settings: 
 def documents_in(path: str | None) -> list[str]:
     """The plain-text files (.txt, .md) in the data the advisor profiled: the documents a transfer
     job reads first. Text records inside JSONL files are not listed; neither is a prepared folder."""
-    from tailor.data.formats import EXTENSIONS
+    from tailor.data.formats import data_files
 
-    if not path or (Path(path) / "card.json").exists():
+    if not path or (Path(path) / "card.json").exists() or not Path(path).exists():
         return []
-    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
-    return [str(f) for f in files if EXTENSIONS.get(f.suffix.lower()) == "text"]
+    return [str(f) for f, kind in data_files(Path(path)) if kind == "text"]
 
 
 __all__ = ["Advice", "Answers", "advise", "pick_hardware", "profile_data", "starter_job"]

@@ -161,7 +161,7 @@ def _plan(path: Path, format: str) -> list[tuple[Path, str]]:
         raise DataError([f"{path}: not found; check the path"])
     if path.is_dir() and _is_hf_dataset(path):
         return [(path, "hf")]
-    units = list(_walk(path)) if path.is_dir() else [(path, _file_kind(path))]
+    units = data_files(path)
     problems = [f"{p}: unknown file type; Tailor reads {', '.join(EXTENSIONS)} files and saved Hugging Face "
                 f"datasets; convert the file or move it out of the folder" for p, kind in units if kind is None]
     if format not in ("auto", "text"):
@@ -172,6 +172,12 @@ def _plan(path: Path, format: str) -> list[tuple[Path, str]]:
     if problems:
         raise DataError(problems)
     return units
+
+
+def data_files(path: Path) -> list[tuple[Path, str | None]]:
+    """(file, reader kind or None) for a file, or for each file in a folder as prepare reads it:
+    hidden files skipped, a saved Hugging Face dataset inside it as one unit ("hf")."""
+    return list(_walk(path)) if path.is_dir() else [(path, _file_kind(path))]
 
 
 def _walk(folder: Path, seen: frozenset = frozenset()) -> Iterator[tuple[Path, str | None]]:
