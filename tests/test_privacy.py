@@ -1,4 +1,4 @@
-"""PII anonymization (tailor/data/privacy.py): recall on generated chat text with planted values,
+"""PII anonymization (tailor/data/privacy/): recall on generated chat text with planted values,
 the four strategies, pseudonym consistency, the allow-list, the batched path against the
 one-at-a-time reference, NER off without the model, and the errors users see.
 
@@ -18,19 +18,9 @@ pytest.importorskip("presidio_analyzer")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tailor.data.privacy import (  # noqa: E402
-    DEFAULT_ENTITIES,
-    ENTITIES,
-    STRATEGIES,
-    TAGS,
-    Anonymizer,
-    PrivacyError,
-    _fewest_phone_digits,
-    _longest_phone_run,
-    _merge_overlaps,
-    _phone_regions,
-    _Span,
-)
+from tailor.data.privacy import DEFAULT_ENTITIES, ENTITIES, STRATEGIES, TAGS, Anonymizer, PrivacyError  # noqa: E402
+from tailor.data.privacy.phones import _fewest_phone_digits, _longest_phone_run, _phone_regions  # noqa: E402
+from tailor.data.privacy.spans import _merge_overlaps, _Span  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import anonymize_throughput as bench  # noqa: E402
@@ -295,7 +285,8 @@ def test_placeholder(with_ner):
 
 def test_mask_keeps_length_punctuation_and_a_cards_last_four():
     text, counts = Anonymizer(strategy="mask").anonymize(SENTENCE)
-    assert text == "Hi, I'm **** *****, mail ****.*****@*****.*** or call (***) ***-**** about card **** **** **** 1111."
+    assert text == ("Hi, I'm **** *****, mail ****.*****@*****.*** or call (***) ***-**** about card "
+                    "**** **** **** 1111.")
     assert len(text) == len(SENTENCE)
     assert counts == {"PERSON": 1, "EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1, "CREDIT_CARD": 1}
 
@@ -419,7 +410,7 @@ def test_allowed_phrases_cover_what_ner_tags_inside_them():
 
 
 def test_allowed_phrases_match_whole_words_only():
-    from tailor.data.privacy import _phrase_pattern
+    from tailor.data.privacy.finding import _phrase_pattern
 
     assert _phrase_pattern("wick").search("Mr Wickham") is None
     assert _phrase_pattern("wick").search("— Wick, Lumen") is not None
