@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chat_data import make_examples  # noqa: E402
 
 CONFIGS = {
-    "lora-135m": {"model": "smollm2-135m-instruct", "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.0},
-                  "eval": True},
+    "lora-135m": {"model": "smollm2-135m-instruct",
+                  "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.0}, "eval": True},
     "full-135m": {"model": "smollm2-135m-instruct", "adapter": {"kind": "full"}, "eval": False},
-    "lora-360m": {"model": "smollm2-360m-instruct", "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.0},
-                  "eval": False},
+    "lora-360m": {"model": "smollm2-360m-instruct",
+                  "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.0}, "eval": False},
 }
 
 
@@ -136,23 +136,22 @@ def run_child(args) -> None:
     from transformers.utils import logging as hf_logging
 
     from tailor.advise.calibrate import PeakRSS
+    from tailor.runs import Run
     from tailor.spec import Job
     from tailor.techniques import task
-    from tailor.train.rundir import read_jsonl
 
     hf_logging.set_verbosity_error()
     workdir = Path(args.workdir)
     job = Job.model_validate(job_dict(args, args.child, workdir))
     with PeakRSS() as rss:
         start = time.time()
-        run_dir = task.run(job, show_progress=False)
+        run = Run(task.run(job, show_progress=False))
         wall = time.time() - start
     samples = [(t, gb * 1024) for t, gb in rss.samples]  # MB
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "train"]
+    rows = [r for r in run.metrics() if r["type"] == "train"]
     steps_s = sum(r["tokens"] / r["tokens_per_s"] for r in rows)
     # Training ends where the result is saved (adapter/ or model/); evaluation follows.
-    saved = run_dir / ("adapter" if (run_dir / "adapter").exists() else "model")
-    train_end = min(f.stat().st_mtime for f in saved.iterdir())
+    train_end = min(f.stat().st_mtime for f in run.result.iterdir())
     train_peak = max(rss for t, rss in samples if t <= train_end)
     after = [rss for t, rss in samples if t > train_end] or [0.0]
     print("RESULT " + json.dumps({"train_s": steps_s, "total_s": wall, "steps": len(rows),

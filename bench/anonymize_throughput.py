@@ -200,7 +200,8 @@ def _question(rng: random.Random) -> str:
     for sentence in rng.sample(DETAILS, rng.choice([0, 1, 1, 2])):
         q += " " + sentence
     if rng.random() < 0.35:
-        q += " " + rng.choice(DIGIT_BITS).format(n5=rng.randint(10000, 99999), k=rng.randint(2, 9), h=rng.randint(1, 12))
+        q += " " + rng.choice(DIGIT_BITS).format(n5=rng.randint(10000, 99999), k=rng.randint(2, 9),
+                                                 h=rng.randint(1, 12))
     return q + (" " + rng.choice(CLOSERS) if rng.random() < 0.5 else "")
 
 
@@ -324,7 +325,8 @@ def report(name: str, load_s: float, r: dict, records, entities) -> None:
     single, batched = r["batch_of_one"], r["batched"]
     print(f"  anonymize_batch, one record per call  {single:8.1f} rec/s  {single / r['one']:5.2f}x one at a time")
     peer = f", {batched / r['presidio_one']:.2f}x Presidio" if "presidio_one" in r else ""
-    print(f"  anonymize_batch, all records          {batched:8.1f} rec/s  {batched / r['one']:5.2f}x one at a time{peer}")
+    print(f"  anonymize_batch, all records          {batched:8.1f} rec/s  "
+          f"{batched / r['one']:5.2f}x one at a time{peer}")
     print(f"  same output on the sample: {'yes' if r['same'] else 'NO'}")
     rates = removal_rates(records, r["outputs"])
     print("  planted values removed: " + ", ".join(f"{e} {v:.1%}" for e, v in rates.items() if e in entities))
@@ -347,7 +349,8 @@ def main(argv=None) -> dict:
     sample = texts[:min(args.sample, len(texts))]
     with_digits = sum(bool(re.search(r"\d", t)) for t in texts) / len(texts)
     repeated = 1 - len(set(texts)) / len(texts)
-    print(f"# {len(texts)} records (mean {sum(map(len, texts)) / len(texts):.0f} chars, {with_digits:.0%} with a digit, "
+    print(f"# {len(texts)} records (mean {sum(map(len, texts)) / len(texts):.0f} chars, "
+          f"{with_digits:.0%} with a digit, "
           f"{repeated:.0%} repeat an earlier one, {sum(bool(p) for _, p in records) / len(records):.0%} with planted "
           f"values); one at a time on the first {len(sample)}; batched with {args.processes} process(es); "
           f"default entities, placeholder strategy, allow={BRANDS}")

@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 
 PRODUCTS = ["Ember", "Beacon", "Halo", "Lantern", "Glimmer", "Spark", "Flare", "Aurora"]
-PROBLEMS = ["won't turn on", "flickers at night", "keeps disconnecting from wifi", "is too dim", "makes a buzzing sound",
-            "shows a red light", "doesn't pair with the app", "turns off by itself", "changes colour randomly"]
+PROBLEMS = ["won't turn on", "flickers at night", "keeps disconnecting from wifi", "is too dim",
+            "makes a buzzing sound", "shows a red light", "doesn't pair with the app", "turns off by itself",
+            "changes colour randomly"]
 STEPS = ["unplug it for ten seconds", "hold the halo button for three seconds", "update the Halo app",
-         "move the lamp closer to the router", "check that the bulb is screwed in firmly", "reset it from the settings menu",
-         "try another socket", "switch the app to the 2.4 GHz network", "turn off power saving mode"]
+         "move the lamp closer to the router", "check that the bulb is screwed in firmly",
+         "reset it from the settings menu", "try another socket", "switch the app to the 2.4 GHz network",
+         "turn off power saving mode"]
 CLOSINGS = ["If that doesn't help, the Lantern Desk will book a free swap.", "Let us know how it goes!",
             "Your warranty covers this for two years.", "We can send a replacement part within three days."]
 
@@ -38,7 +40,8 @@ def support_chat(rng: random.Random) -> dict:
     product, problem = rng.choice(PRODUCTS), rng.choice(PROBLEMS)
     steps = rng.sample(STEPS, rng.randint(1, 4))
     order = rng.randint(10000, 99999)
-    user = f"Hi, my {product} {problem} since {rng.choice(['yesterday', 'last week', 'this morning', 'the update'])}. Order {order}."
+    user = (f"Hi, my {product} {problem} since "
+            f"{rng.choice(['yesterday', 'last week', 'this morning', 'the update'])}. Order {order}.")
     answer = (f"Sorry to hear your {product} {problem}! First, " + ", then ".join(steps) + ". "
               + rng.choice(CLOSINGS) + f" Reference {rng.randint(1000, 9999)}.")
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
@@ -89,7 +92,8 @@ def main(argv=None) -> None:
         for label, num_proc in (("1 process", 1), ("2 processes", 2)):
             started = time.perf_counter()
             result = prepare([path], Path(tmp) / f"out{num_proc}", model=args.model, num_proc=num_proc,
-                             say=lambda m: None, privacy={"enabled": False}, card={"perplexity_sample": 0, "html": False})
+                             say=lambda m: None, privacy={"enabled": False},
+                             card={"perplexity_sample": 0, "html": False})
             seconds = time.perf_counter() - started
             rates[num_proc] = args.records / seconds
             c, d, st = result.card["counts"], result.card["duplicates"], result.card["seconds"]

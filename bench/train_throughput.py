@@ -128,9 +128,9 @@ def run_tailor(args, train, held_out, workdir: Path) -> dict:
     import yaml
 
     from tailor.models.generate import load_run
+    from tailor.runs import Run
     from tailor.spec import load_job
     from tailor.techniques import task
-    from tailor.train.rundir import read_jsonl
 
     data = workdir / "train.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in train), encoding="utf-8")
@@ -144,15 +144,15 @@ def run_tailor(args, train, held_out, workdir: Path) -> dict:
         "output": {"dir": str(workdir / "runs")},
     }
     (workdir / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
-    run_dir = task.run(load_job(workdir / "job.yaml"), show_progress=False)
+    run = Run(task.run(load_job(workdir / "job.yaml"), show_progress=False))
     train_peak = peak_rss_mb()
     gc.collect()  # the trained model is garbage now; free it before loading the result for evaluation
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "train"]
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    model, tokenizer = load_run(run_dir)
+    rows = [r for r in run.metrics() if r["type"] == "train"]
+    adapter = run.manifest().adapter
+    model, tokenizer = load_run(run)
     return {"tokens_per_s": median_after_warmup([r["tokens_per_s"] for r in rows], args.warmup_steps),
             "steps": len(rows), "tokens": sum(r["tokens"] for r in rows),
-            "base_parameters": manifest["adapter"]["total_parameters"] - manifest["adapter"]["trainable_parameters"],
+            "base_parameters": adapter.total_parameters - adapter.trainable_parameters,
             "train_peak_rss_mb": train_peak,
             "heldout_loss": heldout_loss(model, tokenizer, held_out, args.max_len)}
 
@@ -311,8 +311,10 @@ def main(argv=None) -> None:
     loss_delta = max(abs(t["heldout_loss"] - p["heldout_loss"]) / p["heldout_loss"] for p in (tr, trl))
     print(f"\n# Tailor uses {utilisation:.0%} of the measured bf16 matmul rate "
           f"({flops_per_token / 1e6:.0f} MFLOP per token)")
-    print(f"tailor/trainer={t['tokens_per_s'] / tr['tokens_per_s']:.2f} tailor/trl={t['tokens_per_s'] / trl['tokens_per_s']:.2f} "
-          f"utilisation={utilisation:.0%} loss_delta={loss_delta:.1%} memory/trl={t['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+    print(f"tailor/trainer={t['tokens_per_s'] / tr['tokens_per_s']:.2f} "
+          f"tailor/trl={t['tokens_per_s'] / trl['tokens_per_s']:.2f} "
+          f"utilisation={utilisation:.0%} loss_delta={loss_delta:.1%} "
+          f"memory/trl={t['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,28 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  help="Tailor: fit a pre-trained LLM to one business — its task, its jargon, its voice.")
+from tailor.errors import TailorError
+
 err = Console(stderr=True, soft_wrap=True)  # error messages stay whole lines, greppable
 out = Console()
+
+
+class _Commands(TyperGroup):
+    """Every command runs inside this: an expected failure (TailorError) is its message and exit
+    status, never a traceback; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TailorError as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Tailor: fit a pre-trained LLM to one business — its task, its jargon, its voice.")
 
 
 def _print_out(line: str) -> None:
@@ -42,35 +59,29 @@ def prepare(
     inputs: list[Path] = typer.Argument(None, help="Files or folders: chat JSONL, Alpaca, ShareGPT, prompt/completion, "
                                         "preference pairs, CSV/TSV/Parquet, text, saved HF datasets."),
     out: Path = typer.Option(..., "--out", help="The prepared dataset folder to write (replaced if it exists)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="data.yaml (the keys of a job's data: section) or a job file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="data.yaml (the keys of a job's data: section) "
+                                          "or a job file."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model whose tokenizer measures lengths "
                                         "[default: the job's model, or the embedded one]."),
     format_: str = typer.Option("auto", "--format", help="Record format of INPUTs; auto: detected per record."),
     task: Optional[str] = typer.Option(None, "--task", help="Task name for every record of INPUTs."),
     set_: list[str] = typer.Option([], "--set", help="Override an option: --set privacy.strategy=pseudonym"),
-    num_proc: Optional[int] = typer.Option(None, "--num-proc", help="Worker processes for cleaning [default: up to 2]."),
+    num_proc: Optional[int] = typer.Option(None, "--num-proc", help="Worker processes for cleaning "
+                                           "[default: up to 2]."),
 ):
     """Clean, de-duplicate, anonymize and split raw data into a prepared dataset folder with a data card."""
-    from tailor.data import DataError
     from tailor.data.card import summary_lines
     from tailor.data.prepare import prepare as run_prepare
-    from tailor.data.privacy import PrivacyError
-    from tailor.models import ModelNotFound
-    from tailor.spec import EMBEDDED_DEFAULT, SourceSpec, SpecError, load_data_config
+    from tailor.spec import EMBEDDED_DEFAULT, SourceSpec, load_data_config
 
+    data, job_model = load_data_config(config, set_)
     try:
-        data, job_model = load_data_config(config, set_)
         sources = [SourceSpec(path=str(p), format=format_, task=task) for p in inputs or []]
-    except SpecError as exc:
-        _fail(exc)
     except ValueError as exc:
         _fail(ValueError(f"--format {format_}: {exc}"))
     _quiet_libraries()
-    try:
-        result = run_prepare(sources, out, model=model or job_model or EMBEDDED_DEFAULT, config=data,
-                             num_proc=num_proc, say=lambda m: err.print(escape(m), highlight=False))
-    except (DataError, ModelNotFound, PrivacyError) as exc:
-        _fail(exc)
+    result = run_prepare(sources, out, model=model or job_model or EMBEDDED_DEFAULT, config=data,
+                         num_proc=num_proc, say=lambda m: err.print(escape(m), highlight=False))
     for line in summary_lines(result.card):
         _print_out(line)
     _print_out(f"→ {result.out} (card.md, card.html, rejects.jsonl)")
@@ -80,42 +91,27 @@ def prepare(
 def train(
     job_file: Path = typer.Argument(..., help="The job YAML file (see examples/ and `tailor spec`)."),
     set_: list[str] = typer.Option([], "--set", help="Override a job key: --set training.learning_rate=1e-4"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run of this job from its last checkpoint."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (logs still go to metrics.jsonl)."),
-    from_run: Optional[Path] = typer.Option(None, "--from-run", help="Continue from a finished (deployed) run's adapter "
-                                            "or weights, on this job's data: continual fine-tuning (model.from_run)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run of this job from its "
+                                "last checkpoint."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar "
+                                     "(logs still go to metrics.jsonl)."),
+    from_run: Optional[Path] = typer.Option(None, "--from-run", help="Continue from a finished (deployed) run's "
+                                            "adapter or weights, on this job's data: continual fine-tuning "
+                                            "(model.from_run)."),
 ):
     """Fine-tune a base model as the job file says; writes a run folder under output.dir/name/."""
-    from tailor.data import DataError
-    from tailor.models import ModelNotFound
-    from tailor.spec import SpecError, load_job
+    from tailor.runs import Run
+    from tailor.spec import load_job
     from tailor.techniques import run as run_technique
-    from tailor.techniques.common import ResumeError
-    from tailor.track.trackers import TrackerError
-    from tailor.train.adapters import AdapterError
-    from tailor.train.encode import TemplateError
 
-    try:
-        job = load_job(job_file, set_ + ([f"model.from_run={from_run.resolve()}"] if from_run else []))
-    except SpecError as exc:
-        _fail(exc)
+    job = load_job(job_file, set_ + ([f"model.from_run={from_run.resolve()}"] if from_run else []))
     _quiet_libraries()
-    try:
-        run_dir = run_technique(job, resume=resume, console=err, show_progress=not no_progress)
-    except (DataError, ModelNotFound, ResumeError, TemplateError, AdapterError, TrackerError) as exc:
-        _fail(exc)
-    if _gate_failed(run_dir):
+    run = Run(run_technique(job, resume=resume, console=err, show_progress=not no_progress))
+    if run.gate_failed():
         # Training worked, so the exit status stays 0; `tailor eval RUN` is the check that fails.
-        err.print(f"[yellow]the evaluation gate failed[/] (eval.gate): the model is saved in {run_dir}; "
-                  f"see {run_dir / 'eval' / 'summary.json'}. `tailor eval {run_dir}` exits with status 1 on it.",
+        err.print(f"[yellow]the evaluation gate failed[/] (eval.gate): the model is saved in {run.path}; "
+                  f"see {run.eval_summary_file}. `tailor eval {run.path}` exits with status 1 on it.",
                   highlight=False)
-
-
-def _gate_failed(run_dir: Path) -> bool:
-    import json
-
-    path = Path(run_dir) / "eval" / "summary.json"
-    return path.exists() and not json.loads(path.read_text(encoding="utf-8"))["gate"]["passed"]
 
 
 @app.command(name="eval")
@@ -127,26 +123,22 @@ def eval_(
 ):
     """The tuned model against its base on the test split and a general-skills probe; exit status 1
     when the job's gate (eval.gate) fails."""
-    from tailor.data import DataError
     from tailor.evaluate.report import gate_lines, summary_table
     from tailor.evaluate.run import evaluate
-    from tailor.models import ModelNotFound
-    from tailor.spec import SpecError, load_job
+    from tailor.runs import Run
+    from tailor.spec import load_job
 
-    try:
-        spec = load_job(run_dir / "job.yaml", set_).eval if (run_dir / "job.yaml").exists() else None
-    except SpecError as exc:
-        _fail(exc)
+    run = Run(run_dir)
+    spec = load_job(run.job_file, set_).eval if run.exists else None
     _quiet_libraries()
-    try:
-        summary = evaluate(run_dir, data=[str(p) for p in data] or None, spec=spec,
-                           say=lambda m: err.print(escape(m), highlight=False))
-    except (DataError, ModelNotFound, FileNotFoundError) as exc:
-        _fail(exc)
+    summary = evaluate(run, data=[str(p) for p in data] or None, spec=spec,
+                       say=lambda m: err.print(escape(m), highlight=False))
     out.print(summary_table(summary))
     for line in gate_lines(summary):
         _print_out(line)
-    _print_out(f"→ {run_dir / 'eval'} (summary.json, examples.jsonl, retention.jsonl)")
+    files = ", ".join(f.relative_to(run.eval_dir).as_posix()
+                      for f in (run.eval_summary_file, run.eval_examples_file, run.retention_file))
+    _print_out(f"→ {run.eval_dir} ({files})")
     if not summary["gate"]["passed"]:
         raise typer.Exit(1)
 
@@ -154,14 +146,14 @@ def eval_(
 @app.command()
 def chat(
     prompt: str = typer.Argument(..., help="What to ask."),
-    model: Optional[str] = typer.Option(None, "--model", help="A base model: embedded:NAME, hub id, folder or .gguf file."),
+    model: Optional[str] = typer.Option(None, "--model", help="A base model: embedded:NAME, hub id, folder "
+                                        "or .gguf file."),
     run: Optional[Path] = typer.Option(None, "--run", help="A finished run folder (runs/NAME/RUN-ID)."),
     system: Optional[str] = typer.Option(None, "--system", help="An optional system message."),
     max_new_tokens: int = typer.Option(200, help="Longest answer in tokens."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware is fast at it), bfloat16 or float32."),
 ):
     """Print one greedy answer from a base model or a fine-tuned run, using the model's chat template."""
-    from tailor.models import ModelNotFound
     from tailor.models.generate import answer, load_base, load_run
     from tailor.spec import EMBEDDED_DEFAULT
 
@@ -170,10 +162,7 @@ def chat(
     if dtype not in ("auto", "bfloat16", "float32"):
         _fail(ValueError(f"--dtype {dtype}: use auto, bfloat16 or float32"))
     _quiet_libraries()
-    try:
-        lm, tokenizer = load_run(run, dtype) if run else load_base(model or EMBEDDED_DEFAULT, dtype)
-    except (ModelNotFound, FileNotFoundError) as exc:
-        _fail(exc)
+    lm, tokenizer = load_run(run, dtype) if run else load_base(model or EMBEDDED_DEFAULT, dtype)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     out.print(answer(lm, tokenizer, [messages], max_new_tokens)[0], highlight=False, markup=False)
 
@@ -194,13 +183,16 @@ def advise(
     deadline: Optional[float] = typer.Option(None, "--deadline", help="Hours the training may take at most."),
     expertise: Optional[str] = typer.Option(None, "--expertise", help="none, some or expert."),
     stage: Optional[str] = typer.Option(None, "--stage", help="exploration, market-test, pilot or production."),
-    hardware: Optional[Path] = typer.Option(None, "--hardware", help="YAML of hardware entries or prices to add or override."),
+    hardware: Optional[Path] = typer.Option(None, "--hardware", help="YAML of hardware entries or prices to add "
+                                            "or override."),
     price: list[str] = typer.Option([], "--price", help="Price per device-hour: --price a100-80gb=1.4"),
     calibrate_: bool = typer.Option(False, "--calibrate", help="Measure this machine first (about a minute); stored."),
     list_hardware: bool = typer.Option(False, "--list-hardware", help="Print the hardware table and exit."),
-    ask: bool = typer.Option(False, "--ask", help="Ask the questions even when input is not a terminal (piped answers)."),
+    ask: bool = typer.Option(False, "--ask", help="Ask the questions even when input is not a terminal "
+                             "(piped answers)."),
 ):
-    """Should you fine-tune, which base model, which technique and settings, and what it costs — before anything runs."""
+    """Should you fine-tune, which base model, which technique and settings, and what it costs —
+    before anything runs."""
     import sys
 
     from tailor.advise import advise as run_advice
@@ -208,7 +200,6 @@ def advise(
     from tailor.advise.answers import load_answers
     from tailor.advise.estimate import hardware_table, with_overrides
     from tailor.advise.report import markdown, write
-    from tailor.spec import SpecError
 
     _quiet_libraries()
     try:
@@ -234,12 +225,9 @@ def advise(
             _fail(ValueError("no answers: give --answers answers.yaml or flags (tailor advise --help), "
                              "or run it in a terminal to be asked"))
         flags = _ask_advice_questions()
-    try:
-        a = load_answers(answers, flags)
-        hw = pick_hardware(a, table)
-        adv = run_advice(a, profile_data(a, out_dir, say=lambda line: err.print(escape(str(line)), highlight=False)), hw)
-    except (SpecError, FileNotFoundError) as exc:
-        _fail(exc)
+    a = load_answers(answers, flags)
+    hw = pick_hardware(a, table)
+    adv = run_advice(a, profile_data(a, out_dir, say=lambda line: err.print(escape(str(line)), highlight=False)), hw)
     files = write(adv, out_dir)
     from rich.markdown import Markdown
 
@@ -288,8 +276,8 @@ def _print_hardware(table) -> None:
     for col in ("name", "device", "memory", "peak bf16", "bandwidth", "price"):
         t.add_column(col)
     for hw in table.values():
-        t.add_row(hw.name, hw.label, f"{hw.memory_gb:g} GB", f"{hw.peak_tflops:g} TFLOP/s", f"{hw.bandwidth_gbs:g} GB/s",
-                  f"${hw.usd_per_hour:.2f}")
+        t.add_row(hw.name, hw.label, f"{hw.memory_gb:g} GB", f"{hw.peak_tflops:g} TFLOP/s",
+                  f"{hw.bandwidth_gbs:g} GB/s", f"${hw.usd_per_hour:.2f}")
     out.print(t)
 
 
@@ -300,7 +288,8 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list(family: Optional[str] = typer.Option(None, "--family", help="Only this family, e.g. Qwen3."),
                 commercial: bool = typer.Option(False, "--commercial", help="Only licences that allow commercial use."),
-                language: Optional[str] = typer.Option(None, "--language", help="Only models that list this language.")):
+                language: Optional[str] = typer.Option(None, "--language", help="Only models that list "
+                                                       "this language.")):
     """Every model in the catalog: size, context, languages, licence."""
     from tailor.models.catalog import load_catalog, size_label
 
@@ -320,12 +309,9 @@ def models_list(family: Optional[str] = typer.Option(None, "--family", help="Onl
 def models_show(name: str = typer.Argument(..., help="A catalog name (tailor models list) or hub id.")):
     """One model's facts, and what fine-tuning it takes on each GPU of the hardware table."""
     from tailor.advise.estimate import GB, USABLE_MEMORY, Arch, Workload, hardware_table, memory
-    from tailor.models.catalog import CatalogError, find_model, size_label
+    from tailor.models.catalog import find_model, size_label
 
-    try:
-        m = find_model(name)
-    except CatalogError as exc:
-        _fail(exc)
+    m = find_model(name)
     for key, value in m.model_dump().items():
         out.print(f"[bold]{key}[/]: {escape(str(value))}", highlight=False)
     arch = Arch.of(m)
@@ -344,9 +330,10 @@ RUNS_DIR = typer.Option(Path("runs"), "--dir", help="The output directory that h
 @runs_app.command("list")
 def runs_list(output_dir: Path = RUNS_DIR):
     """Every run under --dir: status, base model, losses, the evaluation's gain and gate."""
-    from tailor.track.runs import find_runs, format_value, load_run_record, measure
+    from tailor.runs import Run
+    from tailor.track.runs import format_value, load_run_record, measure
 
-    runs = find_runs(output_dir)
+    runs = Run.find(output_dir)
     if not runs:
         _fail(FileNotFoundError(f"no runs under {output_dir}; train one with `tailor train JOB` "
                                 f"or point --dir at the job's output.dir"), code=1)
@@ -358,7 +345,8 @@ def runs_list(output_dir: Path = RUNS_DIR):
         gate = measure(r, ("eval", "gate", "passed"))
         table.add_row(f"{r['name']}/{r['id']}", r["status"], str(measure(r, ("manifest", "model", "source")) or "–"),
                       *(format_value(measure(r, w)) for w in (("train", "steps"), ("train", "final_train_loss"),
-                                                               ("train", "final_val_loss"), ("eval", "gain", "rouge_l"))),
+                                                               ("train", "final_val_loss"),
+                                                               ("eval", "gain", "rouge_l"))),
                       "–" if gate is None else ("passed" if gate else "[red]FAILED[/]"))
     out.print(table)
 
@@ -368,12 +356,11 @@ def runs_show(run: str = typer.Argument(..., help="A run folder, NAME/RUN-ID, RU
               output_dir: Path = RUNS_DIR):
     """One run: where it is, what it trained, how it did."""
     from tailor.evaluate.report import gate_lines, summary_table
-    from tailor.track.runs import MEASURES, RunNotFound, flatten, format_value, load_run_record, measure, resolve_run
+    from tailor.runs import Run
+    from tailor.track.runs import MEASURES, flatten, format_value, load_run_record, measure
 
-    try:
-        r = load_run_record(resolve_run(run, output_dir))
-    except RunNotFound as exc:
-        _fail(exc)
+    found = Run.resolve(run, output_dir)
+    r = load_run_record(found)
     m = r["manifest"]
     table = Table(title=f"{r['name']}/{r['id']} ({r['status']})", show_header=False)
     table.add_column("key")
@@ -393,24 +380,20 @@ def runs_show(run: str = typer.Argument(..., help="A run folder, NAME/RUN-ID, RU
         out.print(summary_table(r["eval"]))
         for line in gate_lines(r["eval"]):
             _print_out(line)
-    report = Path(r["path"]) / "report.html"
-    if report.exists():
-        _print_out(f"report: {report}")
+    if found.report_file.exists():
+        _print_out(f"report: {found.report_file}")
 
 
 @runs_app.command("compare")
 def runs_compare(runs: list[str] = typer.Argument(..., help="Two or more runs (folders, NAME/RUN-ID, RUN-ID or NAME)."),
                  output_dir: Path = RUNS_DIR):
     """Runs side by side: the job keys that differ, then every measure."""
-    from tailor.track.runs import (MEASURES, RunNotFound, config_differences, format_value, load_run_record, measure,
-                                   resolve_run)
+    from tailor.runs import Run
+    from tailor.track.runs import MEASURES, config_differences, format_value, load_run_record, measure
 
     if len(runs) < 2:
         _fail(ValueError("compare needs at least two runs"))
-    try:
-        records = [load_run_record(resolve_run(ref, output_dir)) for ref in runs]
-    except RunNotFound as exc:
-        _fail(exc)
+    records = [load_run_record(Run.resolve(ref, output_dir)) for ref in runs]
     names = [f"{r['name']}/{r['id']}" for r in records]
     diff = Table(title="job keys that differ")
     diff.add_column("key")
@@ -429,6 +412,14 @@ def runs_compare(runs: list[str] = typer.Argument(..., help="Two or more runs (f
         if any(v is not None for v in values):
             table.add_row(label, *(format_value(v) for v in values))
     out.print(table)
+
+
+@runs_app.command("layout")
+def runs_layout():
+    """Every file and folder a run folder may hold, as the Markdown table of docs/runs.md."""
+    from tailor.runs import Run
+
+    print(Run.layout_markdown(), end="")
 
 
 @app.command()
@@ -481,21 +472,22 @@ def serve(
     api_key: list[str] = typer.Option([], "--api-key", envvar="TAILOR_API_KEY",
                                       help="Accepted bearer key(s); clients send `Authorization: Bearer KEY`."),
     db: str = typer.Option("sqlite:///runs/feedback.db", "--db", help="Feedback store: a SQLAlchemy URL."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 where the hardware is fast at it), bfloat16 or float32."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 where the hardware is fast at it), "
+                              "bfloat16 or float32."),
     max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Most tokens a request may ask for."),
     max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads [default: torch's choice]."),
-    log_prompts: bool = typer.Option(False, "--log-prompts", help="Log prompts and answers, anonymized (see --privacy)."),
+    log_prompts: bool = typer.Option(False, "--log-prompts", help="Log prompts and answers, "
+                                     "anonymized (see --privacy)."),
     privacy: Optional[Path] = typer.Option(None, "--privacy", help="data.yaml or job file whose privacy: section "
                                            "configures the anonymizer for --log-prompts."),
-    engine: str = typer.Option("transformers", "--engine", help="transformers (CPU or GPU) or vllm (GPU, when installed)."),
+    engine: str = typer.Option("transformers", "--engine", help="transformers (CPU or GPU) or vllm "
+                               "(GPU, when installed)."),
 ):
     """An OpenAI-compatible API over the base model and any number of runs, with feedback collection."""
-    from tailor.models import ModelNotFound
     from tailor.serve.app import Limits
-    from tailor.serve.models import ModelError
-    from tailor.serve.server import ServeError, ServeSettings
+    from tailor.serve.server import ServeSettings
     from tailor.serve.server import serve as run_server
 
     if dtype not in ("auto", "bfloat16", "float32"):
@@ -506,10 +498,7 @@ def serve(
                              limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body), log_prompts=log_prompts,
                              privacy=str(privacy) if privacy else None, engine=engine)
     _quiet_libraries()
-    try:
-        run_server(settings, say=lambda m: err.print(escape(m), highlight=False))
-    except (ServeError, ModelError, ModelNotFound) as exc:
-        _fail(exc)
+    run_server(settings, say=lambda m: err.print(escape(m), highlight=False))
 
 
 @app.command(name="export")
@@ -525,26 +514,20 @@ def export_(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Tokens generated per prompt in the parity check."),
 ):
     """A standalone merged model folder for transformers and vLLM, checked token for token against the run."""
-    import json
-
-    from tailor.models import ModelNotFound
-    from tailor.serve.export import ExportError, export_run, parity, read_prompts
+    from tailor.serve.export import export_run, parity, read_prompts, write_parity
 
     _quiet_libraries()
-    try:
-        folder = export_run(run_dir, out_dir, dtype, say=_print_out)
-        if not check:
-            return
-        result = parity(run_dir, folder, read_prompts(prompts) if prompts else None, max_new_tokens)
-    except (ExportError, ModelNotFound, FileNotFoundError) as exc:
-        _fail(exc)
-    (folder / "parity.json").write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    folder = export_run(run_dir, out_dir, dtype, say=_print_out)
+    if not check:
+        return
+    result = parity(run_dir, folder, read_prompts(prompts) if prompts else None, max_new_tokens)
+    written = write_parity(folder, result)
     _print_out(f"parity: {result['agree']}/{result['prompts']} prompts give the same greedy tokens from the adapter, "
                f"the merged folder (plain transformers) and the server ({result['max_new_tokens']} new tokens each)")
     for r in result["results"]:
         for problem in r["problems"]:
             _print_out(f"  MISMATCH {r['prompt'][:60]!r}: {problem}")
-    _print_out(f"→ {folder / 'parity.json'}")
+    _print_out(f"→ {written}")
     if result["agree"] < result["prompts"]:
         raise typer.Exit(1)
 
@@ -588,11 +571,14 @@ def feedback_stats(db: str = FEEDBACK_DB):
 
 
 @feedback_app.command("export")
-def feedback_export(out_dir: Path = typer.Option(..., "--out", help="Folder for supervised.jsonl and preferences.jsonl."),
-                    db: str = FEEDBACK_DB, model: Optional[str] = typer.Option(None, "--model", help="Only this served model."),
+def feedback_export(out_dir: Path = typer.Option(..., "--out", help="Folder for supervised.jsonl and "
+                                                 "preferences.jsonl."),
+                    db: str = FEEDBACK_DB,
+                    model: Optional[str] = typer.Option(None, "--model", help="Only this served model."),
                     min_score: float = typer.Option(0.75, "--min-score", help="Answers rated at least this (0-1) are "
                                                     "kept as examples and preferred in pairs."),
-                    max_bad: float = typer.Option(0.25, "--max-bad", help="Answers rated at most this are rejected in pairs.")):
+                    max_bad: float = typer.Option(0.25, "--max-bad", help="Answers rated at most this are "
+                                                  "rejected in pairs.")):
     """Corrections and well-rated answers → supervised.jsonl; (worse, better) answers → preferences.jsonl."""
     from tailor.feedback.export import export
     from tailor.feedback.store import FeedbackStore

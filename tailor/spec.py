@@ -16,10 +16,12 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tailor.errors import TailorError
+
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 
 
-class SpecError(ValueError):
+class SpecError(TailorError, ValueError):
     """A job file (or a --set override) that does not describe a valid job."""
 
     def __init__(self, source: str, problems: list[str]):
@@ -42,7 +44,8 @@ class ModelSpec(Section):
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
         description="Compute dtype. auto: bfloat16 where the CPU has AMX/AVX512-BF16 or the GPU supports it "
-        "(matmuls about 2x faster with AVX512-BF16, about 7x with AMX; half the memory for frozen weights), float32 otherwise.",
+        "(matmuls about 2x faster with AVX512-BF16, about 7x with AMX; half the memory for frozen weights), "
+        "float32 otherwise.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = Field(
@@ -54,7 +57,8 @@ class ModelSpec(Section):
         "same adapter.kind. `tailor train JOB --from-run RUN` sets it.")
 
 
-FormatName = Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "preference", "openai_preference", "text"]
+FormatName = Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "preference", "openai_preference",
+                     "text"]
 
 
 class SourceSpec(Section):
@@ -71,11 +75,13 @@ class SourceSpec(Section):
 
 class CleanSpec(Section):
     unicode: Literal["NFC", "NFKC", "none"] = Field(
-        "NFC", description="Unicode normalization. NFKC also folds look-alikes (ﬁ → fi, ² → 2), which can change meaning."
+        "NFC", description="Unicode normalization. NFKC also folds look-alikes (ﬁ → fi, ² → 2), which can change "
+        "meaning."
     )
     fix_encoding: bool = Field(True, description="Repair mojibake such as 'cafÃ©' → 'café' (ftfy).")
     strip_html: bool = Field(False, description="Remove HTML tags and decode entities in every text.")
-    min_tokens: int = Field(2, ge=0, description="Drop records shorter than this many tokens (of the base model's tokenizer).")
+    min_tokens: int = Field(
+        2, ge=0, description="Drop records shorter than this many tokens (of the base model's tokenizer).")
     max_tokens: int | None = Field(
         None, ge=1, description="Drop records longer than this many tokens; null: keep them (training truncates).")
     languages: list[str] = Field(
@@ -89,7 +95,8 @@ class DedupSpec(Section):
     near: bool = Field(True, description="Remove near-duplicates (MinHash LSH), keeping the first of each cluster.")
     threshold: float = Field(
         0.8, gt=0.0, le=1.0,
-        description="Near-duplicate when the estimated Jaccard similarity of word n-grams reaches this. Lower: more removed.")
+        description="Near-duplicate when the estimated Jaccard similarity of word n-grams reaches this. "
+        "Lower: more removed.")
     ngram: int = Field(3, ge=1, description="Words per shingle for near-duplicate detection.")
     num_perm: int = Field(128, ge=16, description="MinHash permutations. More: a sharper threshold, slower.")
 
@@ -99,7 +106,8 @@ class PrivacySpec(Section):
     ner: bool = Field(
         True, description="Also find names with spaCy's NER model (installed with Tailor); false: patterns only "
         "(emails, phones, cards, IBANs, IPs, id numbers).")
-    entities: list[str] | None = Field(None, description="Entity types to replace; null: Tailor's default list (see docs/data.md).")
+    entities: list[str] | None = Field(
+        None, description="Entity types to replace; null: Tailor's default list (see docs/data.md).")
     strategy: Literal["placeholder", "mask", "pseudonym", "drop"] = Field(
         "placeholder",
         description="placeholder: <EMAIL>; mask: ****; pseudonym: a consistent fake value; drop: drop the record.")
@@ -134,7 +142,8 @@ class DataSpec(Section):
     )
     validation: list[str | SourceSpec] = Field(
         default_factory=list,
-        description="Validation data, as train. Empty: the prepared folder's validation split, or validation_fraction of train.",
+        description="Validation data, as train. Empty: the prepared folder's validation split, "
+        "or validation_fraction of train.",
     )
     validation_fraction: float = Field(
         0.1, ge=0.0, lt=0.5,
@@ -238,7 +247,8 @@ class BehavioralSpec(Section):
         True, description="behavioral: with no conversations in data.train, demonstrate with the chosen answers.")
     preference_epochs: float = Field(1.0, gt=0, description="behavioral: epochs over the preference pairs.")
     preference_learning_rate: float | None = Field(
-        None, gt=0, description="behavioral: learning rate of the preference phase (null: training.learning_rate / 20). "
+        None, gt=0, description="behavioral: learning rate of the preference phase "
+        "(null: training.learning_rate / 20). "
         "Preference losses want a far smaller step than supervised training: on the quickstart, a quarter of the "
         "rate for 2 epochs made the model repeat its sign-off; a twentieth kept it fluent.")
 
@@ -287,11 +297,13 @@ class TrainingSpec(Section):
         description="Pack whole examples into rows of max_seq_len without cross-attention between them. "
         "false: one example per row, padded to the longest in its batch (slower on varied lengths).",
     )
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming up linearly.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; null: no clipping.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the gradient norm to this value; null: no clipping.")
     seed: int = Field(42, description="Seed for adapter initialisation, data order, splits and dropout.")
     log_every: int = Field(5, ge=1, description="Write a metrics row every N optimizer steps.")
     eval_every: int = Field(
@@ -360,7 +372,8 @@ class JudgeSpec(Section):
     criteria: dict[str, str] = Field(
         ..., description="The rubric: criterion name -> what a 5 looks like, e.g. {tone: 'warm, brief, signs off "
         "as Wick'}. Each answer gets 1-5 per criterion.")
-    api_key_env: str | None = Field(None, description="Environment variable holding the API key (sent as a bearer token).")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (sent as a bearer token).")
     max_examples: int = Field(20, ge=1, description="Test answers judged, base and tuned each.")
 
 
@@ -408,7 +421,8 @@ class Job(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of the tuned model against its base.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
     transfer: TransferSpec = Field(default_factory=TransferSpec, description="technique transfer.")
-    multitask: MultitaskSpec = Field(default_factory=MultitaskSpec, description="technique multitask (and multitask stages).")
+    multitask: MultitaskSpec = Field(default_factory=MultitaskSpec,
+                                     description="technique multitask (and multitask stages).")
     preference: PreferenceSpec = Field(default_factory=PreferenceSpec,
                                        description="The preference loss (technique behavioral, preference stages).")
     behavioral: BehavioralSpec = Field(default_factory=BehavioralSpec, description="technique behavioral.")
@@ -676,7 +690,8 @@ def describe_fields(model: type[BaseModel] = Job, prefix: str = "") -> list[tupl
             rows.extend(describe_fields(ann, key + "."))
             continue
         default = field.get_default(call_default_factory=True)
-        rows.append((key, _type_name(ann), yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."),
+        rows.append((key, _type_name(ann),
+                     yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."),
                      field.description or ""))
     return rows
 

@@ -111,8 +111,27 @@ def make_job(tmp_path, tiny_model_dir, chat_file):
 
 
 def train_losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [r["loss"] for r in rows if r["type"] == "train"]
+    from tailor.runs import Run
+
+    return [r["loss"] for r in Run(run_dir).metrics() if r["type"] == "train"]
+
+
+def assert_declared(run_dir: Path) -> None:
+    """Every file and folder the run (and each of its stages) wrote is declared in tailor.runs.Run."""
+    from tailor.runs import Run
+
+    declared = {name.split("/")[0] for name, _ in Run.layout()}
+    found = {p.name for p in Path(run_dir).iterdir() if not p.name.startswith(".")}
+    assert found <= declared, f"{run_dir}: {sorted(found - declared)} not declared in tailor/runs.py"
+    for stage in (Run(run_dir).stages_dir.iterdir() if Run(run_dir).stages_dir.is_dir() else ()):
+        assert_declared(stage)
+
+
+def manifest_of(run_dir: Path) -> dict:
+    """A run's manifest.json as the plain dict it holds (the tests read it key by key)."""
+    from tailor.runs import Run
+
+    return Run(run_dir).manifest().model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,25 @@ from typer.testing import CliRunner
 from tailor.advise import advise, pick_hardware, profile_data, starter_job
 from tailor.advise.answers import load_answers
 from tailor.advise.calibrate import local_hardware, machine_key
-from tailor.advise.estimate import (GB, NF4_BYTES, Arch, RunSize, Workload, activation_bytes_per_token, estimate,
-                                    hardware_table, memory, train_flops_per_token, with_overrides)
 from tailor.advise.choose import choose_technique, hyperparameters
+from tailor.advise.estimate import (
+    GB,
+    NF4_BYTES,
+    Arch,
+    RunSize,
+    Workload,
+    activation_bytes_per_token,
+    estimate,
+    hardware_table,
+    memory,
+    train_flops_per_token,
+    with_overrides,
+)
 from tailor.advise.profile import from_card, from_counts
 from tailor.advise.report import as_dict, markdown, write
 from tailor.cli import app
 from tailor.models.catalog import CatalogError, find_model, load_catalog
+from tailor.runs import Run
 from tailor.spec import Job, SpecError
 
 SMOLLM2 = Arch("smollm2-135m", layers=30, hidden_size=576, intermediate_size=1536, attention_heads=9, kv_heads=3,
@@ -164,7 +176,8 @@ def test_calibrate_measures_this_machine_and_stores_it(tmp_path, monkeypatch):
     lines = []
     result = c.calibrate(threads=torch.get_num_threads(), steps=1, say=lines.append, fresh_process=False)
     assert result["peak_tflops"] > 0 and result["bandwidth_gbs"] > 0 and result["activation_factor"] >= 1
-    assert set(result["utilisation"]) == {"lora", "full", "freeze"} and all(u > 0 for u in result["utilisation"].values())
+    assert (set(result["utilisation"]) == {"lora", "full", "freeze"}
+            and all(u > 0 for u in result["utilisation"].values()))
     assert result["decode_step_s"]["16"] > 0 and result["elementwise_ns"] >= 0
     assert any("lora-wide:" in line for line in lines) and 0 < result["utilisation"]["lora"] <= 1
     stored = json.loads((tmp_path / "calibration.json").read_text())
@@ -306,7 +319,7 @@ def test_starter_job_parses_and_trains_on_a_tiny_model(tmp_path, tiny_model_dir,
     job["eval"]["enabled"] = False
     job["output"] = {"dir": str(tmp_path / "runs")}
     run_dir = task.run(Job.model_validate(job), show_progress=False)
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    assert Run(run_dir).summary()["steps"] == 2
 
 
 def test_a_prepared_folder_becomes_the_starter_jobs_data(tmp_path):

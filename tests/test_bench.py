@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_throughput_bench_runs_on_a_tiny_model(tiny_model_dir):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--model", str(tiny_model_dir),
-         "--examples", "12", "--eval-examples", "4", "--max-steps", "3", "--threads", "1", "--warmup-steps", "1", "--no-compile"],
+         "--examples", "12", "--eval-examples", "4", "--max-steps", "3", "--threads", "1", "--warmup-steps", "1",
+         "--no-compile"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

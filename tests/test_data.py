@@ -3,7 +3,7 @@ import json
 import pytest
 
 from tailor.data import DataError, read_chat_jsonl
-from tailor.quickstart import held_out_questions, HERE
+from tailor.quickstart import HERE, held_out_questions
 
 
 def write(tmp_path, lines):

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import train_losses
+from tailor.runs import Run
 from tailor.spec import load_job
 from tailor.techniques import run as run_technique
 from tailor.techniques import task
+
+from conftest import train_losses
 
 
 def train_on_two_processes(path: Path, out: Path, batch_size: int) -> tuple[subprocess.CompletedProcess, Path]:
@@ -24,7 +26,7 @@ def train_on_two_processes(path: Path, out: Path, batch_size: int) -> tuple[subp
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [run for job in out.iterdir() for run in job.iterdir()]
-    assert len(runs) == 1 and (runs[0] / "DONE").exists()
+    assert len(runs) == 1 and Run(runs[0]).done
     return result, runs[0]
 
 

@@ -1,7 +1,10 @@
 import pytest
 from transformers import AutoTokenizer
 
+from tailor.runs import Run
 from tailor.train.encode import IGNORE, encode_chat
+
+from conftest import manifest_of
 
 CONV = [
     {"role": "system", "content": "Be kind."},
@@ -101,7 +104,6 @@ def test_text_loss_equals_the_language_model_loss(tiny_model_dir, tokenizer):
 
 
 def test_a_job_trains_on_plain_text(tmp_path, make_job):
-    import json
 
     from tailor.spec import load_job
     from tailor.techniques import task
@@ -112,6 +114,6 @@ def test_a_job_trains_on_plain_text(tmp_path, make_job):
                       encoding="utf-8")
     run_dir = task.run(load_job(make_job("cpt", data={"train": [str(manual)]}, training={"max_steps": 2})),
                        show_progress=False)
-    encoding = json.loads((run_dir / "manifest.json").read_text())["encoding"]
+    encoding = manifest_of(run_dir)["encoding"]
     assert encoding["train_label_tokens"] == encoding["train_tokens"] - encoding["train_examples"]
-    assert (run_dir / "adapter").is_dir()
+    assert (Run(run_dir).adapter_dir).is_dir()

@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import train_losses
+from tailor.runs import Run
 from tailor.spec import load_job
 from tailor.techniques import task
 from tailor.techniques.common import ResumeError
 from tailor.train.adapters import AdapterConfig, apply_adapter, param_groups
+
+from conftest import assert_declared, manifest_of, train_losses
 
 
 def run(job_path, *overrides, resume=False) -> Path:
@@ -20,7 +22,7 @@ def run(job_path, *overrides, resume=False) -> Path:
 
 
 def final_weights(run_dir: Path) -> dict:
-    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    ckpt = sorted((Run(run_dir).checkpoints_dir).iterdir())[-1]
     return load_file(str(ckpt / "trainable.safetensors"))
 
 
@@ -36,13 +38,17 @@ def test_golden_losses_for_three_seeded_steps(make_job):
 
 def test_run_folder_layout(make_job):
     run_dir = run(make_job(), "data.validation_fraction=0.2", "training.eval_every=1")
-    assert {p.name for p in run_dir.iterdir()} >= {"job.yaml", "manifest.json", "metrics.jsonl", "checkpoints",
-                                                  "adapter", "summary.json", "DONE"}
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    folder = Run(run_dir)
+    for path in (folder.job_file, folder.manifest_file, folder.metrics_file, folder.checkpoints_dir,
+                 folder.adapter_dir, folder.summary_file, folder.done_file, folder.layer_change_file,
+                 folder.report_file):
+        assert path.exists(), path
+    assert_declared(run_dir)
+    manifest = manifest_of(run_dir)
     assert manifest["model"]["kind"] == "local" and manifest["seed"] == 7
     assert len(manifest["data"]["train"][0]["sha256"]) == 64
     assert {"torch", "transformers", "peft"} <= set(manifest["versions"])
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in Run(run_dir).metrics_file.read_text().splitlines()]
     train_rows = [r for r in rows if r["type"] == "train"]
     eval_rows = [r for r in rows if r["type"] == "eval"]
     assert [r["step"] for r in train_rows] == [1, 2, 3] and [r["step"] for r in eval_rows] == [1, 2, 3]
@@ -64,8 +70,8 @@ def test_packed_equals_unpacked_loss(make_job):
     packed = run(make_job("packed"), "training.batch_size=64", "training.packing=true", "training.max_steps=2")
     unpacked = run(make_job("unpacked"), "training.batch_size=64", "training.packing=false", "training.max_steps=2")
     assert train_losses(packed) == pytest.approx(train_losses(unpacked), abs=1e-5)
-    enc_p = json.loads((packed / "manifest.json").read_text())["encoding"]
-    enc_u = json.loads((unpacked / "manifest.json").read_text())["encoding"]
+    enc_p = manifest_of(packed)["encoding"]
+    enc_u = manifest_of(unpacked)["encoding"]
     assert enc_p["rows"] < enc_u["rows"] == 24
 
 
@@ -75,15 +81,15 @@ def test_resumed_run_equals_uninterrupted(make_job):
     reference = train_losses(whole)
     # Make the folder look like a run killed during step 5: checkpoint 6, the result and DONE are gone,
     # metrics.jsonl has rows past the last checkpoint (they must be replaced, not duplicated).
-    shutil.rmtree(whole / "checkpoints" / "step-0000006")
-    shutil.rmtree(whole / "adapter")
-    (whole / "DONE").unlink()
-    with open(whole / "metrics.jsonl", "a") as f:
+    shutil.rmtree(Run(whole).checkpoints_dir / "step-0000006")
+    shutil.rmtree(Run(whole).adapter_dir)
+    (Run(whole).done_file).unlink()
+    with open(Run(whole).metrics_file, "a") as f:
         f.write('{"type": "train", "step": 5, "loss": 99.0')  # a line cut short by the kill
     resumed = run(path, resume=True)
     assert resumed == whole
     assert train_losses(resumed) == pytest.approx(reference, abs=1e-6)
-    assert json.loads((whole / "summary.json").read_text())["resumed_from_step"] == 4
+    assert Run(whole).summary()["resumed_from_step"] == 4
 
 
 def test_resume_refuses_a_changed_job(make_job):
@@ -95,12 +101,13 @@ def test_resume_refuses_a_changed_job(make_job):
 
 def test_freeze_trains_exactly_the_named_parameters(make_job, tiny_model_dir):
     run_dir = run(make_job("freeze", adapter={"kind": "freeze", "train_top_blocks": 1, "train_norm": True}))
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = manifest_of(run_dir)
     trainable = set(manifest["adapter"]["trainable"])
     assert trainable == {n for n in trainable if n.startswith("model.layers.1.")} | {"model.norm.weight"}
-    assert "model.layers.1.self_attn.q_proj.weight" in trainable and "model.layers.0.mlp.up_proj.weight" not in trainable
+    assert ("model.layers.1.self_attn.q_proj.weight" in trainable
+            and "model.layers.0.mlp.up_proj.weight" not in trainable)
     before = load_file(str(tiny_model_dir / "model.safetensors"))
-    after = load_file(str(run_dir / "model" / "model.safetensors"))
+    after = load_file(str(Run(run_dir).model_dir / "model.safetensors"))
     changed = {n for n in before if not torch.equal(before[n], after[n].to(before[n].dtype))}
     assert changed == trainable
 
@@ -121,14 +128,15 @@ def test_lora_in_the_top_blocks_only_gets_gradients_only_there(tiny_model_dir):
     # at the start, because B starts at zero)
     assert with_grad == {n for n in trainable if "lora_B" in n}
     with pytest.raises(AdapterError, match="lora_top_blocks: 3 is more than the model's 2 blocks"):
-        apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(kind="lora", lora_top_blocks=3))
+        apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                      AdapterConfig(kind="lora", lora_top_blocks=3))
 
 
 def test_full_fine_tuning_trains_everything(make_job):
     run_dir = run(make_job("full", adapter={"kind": "full"}, training={"learning_rate": 1e-3}))
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = manifest_of(run_dir)
     assert manifest["adapter"]["trainable_parameters"] == manifest["adapter"]["total_parameters"]
-    assert (run_dir / "model" / "config.json").exists()
+    assert (Run(run_dir).model_dir / "config.json").exists()
 
 
 def test_layer_wise_decay_sets_per_block_learning_rates(tiny_model_dir):
@@ -153,8 +161,9 @@ def test_layer_wise_decay_sets_per_block_learning_rates(tiny_model_dir):
 
 
 def test_layer_wise_decay_reaches_the_optimizer(make_job):
-    run_dir = run(make_job("decay", adapter={"kind": "full"}, training={"layer_lr_decay": 0.5, "scheduler": "constant"}))
-    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    run_dir = run(make_job("decay", adapter={"kind": "full"},
+                           training={"layer_lr_decay": 0.5, "scheduler": "constant"}))
+    ckpt = sorted((Run(run_dir).checkpoints_dir).iterdir())[-1]
     opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
     assert sorted({round(g["lr"], 6) for g in opt["param_groups"]}) == [0.005, 0.01]
 
@@ -165,14 +174,14 @@ def test_lora_adapter_loads_in_plain_transformers_and_peft(make_job, tiny_model_
 
     run_dir = run(make_job("plain"))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tuned = PeftModel.from_pretrained(base, run_dir / "adapter")
+    tuned = PeftModel.from_pretrained(base, Run(run_dir).adapter_dir)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         with tuned.disable_adapter():
             plain = tuned(input_ids=ids).logits
         adapted = tuned(input_ids=ids).logits
     assert not torch.allclose(plain, adapted)  # the adapter is really applied
-    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((Run(run_dir).adapter_dir / "adapter_config.json").read_text())
     assert Path(config["base_model_name_or_path"]) == tiny_model_dir
 
 
@@ -191,13 +200,13 @@ def test_cli_chat_with_a_run(make_job):
 def test_resume_after_the_last_checkpoint_only_saves_the_result(make_job):
     path = make_job("late-kill", training={"max_steps": 3, "save_every": 1})
     whole = run(path)
-    summary = json.loads((whole / "summary.json").read_text())
-    shutil.rmtree(whole / "adapter")
-    (whole / "DONE").unlink()
-    (whole / "summary.json").unlink()
+    summary = Run(whole).summary()
+    shutil.rmtree(Run(whole).adapter_dir)
+    (Run(whole).done_file).unlink()
+    (Run(whole).summary_file).unlink()
     run(path, resume=True)
-    assert (whole / "DONE").exists() and (whole / "adapter" / "adapter_config.json").exists()
-    again = json.loads((whole / "summary.json").read_text())
+    assert Run(whole).done and (Run(whole).adapter_dir / "adapter_config.json").exists()
+    again = Run(whole).summary()
     assert again["final_train_loss"] == summary["final_train_loss"] and again["resumed_from_step"] == 3
 
 

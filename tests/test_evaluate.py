@@ -8,9 +8,21 @@ import pytest
 import torch
 
 from tailor.evaluate.gate import verdict
-from tailor.evaluate.metrics import (bleu, chrf, contains_answer, exact_match, is_label_set, label_scores, normalize,
-                                     rouge_l, text_scores)
+from tailor.evaluate.metrics import (
+    bleu,
+    chrf,
+    contains_answer,
+    exact_match,
+    is_label_set,
+    label_scores,
+    normalize,
+    rouge_l,
+    text_scores,
+)
+from tailor.runs import Run
 from tailor.spec import GateSpec
+
+from conftest import assert_declared
 
 # --- metrics -------------------------------------------------------------------------------------
 
@@ -57,7 +69,8 @@ def test_label_metrics_only_for_label_answers():
     assert is_label_set(labels)
     assert not is_label_set(["Hello! Your order ships in three days.", "Hello! Refunds take a week."] * 3)
     assert not is_label_set(["a", "b", "c"])  # every label seen once: not enough to call it a label set
-    assert "macro_f1" in text_scores(labels, labels) and "macro_f1" not in text_scores(["x y"] * 2, ["a long free answer"] * 2)
+    assert ("macro_f1" in text_scores(labels, labels)
+            and "macro_f1" not in text_scores(["x y"] * 2, ["a long free answer"] * 2))
 
 
 def test_contains_answer_matches_whole_words():
@@ -107,6 +120,7 @@ def tiny_run(tmp_path, tiny_model_dir, make_job):
     from tailor.data.prepare import prepare
     from tailor.spec import load_job
     from tailor.techniques import task
+
     from conftest import make_conversations
 
     raw = tmp_path / "raw.jsonl"
@@ -124,25 +138,27 @@ def test_training_ends_with_an_evaluation_and_tailor_eval_repeats_it(tiny_run):
 
     from tailor.cli import app
 
-    summary = json.loads((tiny_run / "eval" / "summary.json").read_text())
+    summary = Run(tiny_run).eval_summary()
+    assert_declared(tiny_run)
     assert summary["data"]["examples"] == 5
     for name in ("base", "tuned"):
         assert math.isclose(summary[name]["perplexity"], math.exp(summary[name]["loss"]), rel_tol=1e-9)
         assert 0 <= summary[name]["rouge_l"] <= 1 and 0 <= summary[name]["token_accuracy"] <= 1
     assert summary["gain"]["loss"] == pytest.approx(summary["tuned"]["loss"] - summary["base"]["loss"])
     assert summary["retention"]["questions"] == 120
-    examples = [json.loads(l) for l in (tiny_run / "eval" / "examples.jsonl").read_text().splitlines()]
+    examples = [json.loads(l) for l in Run(tiny_run).eval_examples_file.read_text().splitlines()]
     assert len(examples) == 5 and {"question", "reference", "base", "tuned"} <= set(examples[0])
-    assert len((tiny_run / "eval" / "retention.jsonl").read_text().splitlines()) == 120
+    assert len(Run(tiny_run).retention_file.read_text().splitlines()) == 120
 
     runner = CliRunner()
     # the tiny random model learns nothing in 2 steps: a gain of 1.0 is out of reach, -1.0 is not
-    failed = runner.invoke(app, ["eval", str(tiny_run), "--set", "eval.gate.min_gain=1.0", "--set", "eval.retention=false"])
+    failed = runner.invoke(app, ["eval", str(tiny_run), "--set", "eval.gate.min_gain=1.0",
+                                 "--set", "eval.retention=false"])
     assert failed.exit_code == 1, failed.output
     assert "gate: FAILED" in failed.stdout and "gain on rouge_l" in failed.stdout
-    assert not json.loads((tiny_run / "eval" / "summary.json").read_text())["gate"]["passed"]
-    passed = runner.invoke(app, ["eval", str(tiny_run), "--set", "eval.gate.min_gain=-1.0", "--set", "eval.retention=false",
-                                 "--set", "eval.gate.max_retention_drop=null"])
+    assert not Run(tiny_run).eval_summary()["gate"]["passed"]
+    passed = runner.invoke(app, ["eval", str(tiny_run), "--set", "eval.gate.min_gain=-1.0",
+                                 "--set", "eval.retention=false", "--set", "eval.gate.max_retention_drop=null"])
     assert passed.exit_code == 0, passed.output
     assert "gate: PASSED" in passed.stdout
 
@@ -155,7 +171,7 @@ def test_eval_without_test_data_says_what_to_do(tmp_path, make_job):
     from tailor.techniques import task
 
     run_dir = task.run(load_job(make_job(training={"max_steps": 1})), show_progress=False)
-    assert not (run_dir / "eval").exists()  # no test split: the run ends without an evaluation
+    assert not (Run(run_dir).eval_dir).exists()  # no test split: the run ends without an evaluation
     result = CliRunner().invoke(app, ["eval", str(run_dir)])
     assert result.exit_code == 2 and "no test conversations" in result.stderr and "--data" in result.stderr
 
@@ -184,13 +200,13 @@ def test_report_has_the_charts_and_the_sample_table(tiny_run):
             if self._in_samples and data.strip():
                 self.cells.append(data.strip())
 
-    page = (tiny_run / "report.html").read_text(encoding="utf-8")
+    page = Run(tiny_run).report_file.read_text(encoding="utf-8")
     parsed = Sections()
     parsed.feed(page)
     for chart in ("loss-steps", "loss-epochs", "learning-rate", "base-vs-tuned", "retention"):
         assert chart in parsed.ids
     assert "scores" in parsed.ids and "samples" in parsed.ids
-    examples = [json.loads(l) for l in (tiny_run / "eval" / "examples.jsonl").read_text().splitlines()]
+    examples = [json.loads(l) for l in Run(tiny_run).eval_examples_file.read_text().splitlines()]
     assert examples[0]["question"] in parsed.cells  # the first test question, in the side-by-side table
     # the library is embedded, not fetched: the page works offline
     assert "<script src" not in page.replace("'", '"').lower() and len(page) > 1_000_000
@@ -204,7 +220,7 @@ def test_report_renders_in_a_real_browser(tiny_run):
     if browser is None:
         pytest.skip("no Chromium on this machine")
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--dump-dom", (tiny_run / "report.html").as_uri()],
+                          "--dump-dom", Run(tiny_run).report_file.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     # Plotly draws each chart as SVG once its script has run: the curves are there, not just the page
     assert dom.count('class="main-svg"') >= 2 * 5
@@ -219,7 +235,6 @@ def test_validation_generates_and_early_stopping_keeps_the_best(make_job):
 
     from tailor.spec import load_job
     from tailor.techniques import task
-    from tailor.train.rundir import read_jsonl
 
     # min_delta 100: nothing after the first validation counts as better, so with patience 2 the run
     # must stop at the third validation (step 3 of 10), and its result is step 1's weights
@@ -228,19 +243,19 @@ def test_validation_generates_and_early_stopping_keeps_the_best(make_job):
                                       "early_stopping_patience": 2, "early_stopping_min_delta": 100.0,
                                       "save_every": 0, "keep_checkpoints": 1}))
     run_dir = task.run(job, show_progress=False)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = Run(run_dir).summary()
     assert summary["stopped_early"] and summary["steps"] == 3
     assert summary["best"] == {"step": 1, "metric": "val_loss", "value": pytest.approx(summary["final_val_loss"])}
-    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "eval"]
+    evals = [r for r in Run(run_dir).metrics() if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [1, 2, 3]
     assert all(0 <= r["val_rouge_l"] <= 1 and "val_chrf" in r for r in evals)  # generated answers, scored
     assert summary["final_val_loss"] == pytest.approx(evals[0]["val_loss"])
-    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
-    assert best["checkpoint"] == "step-0000001" and (run_dir / "checkpoints" / "step-0000001").is_dir()
+    best = json.loads((Run(run_dir).checkpoints_dir / "best.json").read_text())
+    assert best["checkpoint"] == "step-0000001" and (Run(run_dir).checkpoints_dir / "step-0000001").is_dir()
     # keep_checkpoints 1 pruned step 2 but not the best one
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000003"]
-    checkpoint = load_file(str(run_dir / "checkpoints" / "step-0000001" / "trainable.safetensors"))
-    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert sorted(p.name for p in (Run(run_dir).checkpoints_dir).glob("step-*")) == ["step-0000001", "step-0000003"]
+    checkpoint = load_file(str(Run(run_dir).checkpoints_dir / "step-0000001" / "trainable.safetensors"))
+    adapter = load_file(str(Run(run_dir).adapter_dir / "adapter_model.safetensors"))
     assert {k.replace(".default", ""): v for k, v in checkpoint.items()}.keys() == adapter.keys()
     for key, value in checkpoint.items():
         assert torch.equal(adapter[key.replace(".default", "")], value), key
@@ -290,15 +305,17 @@ def test_the_judge_scores_both_models_and_is_marked_as_opinion(tiny_run, judge_s
     spec = EvalSpec(max_examples=4, max_new_tokens=8, retention=False, gate={"max_retention_drop": None},
                     judge={"endpoint": url, "model": "grader", "criteria": criteria, "api_key_env": "JUDGE_KEY"})
     summary = evaluate(tiny_run, spec=spec, say=lambda m: None)
-    examples = [json.loads(l) for l in (tiny_run / "eval" / "examples.jsonl").read_text().splitlines()]
+    examples = [json.loads(l) for l in Run(tiny_run).eval_examples_file.read_text().splitlines()]
     expected = {n: sum(5 if "e" in ex[n] else 1 for ex in examples) / len(examples) for n in ("base", "tuned")}
     assert summary["judge"]["tuned"] == {"tone": pytest.approx(expected["tuned"]), "policy": 3.0}
     assert summary["judge"]["base"]["tone"] == pytest.approx(expected["base"])
     assert "judgement" in summary["judge"]["note"] and examples[0]["judge_tuned"]["policy"] == 3
     assert len(seen) == 2 * 4 and seen[0]["path"] == "/v1/chat/completions" and seen[0]["auth"] == "Bearer secret"
-    assert seen[0]["body"]["model"] == "grader" and "never promises refunds" in seen[0]["body"]["messages"][-1]["content"]
-    assert "judgement, not a measurement" in (tiny_run / "report.html").read_text()
-    assert summary["gate"]["passed"] in (True, False) and all("judge" not in c["name"] for c in summary["gate"]["checks"])
+    assert (seen[0]["body"]["model"] == "grader"
+            and "never promises refunds" in seen[0]["body"]["messages"][-1]["content"])
+    assert "judgement, not a measurement" in Run(tiny_run).report_file.read_text()
+    assert (summary["gate"]["passed"] in (True, False)
+            and all("judge" not in c["name"] for c in summary["gate"]["checks"]))
 
 
 def test_a_judge_that_fails_does_not_cost_the_evaluation(tiny_run):
@@ -314,16 +331,18 @@ def test_a_judge_that_fails_does_not_cost_the_evaluation(tiny_run):
 def test_train_says_when_the_gate_failed_but_exits_0(tmp_path, tiny_model_dir, make_job):
     from typer.testing import CliRunner
 
-    from conftest import make_conversations
     from tailor.cli import app
     from tailor.data.prepare import prepare
+
+    from conftest import make_conversations
 
     raw = tmp_path / "raw.jsonl"
     raw.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(40, seed=5)), encoding="utf-8")
     prepared = prepare([raw], tmp_path / "prepared", model=str(tiny_model_dir), num_proc=1, say=lambda m: None,
                        privacy={"enabled": False}, card={"perplexity_sample": 0, "html": False}, split={"test": 4})
     job = make_job("gated", data={"train": [str(prepared.out)]}, training={"max_steps": 1},
-                   eval={"max_new_tokens": 4, "retention": False, "gate": {"min_gain": 1.0, "max_retention_drop": None}})
+                   eval={"max_new_tokens": 4, "retention": False,
+                         "gate": {"min_gain": 1.0, "max_retention_drop": None}})
     result = CliRunner().invoke(app, ["train", str(job), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "evaluation gate failed" in result.stderr and "exits with status 1" in result.stderr
@@ -332,8 +351,9 @@ def test_train_says_when_the_gate_failed_but_exits_0(tmp_path, tiny_model_dir, m
 def test_eval_on_a_plain_file_of_conversations(tiny_run, tmp_path):
     from typer.testing import CliRunner
 
-    from conftest import make_conversations
     from tailor.cli import app
+
+    from conftest import make_conversations
 
     holdout = tmp_path / "holdout.jsonl"
     holdout.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(7, seed=11)), encoding="utf-8")
@@ -341,7 +361,7 @@ def test_eval_on_a_plain_file_of_conversations(tiny_run, tmp_path):
                                       "--set", "eval.gate.min_gain=null", "--set", "eval.max_new_tokens=4",
                                       "--set", "eval.max_examples=50"])
     assert result.exit_code == 0, result.output
-    summary = json.loads((tiny_run / "eval" / "summary.json").read_text())
+    summary = Run(tiny_run).eval_summary()
     assert summary["data"] == {"sources": [str(holdout)], "examples": 7}
     assert summary["retention"] is None and summary["gate"]["checks"][0]["passed"] is None  # retention: skipped
 

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import train_losses
 from tailor.cli import app
 from tailor.quickstart import JOB
+from tailor.runs import Run
 from tailor.spec import load_job
 from tailor.techniques import task
+
+from conftest import manifest_of, train_losses
 
 pytestmark = pytest.mark.integration
 
@@ -49,10 +51,11 @@ def test_lora_on_the_embedded_model_learns_and_saves_a_peft_adapter(embedded_run
     run_dir = embedded_run
     losses = train_losses(run_dir)
     assert len(losses) == 4 and losses[-1] < losses[0]
-    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((Run(run_dir).adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["base_model_name_or_path"] == str(embedded_path)
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+    manifest = manifest_of(run_dir)
     assert manifest["model"]["kind"] == "embedded" and manifest["encoding"]["truncated"] == 0
 
 
@@ -92,7 +95,8 @@ def test_the_embedded_run_served_to_concurrent_clients_and_exported_with_parity(
 
     folder = export_run(embedded_run, tmp_path / "export", dtype="float32", say=lambda m: None)
     eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
-    assert AutoModelForCausalLM.from_pretrained(folder).config.model_type == "llama" and 2 in (eos if isinstance(eos, list) else [eos])
+    assert (AutoModelForCausalLM.from_pretrained(folder).config.model_type == "llama"
+            and 2 in (eos if isinstance(eos, list) else [eos]))
     prompts = [[{"role": "user", "content": q}] for q in questions]
     result = parity(embedded_run, folder, prompts, max_new_tokens=24)
     assert result["agree"] == len(prompts), result
@@ -115,30 +119,32 @@ def test_quickstart_runs_every_step(embedded_path, calibrated, tmp_path):
         for f in [*prepared.rglob("*.arrow"), *prepared.glob("*.json*"), prepared / "card.md"]:
             assert planted not in f.read_text(encoding="utf-8", errors="replace"), (planted, f)
     run_dir = next((tmp_path / "quickstart").iterdir())
-    comparison = (run_dir / "quickstart.md").read_text()
+    comparison = Run(run_dir).quickstart_file.read_text()
     assert comparison.count("**Base:**") == 3 and comparison.count("**Tuned:**") == 3
-    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    summary = Run(run_dir).eval_summary()
     assert summary["data"]["examples"] == 12  # the prepared test split
     assert summary["retention"]["questions"] == 120
     assert ("gate: PASSED" if summary["gate"]["passed"] else "gate: FAILED") in result.output
     assert "ROUGE-L" in result.output and "general questions" in result.output
-    assert '"rating": "up"} → feedback #1 stored' in result.output and "curl http://127.0.0.1:8000/v1/chat" in result.output
+    assert ('"rating": "up"} → feedback #1 stored' in result.output
+            and "curl http://127.0.0.1:8000/v1/chat" in result.output)
 
 
 def test_quickstart_sequential_runs_three_gated_stages(embedded_path, calibrated, tmp_path):
     # the staged path end to end on the real model: each stage's data prepared once, three stages
     # that continue each other, the gate after each, the evaluation of the stage kept
-    result = CliRunner().invoke(app, ["quickstart", "--technique", "sequential", "--steps", "2", "--out", str(tmp_path)],
+    result = CliRunner().invoke(app, ["quickstart", "--technique", "sequential", "--steps", "2",
+                                      "--out", str(tmp_path)],
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "after stage routing: validation loss handbook" in result.output
     assert {p.name for p in tmp_path.iterdir()} >= {"prepared-support", "prepared-routing", "quickstart-sequential"}
     run_dir = next((tmp_path / "quickstart-sequential").iterdir())
-    record = json.loads((run_dir / "stages.json").read_text())
+    record = Run(run_dir).stages_record()
     assert [s["name"] for s in record["stages"]] == ["handbook", "support", "routing"]
     folders = [Path(s["folder"]) for s in record["stages"]]
     for before, after in zip(folders, folders[1:]):
-        assert json.loads((after / "manifest.json").read_text())["start"]["trainable_sha256"] == \
-            json.loads((before / "summary.json").read_text())["end"]["trainable_sha256"]
-    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+        assert manifest_of(after)["start"]["trainable_sha256"] == \
+            Run(before).summary()["end"]["trainable_sha256"]
+    summary = Run(run_dir).eval_summary()
     assert summary["data"]["examples"] >= 10 and "rouge_l" in summary["tuned"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tailor.runs import Run
 from tailor.train.adapters import block_index
 
 
@@ -25,7 +26,7 @@ def direct(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> dic
 
 
 def reported(run_dir) -> dict[int, float]:
-    report = json.loads((run_dir / "layer_change.json").read_text())
+    report = Run(run_dir).layer_change()
     return {b["block"]: b["relative_change"] for b in report["blocks"]}
 
 
@@ -38,16 +39,16 @@ def test_lora_report_matches_the_merged_weights(make_job, tiny_model_dir):
 
     run_dir = task.run(load_job(make_job("lora-layers", training={"max_steps": 3})), show_progress=False)
     base = load_file(str(tiny_model_dir / "model.safetensors"))
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), Run(run_dir).adapter_dir)
     merged = merged.merge_and_unload().state_dict()
     expected, got = direct(base, merged), reported(run_dir)
     assert set(got) == {0, 1} and set(expected) == {0, 1}
     for block in expected:
         assert got[block] == pytest.approx(expected[block], rel=1e-4)
         assert got[block] > 0
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in Run(run_dir).metrics_file.read_text().splitlines()]
     assert rows[-1]["type"] == "layer_change" and rows[-1]["block_01"] == pytest.approx(got[1])
-    assert "layer-change" in (run_dir / "report.html").read_text()
+    assert "layer-change" in Run(run_dir).report_file.read_text()
 
 
 def test_freeze_report_shows_only_the_trained_blocks(make_job, tiny_model_dir):
@@ -58,10 +59,10 @@ def test_freeze_report_shows_only_the_trained_blocks(make_job, tiny_model_dir):
                    training={"max_steps": 3})
     run_dir = task.run(load_job(job), show_progress=False)
     base = load_file(str(tiny_model_dir / "model.safetensors"))
-    tuned = load_file(str(run_dir / "model" / "model.safetensors"))
+    tuned = load_file(str(Run(run_dir).model_dir / "model.safetensors"))
     got = reported(run_dir)
     assert got == {1: pytest.approx(direct(base, tuned)[1], rel=1e-4)}  # block 0 was frozen: not in the report
-    other = json.loads((run_dir / "layer_change.json").read_text())["other"]
+    other = Run(run_dir).layer_change()["other"]
     assert set(other) == {"final_norm"} and other["final_norm"] > 0
 
 

@@ -6,8 +6,7 @@ import sys
 import pytest
 import torch
 
-from tailor.models import ModelNotFound, best_dtype, resolve_model
-from tailor.models import hardware
+from tailor.models import ModelNotFound, best_dtype, hardware, resolve_model
 from tailor.models.generate import answer, load_base
 
 
@@ -55,7 +54,8 @@ def test_batched_greedy_answers_equal_one_at_a_time(tiny_model_dir):
 
 def test_cli_chat_on_a_local_model(tiny_model_dir):
     result = subprocess.run([sys.executable, "-m", "tailor", "chat", "--model", str(tiny_model_dir), "hello",
-                             "--max-new-tokens", "5", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
+                             "--max-new-tokens", "5", "--dtype", "float32"],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     result = subprocess.run([sys.executable, "-m", "tailor", "chat", "--model", "Nope/missing", "hi"],
                             capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
@@ -66,7 +66,8 @@ def test_cli_chat_on_a_local_model(tiny_model_dir):
 def test_embedded_gguf_converts_once_and_chats(embedded_path):
     resolved = resolve_model("embedded:smollm2-135m-instruct")
     assert resolved.path == str(embedded_path)
-    assert (embedded_path / "model.safetensors").exists() and (embedded_path / "SOURCE").read_text().strip().endswith(".gguf")
+    assert ((embedded_path / "model.safetensors").exists()
+            and (embedded_path / "SOURCE").read_text().strip().endswith(".gguf"))
     model, tokenizer = load_base("embedded:smollm2-135m-instruct")
     assert model.config.num_hidden_layers == 30 and model.dtype == best_dtype("auto")
     reply = answer(model, tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]], 20)[0]
@@ -75,8 +76,9 @@ def test_embedded_gguf_converts_once_and_chats(embedded_path):
 
 @pytest.mark.integration
 def test_gguf_file_path_loads_the_same_weights(embedded_path):
-    from tailor.models.embedded import embedded_gguf
     from safetensors.torch import load_file
+
+    from tailor.models.embedded import embedded_gguf
 
     resolved = resolve_model(str(embedded_gguf("smollm2-135m-instruct")))
     assert resolved.kind == "gguf"

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from tailor.runs import Run
 from tailor.spec import load_job
 from tailor.techniques import run as run_technique
 from tailor.train.encode import IGNORE
@@ -197,7 +198,7 @@ def test_golden_losses_of_a_seeded_behavioral_run(make_job, pairs_file):
     path = make_job("behave-golden", technique="behavioral", data={"train": [str(pairs_file)]},
                     training={"max_steps": 3}, sequential={"max_regression": None})
     run_dir = run_technique(load_job(path, []), show_progress=False)
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = Run(run_dir).metrics()
     losses = {stage: [r["loss"] for r in rows if r["type"] == "train" and r["stage"] == stage] for stage in GOLDEN}
     for stage, golden in GOLDEN.items():
         assert losses[stage] == pytest.approx(golden, rel=1e-4), stage

@@ -4,7 +4,6 @@ import json
 import random
 
 import numpy as np
-
 import pytest
 
 from tailor.data import DataError, Example
@@ -13,6 +12,9 @@ from tailor.data.dedup import NearDuplicates, exact_key, sharing_a_band, signatu
 from tailor.data.prepare import prepare
 from tailor.data.split import assign_splits, group_records, shared_prompts
 from tailor.data.store import read_prepared
+from tailor.runs import Run
+
+from conftest import assert_declared, manifest_of
 
 
 def chat(user, answer, system=None, task=None):
@@ -160,16 +162,19 @@ def messy_dataset(tmp_path):
     lines.append(json.dumps(chat("  QUESTION 5: how do I reset lamp model 5?", rows[5]["messages"][1]["content"])))
     near = chat(rows[7]["messages"][0]["content"], rows[7]["messages"][1]["content"] + " Thanks")
     lines.append(json.dumps(near))                                       # near duplicate
-    lines.append(json.dumps(chat(rows[9]["messages"][0]["content"], "A different answer to the same question entirely.")))
+    lines.append(json.dumps(chat(rows[9]["messages"][0]["content"],
+                                 "A different answer to the same question entirely.")))
     lines.append("{broken json")                                         # unreadable
     lines.append(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))  # nothing to learn
-    lines.append(json.dumps(chat("Mail me at jane.doe@example.org", "Sure, I will write to jane.doe@example.org today.")))
+    lines.append(json.dumps(chat("Mail me at jane.doe@example.org",
+                                 "Sure, I will write to jane.doe@example.org today.")))
     lines.append(json.dumps(chat("x", "y")))                             # too short (min_tokens below)
     path = tmp_path / "raw.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     alpaca = tmp_path / "faq.jsonl"
     alpaca.write_text("\n".join(json.dumps({"instruction": f"FAQ {i}: what is the warranty for part {i}?",
-                                            "output": f"Part {i} has a {i % 3 + 1}-year warranty from the day of purchase."})
+                                            "output": f"Part {i} has a {i % 3 + 1}-year warranty "
+                                                      "from the day of purchase."})
                                 for i in range(20)) + "\n", encoding="utf-8")
     return path, alpaca
 
@@ -244,7 +249,7 @@ def test_train_reads_a_prepared_folder(tmp_path, tiny_model_dir, make_job):
     out = run_prepare(tmp_path, tiny_model_dir).out
     job = load_job(make_job(data={"train": [str(out)]}, training={"max_steps": 2}))
     run_dir = task.run(job, show_progress=False)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = manifest_of(run_dir)
     n = {s: len(read_prepared(out, s)) for s in ("train", "validation")}
     assert manifest["encoding"]["train_examples"] == n["train"]
     assert manifest["encoding"]["validation_examples"] == n["validation"]
@@ -268,6 +273,19 @@ def test_cli_prepare_prints_the_card_summary(tmp_path, tiny_model_dir):
     assert bad.exit_code == 2 and "did you mean 'threshold'" in bad.stderr
 
 
+def test_train_with_data_prepare_and_no_spacy_model_is_an_error_not_a_traceback(tmp_path, make_job, chat_file):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    path = make_job("no-ner-model", data={"train": [str(chat_file)], "prepare": True,
+                                          "privacy": {"spacy_model": "no_such_spacy_pkg"}})
+    result = CliRunner().invoke(app, ["train", str(path), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.stderr and "spacy_model" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+
+
 def test_a_job_with_data_prepare_prepares_into_its_run_folder(tmp_path, make_job):
     from tailor.spec import load_job
     from tailor.techniques import task
@@ -276,9 +294,10 @@ def test_a_job_with_data_prepare_prepares_into_its_run_folder(tmp_path, make_job
     job = load_job(make_job(data={"train": [str(raw)], "prepare": True, "privacy": {"ner": False},
                                   "card": {"perplexity_sample": 0, "html": False}}, training={"max_steps": 1}))
     run_dir = task.run(job, show_progress=False)
-    card = json.loads((run_dir / "data" / "card.json").read_text())
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["data"]["prepared"] == str(run_dir / "data")
+    assert_declared(run_dir)
+    card = json.loads((Run(run_dir).data_dir / "card.json").read_text())
+    manifest = manifest_of(run_dir)
+    assert manifest["data"]["prepared"] == str(Run(run_dir).data_dir)
     assert manifest["encoding"]["train_examples"] == card["splits"]["train"]["records"]
     assert manifest["encoding"]["validation_examples"] == card["splits"]["validation"]["records"]
 

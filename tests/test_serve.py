@@ -14,12 +14,15 @@ import torch
 
 from tailor.feedback.export import export as export_feedback
 from tailor.feedback.store import FeedbackStore
-from tailor.models.generate import answer, load_run
-from tailor.serve.app import Limits
 from tailor.models.decode import Engine, Request, Sampling, holdback
+from tailor.models.generate import answer, load_run
+from tailor.runs import Run
+from tailor.serve.app import Limits
 from tailor.serve.server import InThread, ServeError, ServeSettings, build, check_settings
 from tailor.spec import load_job
 from tailor.techniques import run as run_technique
+
+from conftest import manifest_of
 
 KEY = "sk-test-key"
 
@@ -67,7 +70,8 @@ class LiveServer(InThread):
 
 def settings(two_runs, tmp_path, **extra) -> ServeSettings:
     return ServeSettings(runs=[str(two_runs["lamps"]), f"sea={two_runs['boats']}"], dtype="float32",
-                         db=f"sqlite:///{tmp_path / 'feedback.db'}", limits=Limits(max_tokens=64, max_body_bytes=20_000),
+                         db=f"sqlite:///{tmp_path / 'feedback.db'}",
+                         limits=Limits(max_tokens=64, max_body_bytes=20_000),
                          **extra)
 
 
@@ -157,7 +161,8 @@ def test_two_adapters_and_the_base_in_one_batch_give_their_own_answers(two_runs,
                 assert text == expected[name][i], (name, i)
         assert max(sizes) > 1  # requests really were decoded together
         # an adapter added while serving, without a restart
-        added = httpx.post(live.url + "/v1/adapters", json={"run": str(two_runs["boats"]), "name": "boats2"}, timeout=60)
+        added = httpx.post(live.url + "/v1/adapters", json={"run": str(two_runs["boats"]), "name": "boats2"},
+                           timeout=60)
         assert added.status_code == 200 and added.json()["id"] == "boats2"
         again = client.chat.completions.create(model="boats2", messages=[{"role": "user", "content": questions[0]}],
                                                temperature=0, max_tokens=24)
@@ -226,14 +231,14 @@ def test_concurrent_clients_and_feedback_lose_nothing_and_export_trains(two_runs
     assert len(read_many([str(exported.supervised)])) == 32
 
     # the continual-learning stage: the deployed adapter goes on training on what users corrected
-    job = load_job(two_runs["lamps"] / "job.yaml", [f"data.train=[{exported.supervised}]", "training.max_steps=2",
+    job = load_job(Run(two_runs["lamps"]).job_file, [f"data.train=[{exported.supervised}]", "training.max_steps=2",
                                                      f"model.from_run={two_runs['lamps']}", "name=lamps-feedback"])
     continued = run_technique(job, show_progress=False)
-    manifest = json.loads((continued / "manifest.json").read_text())
-    before = json.loads((two_runs["lamps"] / "summary.json").read_text())
+    manifest = manifest_of(continued)
+    before = Run(two_runs["lamps"]).summary()
     assert manifest["start"]["from"] == str(two_runs["lamps"])
     assert manifest["start"]["trainable_sha256"] == before["end"]["trainable_sha256"]
-    assert (continued / "adapter").is_dir()
+    assert (Run(continued).adapter_dir).is_dir()
 
 
 def test_export_merges_and_parity_catches_a_broken_template(two_runs, tmp_path):
@@ -351,7 +356,7 @@ def test_the_vllm_engine_gets_each_requests_adapter_and_sampling(two_runs, tmp_p
     assert generate[1] == [{"prompt_token_ids": prompt_ids}]
     assert generate[2][0] | {"stop_token_ids": None} == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3,
                                                          "stop": ["##"], "stop_token_ids": None}
-    assert generate[3][0].lora_name == "sea" and generate[3][0].lora_path == str(two_runs["boats"] / "adapter")
+    assert generate[3][0].lora_name == "sea" and generate[3][0].lora_path == str(Run(two_runs["boats"]).adapter_dir)
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
         del sys.modules[name]  # the stand-in must not outlive this test
 
@@ -405,12 +410,26 @@ def test_requests_that_join_a_running_batch_get_the_answers_they_get_alone(tiny_
 def test_from_run_must_be_a_finished_run_of_the_same_base(two_runs, tmp_path):
     from tailor.train.adapters import AdapterError
 
-    other = tmp_path / "other-run"
-    other.mkdir()
-    (other / "manifest.json").write_text(json.dumps({"model": {"source": "org/another-model"}}))
-    (other / "DONE").write_text("")
-    job = two_runs["lamps"] / "job.yaml"
+    other = Run(tmp_path / "other-run")
+    other.path.mkdir()
+    lamps = Run(two_runs["lamps"]).manifest()
+    other.write_manifest(lamps.model_copy(
+        update={"model": lamps.model.model_copy(update={"source": "org/another-model"})}))
+    other.mark_done()
+    job = Run(two_runs["lamps"]).job_file
     with pytest.raises(AdapterError, match="trained org/another-model, but this job's model.base is"):
-        run_technique(load_job(job, [f"model.from_run={other}", "training.max_steps=1"]), show_progress=False)
+        run_technique(load_job(job, [f"model.from_run={other.path}", "training.max_steps=1"]), show_progress=False)
     with pytest.raises(AdapterError, match="not a finished run folder"):
         run_technique(load_job(job, [f"model.from_run={tmp_path}", "training.max_steps=1"]), show_progress=False)
+
+
+def test_the_prompt_log_anonymizer_uses_the_privacy_sections_spacy_model(tmp_path):
+    """serve builds its log anonymizer from the same `privacy:` section as prepare, spaCy model included."""
+    pytest.importorskip("presidio_analyzer")
+    from tailor.data.privacy import PrivacyError
+    from tailor.serve.server import _prompt_logger
+
+    privacy = tmp_path / "data.yaml"
+    privacy.write_text("privacy:\n  spacy_model: no_such_spacy_pkg\n", encoding="utf-8")
+    with pytest.raises(PrivacyError, match=r"no_such_spacy_pkg.*spacy_model"):
+        _prompt_logger(ServeSettings(log_prompts=True, privacy=str(privacy)))

@@ -5,6 +5,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tailor.cli import app
+from tailor.runs import Run
 from tailor.spec import Job, SpecError, describe_fields, load_job, parse_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def test_every_shipped_job_runs_a_step(path, tmp_path, tiny_model_dir):
         if stage.data is not None:
             stage.data.privacy.ner, stage.data.card.perplexity_sample = False, 0
     run_dir = run(job, show_progress=False)
-    assert (run_dir / "DONE").exists() and ((run_dir / "adapter").is_dir() or (run_dir / "model").is_dir())
+    assert Run(run_dir).done and ((Run(run_dir).adapter_dir).is_dir() or (Run(run_dir).model_dir).is_dir())
 
 
 def test_there_are_example_jobs_for_each_adapter_kind():
@@ -73,7 +74,8 @@ def test_set_overrides_go_through_the_schema(tmp_path):
     assert job.training.learning_rate == 1e-4
     assert job.adapter.target_modules == ["q_proj", "v_proj"]
     assert job.data.train == [str(tmp_path / "t.jsonl")]  # relative to the job file
-    assert load_job(path, ["data.privacy.spacy_model=./models/de"]).data.privacy.spacy_model == str(tmp_path / "models/de")
+    assert (load_job(path, ["data.privacy.spacy_model=./models/de"]).data.privacy.spacy_model
+            == str(tmp_path / "models/de"))
     assert load_job(path, ["data.privacy.spacy_model=de_core_news_sm"]).data.privacy.spacy_model == "de_core_news_sm"
     with pytest.raises(SpecError, match="training.learning_rte: unknown key; did you mean 'learning_rate'"):
         load_job(path, ["training.learning_rte=1e-4"])

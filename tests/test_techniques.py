@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tailor.runs import Run
 from tailor.spec import load_job
 from tailor.techniques import run as run_technique
 from tailor.train.loop import TrainSettings
 from tailor.train.mixture import MixturePlan, task_probabilities
+
+from conftest import assert_declared, manifest_of
 
 
 def run(job_path, *overrides, resume=False) -> Path:
@@ -20,7 +23,7 @@ def run(job_path, *overrides, resume=False) -> Path:
 
 
 def rows_of(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Run(run_dir).metrics_file.read_text().splitlines() if line.strip()]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -40,7 +43,8 @@ def test_task_probabilities_follow_size_temperature_and_weights():
     assert task_probabilities(sizes, "proportional") == pytest.approx({"big": 0.9, "small": 0.1})
     assert task_probabilities(sizes, "temperature", 2.0) == pytest.approx({"big": 30 / 40, "small": 10 / 40})
     assert task_probabilities(sizes, "temperature", 1e6)["small"] == pytest.approx(0.5, abs=1e-4)
-    assert task_probabilities(sizes, "weights", weights={"big": 1, "small": 3}) == pytest.approx({"big": 0.25, "small": 0.75})
+    assert (task_probabilities(sizes, "weights", weights={"big": 1, "small": 3})
+            == pytest.approx({"big": 0.25, "small": 0.75}))
     with pytest.raises(ValueError, match="no weight for small"):
         task_probabilities(sizes, "weights", weights={"big": 1})
 
@@ -74,7 +78,8 @@ def two_tasks(tmp_path) -> tuple[Path, Path]:
 def test_multitask_logs_every_task_and_draws_by_the_weights(make_job, two_tasks):
     support, routing = two_tasks
     path = make_job("mt", technique="multitask",
-                    data={"train": [{"path": str(support), "task": "support"}, {"path": str(routing), "task": "routing"}],
+                    data={"train": [{"path": str(support), "task": "support"},
+                                    {"path": str(routing), "task": "routing"}],
                           "validation_fraction": 0.2},
                     multitask={"sampling": "weights", "weights": {"support": 1, "routing": 1},
                                "instructions": {"routing": "Reply with one department."}},
@@ -82,13 +87,13 @@ def test_multitask_logs_every_task_and_draws_by_the_weights(make_job, two_tasks)
     run_dir = run(path)
     evals = [r for r in rows_of(run_dir) if r["type"] == "eval"]
     assert {"val_loss/support", "val_loss/routing", "val_token_accuracy/routing"} <= set(evals[-1])
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = manifest_of(run_dir)
     assert manifest["tasks"]["routing"]["probability"] == pytest.approx(0.5)
     assert manifest["tasks"]["routing"]["instruction"] == "Reply with one department."
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = Run(run_dir).summary()
     drawn = summary["tasks"]
     assert drawn["support"]["rows_drawn"] + drawn["routing"]["rows_drawn"] == 6 * 2
-    report = (run_dir / "report.html").read_text()
+    report = Run(run_dir).report_file.read_text()
     assert "tasks-loss" in report and "Validation loss by task" in report
 
 
@@ -106,11 +111,13 @@ def test_multitask_refuses_records_without_a_task(make_job, two_tasks, chat_file
 
 
 def test_transfer_trains_only_the_named_top_blocks(tiny_model_dir):
-    from conftest import build_tokenizer
     from tailor.models import load_model
     from tailor.train.adapters import AdapterConfig, apply_adapter
 
-    for cfg, allowed in ((AdapterConfig(kind="freeze", train_top_blocks=1, train_norm=True), ("layers.1.", "model.norm.")),
+    from conftest import build_tokenizer
+
+    for cfg, allowed in ((AdapterConfig(kind="freeze", train_top_blocks=1, train_norm=True),
+                          ("layers.1.", "model.norm.")),
                          (AdapterConfig(kind="lora", rank=2, lora_top_blocks=1), ("layers.1.",))):
         model = apply_adapter(load_model(str(tiny_model_dir), torch.float32), cfg)
         ids = torch.tensor([build_tokenizer()("hello lamp")["input_ids"]])
@@ -130,15 +137,16 @@ def test_transfer_pretrains_on_domain_text_then_the_task(make_job, tmp_path):
                     transfer={"domain_text": [str(text)], "domain_epochs": 1}, training={"max_steps": 2},
                     data={"validation_fraction": 0.2})
     run_dir = run(path)
-    stages = json.loads((run_dir / "stages.json").read_text())["stages"]
+    assert_declared(run_dir)
+    stages = Run(run_dir).stages_record()["stages"]
     assert [s["name"] for s in stages] == ["domain", "task"]
     domain = Path(stages[0]["folder"])
-    assert json.loads((domain / "manifest.json").read_text())["encoding"]["train_label_tokens"] > 0
+    assert manifest_of(domain)["encoding"]["train_label_tokens"] > 0
     # text windows carry loss on every token but their first
-    enc = json.loads((domain / "manifest.json").read_text())["encoding"]
+    enc = manifest_of(domain)["encoding"]
     assert enc["train_label_tokens"] == enc["train_tokens"] - enc["train_examples"]
-    assert (run_dir / "model").is_dir() and (run_dir / "DONE").exists()
-    assert json.loads((run_dir / "manifest.json").read_text())["technique"] == "transfer"
+    assert (Run(run_dir).model_dir).is_dir() and Run(run_dir).done
+    assert manifest_of(run_dir)["technique"] == "transfer"
 
 
 def test_transfer_refuses_full_fine_tuning(make_job):
@@ -176,17 +184,18 @@ def test_each_stage_starts_exactly_from_the_previous_stage_weights(make_job, pin
         path = staged_job(make_job, f"seq-{kind}", first, first, adapter={"kind": kind, "train_top_blocks": 1},
                           sequential={"max_regression": None})
         run_dir = run(path)
-        folders = sorted((run_dir / "stages").iterdir())
+        folders = sorted((Run(run_dir).stages_dir).iterdir())
         assert [f.name for f in folders] == ["1-first", "2-second", "3-third"]
         for before, after in zip(folders, folders[1:]):
-            end = json.loads((before / "summary.json").read_text())["end"]["trainable_sha256"]
-            start = json.loads((after / "manifest.json").read_text())["start"]
+            end = Run(before).summary()["end"]["trainable_sha256"]
+            start = manifest_of(after)["start"]
             assert start["from"] == str(before) and start["trainable_sha256"] == end
-        first_start = json.loads((folders[0] / "manifest.json").read_text())["start"]["trainable_sha256"]
-        assert first_start != json.loads((folders[0] / "summary.json").read_text())["end"]["trainable_sha256"]
+        first_start = manifest_of(folders[0])["start"]["trainable_sha256"]
+        assert first_start != Run(folders[0]).summary()["end"]["trainable_sha256"]
         # the run's result is the last stage's
         result = "adapter" if kind == "lora" else "model"
-        assert sorted(p.name for p in (run_dir / result).iterdir()) == sorted(p.name for p in (folders[-1] / result).iterdir())
+        assert (sorted(p.name for p in (run_dir / result).iterdir())
+                == sorted(p.name for p in (folders[-1] / result).iterdir()))
         steps = [r["step"] for r in rows_of(run_dir) if r["type"] == "train"]
         assert steps == sorted(steps) and steps[-1] == 12
 
@@ -196,23 +205,23 @@ def test_the_gate_stops_when_a_stage_makes_the_model_forget(make_job, ping_data)
     path = staged_job(make_job, "seq-forget", first, second, training={"max_steps": 8},
                       sequential={"max_regression": 0.1, "on_regression": "stop"})
     run_dir = run(path)
-    record = json.loads((run_dir / "stages.json").read_text())["stages"]
+    record = Run(run_dir).stages_record()["stages"]
     assert [s["name"] for s in record] == ["first", "second"]  # the third never ran
     regression = record[1]["regressions"][0]
     assert regression["stage"] == "first" and regression["rise"] > 0.1
-    assert not (run_dir / "stages" / "3-third").exists()
-    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not (Run(run_dir).stages_dir / "3-third").exists()
+    summary = Run(run_dir).summary()
     assert summary["stopped_at_stage"] == "second" and summary["result_of"] == "1-first"
-    first_summary = json.loads((run_dir / "stages" / "1-first" / "summary.json").read_text())
+    first_summary = json.loads((Run(run_dir).stages_dir / "1-first" / "summary.json").read_text())
     assert summary["final_val_loss"] == first_summary["final_val_loss"]
-    kept = run_dir / "stages" / "1-first" / "adapter" / "adapter_model.safetensors"
-    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == kept.read_bytes()
-    page = (run_dir / "report.html").read_text()
+    kept = Run(run_dir).stages_dir / "1-first" / "adapter" / "adapter_model.safetensors"
+    assert (Run(run_dir).adapter_dir / "adapter_model.safetensors").read_bytes() == kept.read_bytes()
+    page = Run(run_dir).report_file.read_text()
     assert "id='stages'" in page and "the result is the stage before it, stages/1-first" in page
 
     warned = run(staged_job(make_job, "seq-warn", first, second, training={"max_steps": 8},
                             sequential={"max_regression": 0.1, "on_regression": "warn"}))
-    assert len(json.loads((warned / "stages.json").read_text())["stages"]) == 3
+    assert len(Run(warned).stages_record()["stages"]) == 3
 
 
 def test_resume_restarts_at_the_unfinished_stage(make_job, ping_data):
@@ -221,20 +230,20 @@ def test_resume_restarts_at_the_unfinished_stage(make_job, ping_data):
                       training={"save_every": 2})
     whole = run(path)
     reference = rows_of(whole)
-    first_metrics = (whole / "stages" / "1-first" / "metrics.jsonl").stat().st_mtime_ns
+    first_metrics = (Run(whole).stages_dir / "1-first" / "metrics.jsonl").stat().st_mtime_ns
     # as if killed during stage 2, after its checkpoint at step 2
-    second = whole / "stages" / "2-second"
+    second = Run(whole).stages_dir / "2-second"
     for name in ("DONE", "summary.json"):
         (second / name).unlink()
-    shutil.rmtree(second / "adapter")
-    shutil.rmtree(second / "checkpoints" / "step-0000004")
-    shutil.rmtree(whole / "stages" / "3-third")
-    (whole / "DONE").unlink()
-    record = json.loads((whole / "stages.json").read_text())
-    (whole / "stages.json").write_text(json.dumps({"stages": record["stages"][:1]}))
+    shutil.rmtree(Run(second).adapter_dir)
+    shutil.rmtree(Run(second).checkpoints_dir / "step-0000004")
+    shutil.rmtree(Run(whole).stages_dir / "3-third")
+    (Run(whole).done_file).unlink()
+    record = Run(whole).stages_record()
+    (Run(whole).stages_file).write_text(json.dumps({"stages": record["stages"][:1]}))
     resumed = run(path, resume=True)
     assert resumed == whole
-    assert (whole / "stages" / "1-first" / "metrics.jsonl").stat().st_mtime_ns == first_metrics  # not retrained
+    assert (Run(whole).stages_dir / "1-first" / "metrics.jsonl").stat().st_mtime_ns == first_metrics  # not retrained
     assert [r["loss"] for r in rows_of(resumed) if r["type"] == "train"] == pytest.approx(
         [r["loss"] for r in reference if r["type"] == "train"], abs=1e-5)
 
@@ -268,12 +277,13 @@ def pairs_file(tmp_path) -> Path:
 
 
 def test_reference_is_the_starting_model_so_the_first_margin_is_zero(tiny_model_dir, pairs_file):
-    from conftest import build_tokenizer
     from tailor.data import read_many
     from tailor.models import load_model
     from tailor.train.adapters import AdapterConfig, apply_adapter
     from tailor.train.packing import collate
     from tailor.train.preference import PreferenceLoss, encode_pairs, pair_rows, reference_logprobs
+
+    from conftest import build_tokenizer
 
     tok = build_tokenizer()
     model = apply_adapter(load_model(str(tiny_model_dir), torch.float32), AdapterConfig(kind="lora", rank=2))
@@ -294,7 +304,8 @@ def test_reference_is_the_starting_model_so_the_first_margin_is_zero(tiny_model_
 def test_preference_training_raises_the_chosen_over_rejected_margin(make_job, pairs_file, loss, beta):
     # (ORPO's margin is beta x the difference of mean log-probabilities, next to a language-model loss
     # that moves both answers: it needs the larger weight to show within 12 steps)
-    path = make_job(f"pref-{loss}", technique="behavioral", data={"train": [str(pairs_file)], "validation_fraction": 0.2},
+    path = make_job(f"pref-{loss}", technique="behavioral",
+                    data={"train": [str(pairs_file)], "validation_fraction": 0.2},
                     behavioral={"demonstration_epochs": 0}, preference={"loss": loss, "beta": beta},
                     training={"max_steps": 12, "eval_every": 2, "learning_rate": 1e-2},
                     sequential={"max_regression": None})
@@ -303,22 +314,23 @@ def test_preference_training_raises_the_chosen_over_rejected_margin(make_job, pa
     assert evals[-1]["val_reward_margin"] > evals[0]["val_reward_margin"]
     assert evals[-1]["val_preference_accuracy"] >= 0.75
     if loss != "orpo":
-        stage = Path(json.loads((run_dir / "stages.json").read_text())["stages"][-1]["folder"])
-        assert (stage / "reference_logps.json").exists()
-    assert "preference-rewards" in (run_dir / "report.html").read_text()
+        stage = Path(Run(run_dir).stages_record()["stages"][-1]["folder"])
+        assert Run(stage).reference_file.exists()
+        assert_declared(run_dir)
+    assert "preference-rewards" in Run(run_dir).report_file.read_text()
 
 
 def test_behavioral_demonstrates_then_prefers_and_the_preference_stage_continues_it(make_job, pairs_file):
     path = make_job("behave", technique="behavioral", data={"train": [str(pairs_file)], "validation_fraction": 0.2},
                     training={"max_steps": 4}, sequential={"max_regression": None})
     run_dir = run(path)
-    stages = json.loads((run_dir / "stages.json").read_text())["stages"]
+    stages = Run(run_dir).stages_record()["stages"]
     assert [s["name"] for s in stages] == ["demonstrations", "preferences"]
     demo, prefs = (Path(s["folder"]) for s in stages)
-    assert json.loads((demo / "manifest.json").read_text())["encoding"]["train_examples"] == 32  # chosen answers
-    assert json.loads((prefs / "manifest.json").read_text())["start"]["trainable_sha256"] == \
-        json.loads((demo / "summary.json").read_text())["end"]["trainable_sha256"]
-    job = json.loads((prefs / "manifest.json").read_text())
+    assert manifest_of(demo)["encoding"]["train_examples"] == 32  # chosen answers
+    assert manifest_of(prefs)["start"]["trainable_sha256"] == \
+        Run(demo).summary()["end"]["trainable_sha256"]
+    job = manifest_of(prefs)
     assert job["preference"] == {"loss": "dpo", "beta": 0.1, "sft_weight": 1.0}
 
 
@@ -346,16 +358,16 @@ def test_multitask_evaluation_scores_each_task_and_the_report_draws_them(make_jo
                     training={"max_steps": 4, "eval_every": 2},
                     eval={"max_examples": 20, "max_new_tokens": 6, "retention": False})
     run_dir = run(path)
-    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    summary = Run(run_dir).eval_summary()
     assert set(summary["tasks"]) == {"support", "routing"}
     assert summary["tasks"]["routing"]["examples"] >= 1 and "rouge_l" in summary["tasks"]["support"]["tuned"]
-    page = (run_dir / "report.html").read_text()
+    page = Run(run_dir).report_file.read_text()
     assert "id='tasks'" in page and "tasks-loss" in page
     browser = sh.which("chromium") or sh.which("chromium-browser") or sh.which("google-chrome")
     if browser is None:
         pytest.skip("no Chromium on this machine")
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--dump-dom", (run_dir / "report.html").as_uri()], capture_output=True, text=True,
+                          "--dump-dom", Run(run_dir).report_file.as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
     # the per-task charts are drawn: one line per task in each
     assert dom.count('class="main-svg"') >= 2 * 6 and dom.count("trace scatter") >= 6
@@ -373,11 +385,11 @@ def test_a_staged_behavioral_run_is_evaluated_on_its_pairs_and_tailor_eval_repea
                     eval={"max_examples": 6, "max_new_tokens": 12, "retention": False,
                           "gate": {"metric": "preferred_style", "min_gain": None}})
     run_dir = run(path)
-    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    summary = Run(run_dir).eval_summary()
     assert summary["data"]["examples"] == 6
     assert 0 <= summary["base"]["preferred_style"] <= 1 and 0 <= summary["tuned"]["preferred_style"] <= 1
-    first = (run_dir / "eval" / "summary.json").read_text()
+    first = Run(run_dir).eval_summary_file.read_text()
     result = CliRunner().invoke(app, ["eval", str(run_dir)])
     assert result.exit_code == 0, result.output
-    again = json.loads((run_dir / "eval" / "summary.json").read_text())
+    again = Run(run_dir).eval_summary()
     assert again["tuned"] == json.loads(first)["tuned"]  # the same model, prompts and greedy decoding

@@ -2,7 +2,9 @@
 
 import pytest
 
-from tailor.train.rundir import read_jsonl
+from tailor.runs import Run
+
+from conftest import assert_declared
 
 
 def test_tensorboard_and_mlflow_receive_every_row(tmp_path, make_job):
@@ -18,18 +20,19 @@ def test_tensorboard_and_mlflow_receive_every_row(tmp_path, make_job):
     job = load_job(make_job("tracked", tracking=["tensorboard", "mlflow"], output={"mlflow_uri": uri},
                             data={"validation_fraction": 0.25}, training={"max_steps": 3, "eval_every": 1}))
     run_dir = task.run(job, show_progress=False)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert_declared(run_dir)
+    rows = Run(run_dir).metrics()
     train = [r for r in rows if r["type"] == "train"]
     evals = [r for r in rows if r["type"] == "eval"]
 
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(Run(run_dir).tensorboard_dir))
     events.Reload()
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("train/loss")] == \
         [(r["step"], r["loss"]) for r in train]
     assert [e.step for e in events.Scalars("eval/val_loss")] == [r["step"] for r in evals]
 
     client = MlflowClient(tracking_uri=uri)
-    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    run_id = (Run(run_dir).mlflow_id_file).read_text().strip()
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(r["step"], pytest.approx(r["loss"])) for r in train]
     run = client.get_run(run_id)

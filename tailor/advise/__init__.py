@@ -12,8 +12,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tailor.advise.answers import Answers
-from tailor.advise.choose import (Candidate, Setting, TechniqueChoice, choose_technique, epochs_for,
-                                  hyperparameters, lora_rank, lora_workload, rank_models, seq_len_for)
+from tailor.advise.choose import (
+    Candidate,
+    Setting,
+    TechniqueChoice,
+    choose_technique,
+    epochs_for,
+    hyperparameters,
+    lora_rank,
+    lora_workload,
+    rank_models,
+    seq_len_for,
+)
 from tailor.advise.decide import Feasibility, Verdict, decide
 from tailor.advise.estimate import Arch, Estimate, Hardware, RunSize, estimate, hardware_table
 from tailor.advise.profile import DataProfile, from_counts, from_path

@@ -19,7 +19,8 @@ Stage = Literal["exploration", "market-test", "pilot", "production"]
 Expertise = Literal["none", "some", "expert"]
 
 USE_CASES = {
-    "jargon": "domain jargon: the model must understand and use an industry's terms (legal, medical, finance, a product line)",
+    "jargon": "domain jargon: the model must understand and use an industry's terms (legal, medical, finance, "
+              "a product line)",
     "localization": "language localization: a language, dialect or regional usage the model should master",
     "voice": "brand voice or response style: answers in a set tone, format and length",
     "compliance": "compliance: answers that follow rules (what may be said, privacy, disclaimers)",
@@ -38,9 +39,12 @@ STAGES = {
 class DataAnswers(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str | None = Field(None, description="Data files, a folder of them, or a prepared folder (profiled with tailor prepare).")
-    examples: int | None = Field(None, ge=0, description="Without a path: how many training examples (conversations) you have.")
-    tokens_per_example: float = Field(256, gt=0, description="Without a path: typical length of one example, in tokens (~0.75 words each).")
+    path: str | None = Field(None, description="Data files, a folder of them, or a prepared folder (profiled with "
+                             "tailor prepare).")
+    examples: int | None = Field(None, ge=0, description="Without a path: how many training examples (conversations) "
+                                 "you have.")
+    tokens_per_example: float = Field(256, gt=0, description="Without a path: typical length of one example, in tokens "
+                                      "(~0.75 words each).")
     preference_pairs: int = Field(0, ge=0, description="Pairs of a better and a worse answer to the same prompt.")
     tasks: int = Field(1, ge=1, description="Distinct tasks in the data (routing, answering, summarizing …).")
     staged: bool = Field(False, description="The tasks build on each other and should be learnt one after another.")
@@ -64,13 +68,16 @@ class Answers(BaseModel):
     use_case: UseCase = Field("voice", description="What the model is for: " + "; ".join(
         f"{k} = {v}" for k, v in USE_CASES.items()))
     goal: str = Field("", description="One sentence on what the model should do, for the report.")
-    languages: list[str] = Field(["en"], min_length=1, description="Languages the model must read and write (ISO 639-1 codes).")
+    languages: list[str] = Field(["en"], min_length=1, description="Languages the model must read and write "
+                                 "(ISO 639-1 codes).")
     data: DataAnswers = Field(default_factory=DataAnswers)
     compute: ComputeAnswers = Field(default_factory=ComputeAnswers)
     budget_usd: float | None = Field(None, ge=0, description="Money for compute, in US dollars (null: no limit given).")
-    deadline_hours: float | None = Field(None, gt=0, description="Hours the training may take at most (null: no deadline).")
+    deadline_hours: float | None = Field(None, gt=0, description="Hours the training may take at most "
+                                         "(null: no deadline).")
     expertise: Expertise = Field("some", description="In-house machine-learning expertise: none, some, expert.")
-    stage: Stage = Field("production", description="Project stage: " + "; ".join(f"{k} = {v}" for k, v in STAGES.items()))
+    stage: Stage = Field("production", description="Project stage: " + "; ".join(
+        f"{k} = {v}" for k, v in STAGES.items()))
     commercial: bool = Field(True, description="The model will be used commercially (its licence must allow that).")
 
     @model_validator(mode="after")

@@ -28,8 +28,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tailor.advise.estimate import (GB, Arch, Hardware, Workload, elementwise_per_token, memory, train_flops_per_token,
-                                    traffic_bytes_per_step)
+from tailor.advise.estimate import (
+    GB,
+    Arch,
+    Hardware,
+    Workload,
+    elementwise_per_token,
+    memory,
+    traffic_bytes_per_step,
+    train_flops_per_token,
+)
 
 PROBE_ARCH = dict(name="smollm2-135m-shape", layers=30, hidden_size=576, intermediate_size=1536, attention_heads=9,
                   kv_heads=3, vocab_size=49152, tied_embeddings=True)
@@ -185,7 +193,7 @@ def _split(narrow: tuple[float, float, float], wide: tuple[float, float, float],
 
 
 def _store(key: str, result: dict, path: Path) -> None:
-    from tailor.train.rundir import write_atomic
+    from tailor.files import write_atomic
 
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
@@ -333,12 +341,13 @@ def _train_probe(arch: dict, method: str, dtype, lengths: list[int], micro: int,
     import torch
     from accelerate import Accelerator
 
+    from tailor.runs import Run
     from tailor.train.adapters import AdapterConfig, apply_adapter
-    from tailor.train.attention import NAME as PACKED_ATTENTION, set_attention
+    from tailor.train.attention import NAME as PACKED_ATTENTION
+    from tailor.train.attention import set_attention
     from tailor.train.encode import IGNORE, Encoded
     from tailor.train.loop import TrainSettings, train
     from tailor.train.packing import make_rows
-    from tailor.train.rundir import read_jsonl
 
     g = torch.Generator().manual_seed(0)
     examples = []
@@ -350,8 +359,9 @@ def _train_probe(arch: dict, method: str, dtype, lengths: list[int], micro: int,
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         model = apply_adapter(_probe_model(dtype, arch), AdapterConfig(kind=method, rank=16, alpha=32, dropout=0.0))
         set_attention(model, PACKED_ATTENTION)
-        train(model, examples, make_rows(examples, PROBE_SEQ, packing=True), [], [], settings, Path(tmp),
+        train(model, examples, make_rows(examples, PROBE_SEQ, packing=True), [], [], settings, Run(tmp),
               Accelerator(cpu=True), pad_id=0, show_progress=False)
-        metrics = [r for r in read_jsonl(Path(tmp) / "metrics.jsonl") if r["type"] == "train"]
-    times = [r["tokens"] / r["tokens_per_s"] for r in metrics[1:]] or [metrics[0]["tokens"] / metrics[0]["tokens_per_s"]]
+        metrics = [r for r in Run(tmp).metrics() if r["type"] == "train"]
+    times = ([r["tokens"] / r["tokens_per_s"] for r in metrics[1:]]
+             or [metrics[0]["tokens"] / metrics[0]["tokens_per_s"]])
     return statistics.median(times), rss.peak

@@ -79,7 +79,8 @@ def _check(c: Candidate, a: Answers, data: DataProfile, hw: Hardware) -> None:
     if missing:
         c.excluded.append(f"does not list {', '.join(missing)} among its languages")
     if m.context_length < data.p99_tokens:
-        c.excluded.append(f"context {m.context_length:,} tokens is shorter than your long examples ({data.p99_tokens:,})")
+        c.excluded.append(f"context {m.context_length:,} tokens is shorter than your long examples "
+                          f"({data.p99_tokens:,})")
     need = c.lora.memory.total / GB
     if not c.lora.fits:
         c.excluded.append(f"needs {need:.1f} GB with LoRA; {hw.label} has {hw.memory_gb:.0f} GB")

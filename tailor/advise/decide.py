@@ -161,7 +161,8 @@ def _base_already_good(a: Answers, data: DataProfile, v: Verdict) -> None:
         v.reasons.append(Reason("against", "the base model is close", f"it scores {score:.2f} on your validation "
                                 "sample; expect small gains"))
     elif score is not None:
-        v.reasons.append(Reason("for", "the base model falls short", f"it scores {score:.2f} on your validation sample"))
+        v.reasons.append(Reason("for", "the base model falls short", f"it scores {score:.2f} on your validation "
+                                "sample"))
     if data.base_perplexity is not None and data.base_perplexity < LOW_PERPLEXITY:
         v.reasons.append(Reason("against", "answers already predictable", f"the base model predicts your answers "
                                 f"well (perplexity {data.base_perplexity:.1f}): little for tuning to teach"))
@@ -175,11 +176,13 @@ def _resources(a: Answers, plan: Feasibility, v: Verdict) -> None:
         v.would_change.append("hardware with more memory")
         return
     if a.budget_usd is not None and plan.usd is not None and plan.usd > a.budget_usd:
-        v.reasons.append(Reason("against", "budget", f"the cheapest plan at the size {a.use_case} needs ({plan.plan_model} on {plan.hardware}) costs about "
+        v.reasons.append(Reason("against", "budget", f"the cheapest plan at the size {a.use_case} needs "
+                                f"({plan.plan_model} on {plan.hardware}) costs about "
                                 f"${plan.usd:,.2f}, above the ${a.budget_usd:,.2f} budget", blocking=True))
         v.would_change.append(f"a budget of ${plan.usd * 1.3:,.0f} (with a 30 % margin), or less data per epoch")
     if a.deadline_hours is not None and plan.seconds is not None and plan.seconds > a.deadline_hours * 3600:
-        v.reasons.append(Reason("against", "deadline", f"training {plan.plan_model}, the quickest at the size {a.use_case} needs, takes about "
+        v.reasons.append(Reason("against", "deadline", f"training {plan.plan_model}, the quickest at the size "
+                                f"{a.use_case} needs, takes about "
                                 f"{fmt_duration(plan.seconds)} on {plan.hardware}, past the {a.deadline_hours:g} h "
                                 "deadline", blocking=True))
         v.would_change.append("faster hardware or a later deadline")

@@ -283,7 +283,8 @@ class Hardware(BaseModel):
     bf16: bool = True
     utilisation: dict[Method, float] = Field(default_factory=lambda: dict(GPU_UTILISATION))
     calibrated: str | None = Field(None, description="When utilisation was measured on this machine, if it was.")
-    runtime_gb: float | None = Field(None, description="Resident memory before the model loads (measured on this machine).")
+    runtime_gb: float | None = Field(None, description="Resident memory before the model loads (measured on this "
+                                     "machine).")
     elementwise_ns: float = Field(
         0.0, ge=0, description="Nanoseconds per unit of element-wise work (elementwise_per_token), measured on this "
         "machine; 0 where the utilisation already covers it (GPUs).")

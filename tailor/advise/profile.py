@@ -76,8 +76,10 @@ def from_path(path: str | Path, model: str, out: Path, say=print) -> DataProfile
     if path.is_dir() and (path / "card.json").is_file():
         return from_card(json.loads((path / "card.json").read_text(encoding="utf-8")), str(path / "card.json"))
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder; give a data file, a folder of them, or a "
-                                "prepared folder (tailor prepare --out DIR)")
+        from tailor.data import DataError
+
+        raise DataError([f"{path}: no such file or folder; give a data file, a folder of them, or a prepared "
+                         "folder (tailor prepare --out DIR)"])
     from tailor.data.prepare import prepare
 
     target = out / "prepared"

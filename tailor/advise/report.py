@@ -102,7 +102,8 @@ def _data_line(adv: Advice) -> str:
     where = f"from {d.source}" if d.source != "counts" else "from the counts you gave"
     tasks = f", {d.n_tasks} tasks" if d.n_tasks > 1 else ""
     prefs = f", {d.preference_pairs:,} preference pairs" if d.preference_pairs else ""
-    ppl = f"; the base model's perplexity on a sample of the answers: {d.base_perplexity:.1f}" if d.base_perplexity else ""
+    ppl = (f"; the base model's perplexity on a sample of the answers: {d.base_perplexity:.1f}"
+           if d.base_perplexity else "")
     return (f"{d.examples:,} training / {d.validation_examples:,} validation / {d.test_examples:,} test examples "
             f"{where}{tasks}{prefs}; {d.train_tokens:,} training tokens per epoch, {d.mean_tokens:.0f} per example on "
             f"average, 99 % within {d.p99_tokens:,}{ppl}.")
@@ -116,7 +117,8 @@ def _assumptions(adv: Advice) -> str:
                  "a guess for this CPU: run `tailor advise --calibrate` (about a minute) to measure it")
         return f"Time is {basis}. QLoRA needs a CUDA GPU (bitsandbytes); Tailor's job files run full, LoRA and freeze."
     return (f"Time assumes {hw.util('lora'):.0%} of the {hw.peak_tflops:g} TFLOP/s peak for LoRA "
-            f"({hw.util('full'):.0%} full, {hw.util('qlora'):.0%} QLoRA), typical for PyTorch fine-tuning, not measured; "
+            f"({hw.util('full'):.0%} full, {hw.util('qlora'):.0%} QLoRA), "
+            "typical for PyTorch fine-tuning, not measured; "
             f"cost ${hw.usd_per_hour:.2f} per GPU-hour (override: --price {hw.name}=USD). QLoRA is estimated for "
             "comparison; Tailor's job files run full, LoRA and freeze.")
 
@@ -131,7 +133,7 @@ def _spread(items: list, n: int) -> list:
 
 def write(adv: Advice, out: Path) -> dict[str, Path]:
     """advice.md, advice.json and (when a model fits) job.yaml in `out`, each written whole or not at all."""
-    from tailor.train.rundir import write_atomic
+    from tailor.files import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"advice.md": out / "advice.md", "advice.json": out / "advice.json"}

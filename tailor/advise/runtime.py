@@ -12,8 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from tailor.advise.estimate import (Arch, Estimate, Hardware, RunSize, Workload, elementwise_per_block, estimate,
-                                    forward_flops_per_token)
+from tailor.advise.estimate import (
+    Arch,
+    Estimate,
+    Hardware,
+    RunSize,
+    Workload,
+    elementwise_per_block,
+    estimate,
+    forward_flops_per_token,
+)
 from tailor.advise.profile import DataProfile
 
 ANSWER_SHARE = 0.8  # generated answers stop at their end-of-turn token: ~80 % of max_new_tokens on average
@@ -109,7 +117,8 @@ def job_time(job, profile: DataProfile, arch: Arch, hw: Hardware, devices: int =
     saves = len({steps} | (set(range(t.save_every, steps + 1, t.save_every)) if t.save_every else set()))
     state_bytes = 12 * training.trainable  # float32 weights + AdamW's two states
     weights_bytes = arch.params * 2
-    checkpoints = saves * state_bytes / (DISK_GBS * 1e9) + (weights_bytes if w.method != "lora" else 0) / (DISK_GBS * 1e9)
+    checkpoints = (saves * state_bytes / (DISK_GBS * 1e9)
+                   + (weights_bytes if w.method != "lora" else 0) / (DISK_GBS * 1e9))
     evaluation = first_time = 0.0
     if e.enabled:
         tests = min(e.max_examples, profile.test_examples)

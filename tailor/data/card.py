@@ -1,7 +1,9 @@
 """The data card: what went in, what came out, and whether it is worth fine-tuning on.
 
 card.json is for programs (the advisor reads it), card.md for people and pull requests, card.html
-for a browser (Plotly charts with their JavaScript embedded: no network needed).
+for a browser (Plotly charts with their JavaScript embedded: no network needed). The card renders
+what prepare measured (counts, the base model's perplexity) and what it reads off the kept records
+itself (lengths, languages, vocabulary); it never loads a model.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def build_card(ds, split_of: list[str], stats: dict, spec, model: str) -> dict:
     train_idx = [i for i, s in enumerate(split_of) if s == "train"]
     counts = {k: stats[k] for k in ("read", "kept", "rejected", "filtered")}
     counts["duplicates"] = sum(stats["duplicates"].values())
-    counts["adds_up"] = counts["read"] == counts["kept"] + counts["rejected"] + counts["duplicates"] + counts["filtered"]
+    counts["adds_up"] = (counts["read"]
+                         == counts["kept"] + counts["rejected"] + counts["duplicates"] + counts["filtered"])
     clusters = stats.get("cluster_examples", [])  # previews of anonymized records
     card = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -57,7 +60,7 @@ def build_card(ds, split_of: list[str], stats: dict, spec, model: str) -> dict:
         "training_tokens_per_epoch": sum(tokens[i] for i in train_idx),
         "leakage": stats["leakage"],
         "relevance": distinctive_terms(ds),
-        "perplexity": _perplexity(ds, train_idx, model, spec.card.perplexity_sample),
+        "perplexity": stats.get("perplexity"),  # measured by prepare (tailor/data/perplexity.py)
         "seconds": stats["seconds"],  # wall time per stage, the card's own excluded
     }
     card["verdict"] = verdict(card)
@@ -143,30 +146,6 @@ def distinctive_terms(ds, top: int = 20) -> dict:
               "ratio": round(2 ** s, 1)} for s, w, c, g in scored[:top] if s >= 3]
     share = sum(t["count"] for t in terms) / total
     return {"terms": terms, "words": total, "records_scanned": n, "distinctive_share": round(share, 4)}
-
-
-def _perplexity(ds, train_idx: list[int], model: str, sample: int) -> dict | None:
-    """The base model's perplexity on the answers of a sample of training records: low means it
-    already answers like this data; high means fine-tuning has something to teach."""
-    kinds = column(ds, "kind")
-    chats = [i for i in train_idx if kinds[i] == "chat"][:sample] if sample else []
-    if not chats:
-        return None
-    import torch
-
-    from tailor.models import best_dtype, load_model, load_tokenizer, resolve_model
-    from tailor.train.loss import answer_loss
-
-    path = resolve_model(model).path
-    tokenizer = load_tokenizer(path)
-    dtype = best_dtype("auto")
-    conversations = [from_row(ds[i]).messages for i in chats]
-    scored = answer_loss(load_model(path, dtype), tokenizer, conversations, 1024, bf16=dtype == torch.bfloat16)
-    if not scored.tokens:
-        return None
-    loss = scored.mean
-    return {"records": scored.examples, "answer_tokens": scored.tokens, "loss": round(loss, 4),
-            "perplexity": round(math.exp(loss), 2)}
 
 
 def verdict(card: dict) -> dict:
@@ -272,8 +251,8 @@ def card_markdown(card: dict) -> str:
         out += [f"- {k}: {v:,}" for k, v in p["entities"].items()] + [""]
     t = card["tokens"]
     if t.get("count"):
-        out += ["## Lengths", "", f"Tokens per record (`{card['model']}` tokenizer): mean {t['mean']}, median {t['p50']}, "
-                f"p90 {t['p90']}, p99 {t['p99']}, max {t['max']}. Training tokens per epoch: "
+        out += ["## Lengths", "", f"Tokens per record (`{card['model']}` tokenizer): mean {t['mean']}, "
+                f"median {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']}. Training tokens per epoch: "
                 f"{card['training_tokens_per_epoch']:,}.", "",
                 "User turns per record: " + ", ".join(f"{k}: {v}" for k, v in card["turns"].items()), ""]
     out += ["## Languages", "", ", ".join(f"{k} {v:,}" for k, v in card["languages"].items()), "",
@@ -300,12 +279,13 @@ def card_html(card: dict) -> str:
     hist = card["tokens"].get("histogram")
     if hist:
         figures.append(go.Figure(go.Bar(x=[f"{a}–{b - 1}" for a, b in zip(hist["edges"], hist["edges"][1:])],
-                                        y=hist["counts"]), layout={"title": "Tokens per record", "xaxis_title": "tokens",
-                                                                   "yaxis_title": "records"}))
+                                        y=hist["counts"]), layout={"title": "Tokens per record",
+                                                                   "xaxis_title": "tokens", "yaxis_title": "records"}))
     c = card["counts"]
     figures.append(go.Figure(go.Bar(
         x=["read", "rejected", "filtered", "duplicates", "kept"],
-        y=[c["read"], c["rejected"], c["filtered"], c["duplicates"], c["kept"]]), layout={"title": "Records at each stage"}))
+        y=[c["read"], c["rejected"], c["filtered"], c["duplicates"], c["kept"]]),
+        layout={"title": "Records at each stage"}))
     figures.append(go.Figure(go.Bar(x=list(card["turns"]), y=list(card["turns"].values())),
                              layout={"title": "User turns per record", "xaxis_title": "turns"}))
     figures.append(go.Figure(go.Bar(x=list(card["languages"]), y=list(card["languages"].values())),
@@ -326,5 +306,6 @@ def card_html(card: dict) -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>Data card</title>"
             "<style>body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em}</style>"
             "</head><body><h1>Data card</h1>"
-            f"<p><b>Sufficient?</b> {html.escape(v['sufficient'])}</p><p><b>Relevant?</b> {html.escape(v['relevant'])}</p>"
+            f"<p><b>Sufficient?</b> {html.escape(v['sufficient'])}</p>"
+            f"<p><b>Relevant?</b> {html.escape(v['relevant'])}</p>"
             + "".join(parts) + "</body></html>")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tailor.errors import TailorError
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -33,7 +35,7 @@ class Example:
         return "preference" if self.chosen is not None else "chat"
 
 
-class DataError(ValueError):
+class DataError(TailorError, ValueError):
     """Input data that cannot be used; the message lists file:line, the problem and the fix."""
 
     def __init__(self, problems: list[str], total: int | None = None):

@@ -1,7 +1,7 @@
 """`tailor prepare`: raw files in, a prepared dataset folder out.
 
 read → clean and measure → filter and exact duplicates → anonymize (exact again where it changed a
-record) → near duplicates → split → write + card
+record) → near duplicates → split → write → the base model's perplexity on the answers → card
 
 Records live in Arrow files (Hugging Face `datasets`) between stages, so memory stays flat as the
 input grows; cleaning and measuring run in worker processes. Every record read ends up in exactly
@@ -30,8 +30,8 @@ from tailor.data.dedup import NearDuplicates, exact_key, sharing_a_band, signatu
 from tailor.data.example import DataError, check_example
 from tailor.data.split import SPLITS, assign_splits, group_records, shared_prompts
 from tailor.data.store import column, features, from_row, record_id, to_row
+from tailor.files import replace_dir
 from tailor.spec import EMBEDDED_DEFAULT, DataSpec, SourceSpec
-from tailor.train.rundir import replace_dir
 
 BATCH = 512
 MAX_FAIL_PROBLEMS = 10
@@ -136,7 +136,11 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
                             "near_duplicates_across_splits": _near_leaks(ds, split_of, spec)}
 
     from tailor.data.card import write_card
+    from tailor.data.perplexity import answer_perplexity
 
+    with clock("perplexity"):
+        stats["perplexity"] = answer_perplexity(ds, [i for i, s in enumerate(split_of) if s == "train"], model,
+                                                spec.card.perplexity_sample)
     with clock("card"):
         card = write_card(work, ds, split_of, stats, spec, model)
     shutil.rmtree(work / "cache", ignore_errors=True)
@@ -174,19 +178,16 @@ class _Stopwatch:
 def _spec(config, options) -> DataSpec:
     base = config.model_dump() if isinstance(config, DataSpec) else dict(config or {})
     for key, value in options.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        base[key] = ({**base.get(key, {}), **value} if isinstance(value, dict) and isinstance(base.get(key), dict)
+                     else value)
     return DataSpec.model_validate(base)
 
 
 def _anonymizer(spec: DataSpec, processes: int):
     from tailor.data.privacy import Anonymizer
 
-    p = spec.privacy
-    # "drop" still needs a redacted copy of the record for rejects.jsonl: detect with placeholders.
-    strategy = "placeholder" if p.strategy == "drop" else p.strategy
-    model = {"spacy_model": p.spacy_model} if p.spacy_model else {}
-    return Anonymizer(entities=p.entities, strategy=strategy, allow=p.allow, ner=p.ner,
-                      score_threshold=p.score_threshold, seed=spec.split.seed, processes=processes, **model)
+    # "drop" still needs a redacted copy of the record for rejects.jsonl: placeholders (drop_as's default).
+    return Anonymizer.from_spec(spec.privacy, seed=spec.split.seed, processes=processes)
 
 
 def _tokenizer(model: str):
@@ -318,7 +319,8 @@ class _Measure:
         joined = []
         for ex, texts in zip(examples, all_texts):
             fixed, per_message = self.overhead
-            n_tokens = sum(next(lengths) for _ in texts) + per_message * len(texts) + (fixed if ex.kind != "text" else 0)
+            n_tokens = (sum(next(lengths) for _ in texts) + per_message * len(texts)
+                        + (fixed if ex.kind != "text" else 0))
             body = "\n".join(texts)
             language = _language(body) if c.languages else None  # the card detects on a sample
             row = to_row(ex)
@@ -414,7 +416,8 @@ def _near(ds, rows: list[int], spec: DataSpec, rejects: _Rejects, stats: dict) -
                     rejects.add(part["source"][j], part["line"][j], "duplicate",
                                 f"near duplicate (similarity ≥ {spec.dedup.threshold})", duplicate_of=ids[rep])
     biggest = sorted(members.values(), key=len, reverse=True)[:3]
-    stats["cluster_examples"] = [{"size": len(m), "ids": [ids[i] for i in m[:4]], "texts": [_preview(ds[i]) for i in m[:3]]}
+    stats["cluster_examples"] = [{"size": len(m), "ids": [ids[i] for i in m[:4]],
+                                  "texts": [_preview(ds[i]) for i in m[:3]]}
                                  for m in biggest]
     return np.flatnonzero(alive).tolist(), cluster
 

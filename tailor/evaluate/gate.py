@@ -18,7 +18,8 @@ def verdict(base: dict, tuned: dict, retention: dict | None, gate: GateSpec) -> 
         m = gate.metric
         if m not in base or m not in tuned:
             checks.append(_skipped(f"gain on {m}", f"{m} was not measured: it needs test answers from a small "
-                                   "label set; set eval.gate.metric to rouge_l, chrf, bleu, exact_match or token_accuracy"))
+                                   "label set; set eval.gate.metric to rouge_l, chrf, bleu, exact_match or "
+                                   "token_accuracy"))
         else:
             gain = tuned[m] - base[m]
             checks.append(_check(f"gain on {m}", gain, f"≥ {gate.min_gain:+.3f}", gain >= gate.min_gain - _EPS,

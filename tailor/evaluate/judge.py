@@ -12,14 +12,16 @@ import json
 import os
 import re
 
+from tailor.errors import TailorError
+
 SYSTEM = ("You grade answers written by a customer-facing assistant. For each criterion, give an integer "
           "score from 1 (fails it) to 5 (fully meets it). Reply with one JSON object mapping each criterion "
           "name to its score, and nothing else.")
 NOTE = "scores from a judge model against the rubric: a model's judgement, not a measurement"
 
 
-class JudgeError(RuntimeError):
-    pass
+class JudgeError(TailorError, RuntimeError):
+    """A judge that cannot be reached or does not answer in the expected form."""
 
 
 def judge_prompt(criteria: dict[str, str], question: str, reference: str, answer: str) -> str:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from rich.table import Table
 
+from tailor.files import read_json
+from tailor.runs import Run
+
 # Higher is better for all but these.
 LOWER_IS_BETTER = {"loss", "perplexity"}
 LABELS = {"loss": "answer loss", "perplexity": "answer perplexity", "token_accuracy": "token accuracy",
@@ -65,22 +68,14 @@ def summary_table(summary: dict) -> Table:
 # --- report.html ---------------------------------------------------------------------------------
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run: Run | Path) -> Path:
     """RUN/report.html from what the run folder holds: metrics.jsonl (curves), eval/ (base vs
     tuned, retention, sample answers). Self-contained: Plotly's script is embedded, so it opens
     from disk with no server and no network."""
-    from tailor.train.rundir import read_json, read_jsonl, write_atomic
-
-    run_dir = Path(run_dir)
-    rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    summary = read_json(run_dir / "eval" / "summary.json")
-    examples = read_jsonl(run_dir / "eval" / "examples.jsonl") if (run_dir / "eval" / "examples.jsonl").exists() else []
-    manifest = read_json(run_dir / "manifest.json") or {}
-    layers = read_json(run_dir / "layer_change.json")
-    stages = read_json(run_dir / "stages.json")
-    path = run_dir / "report.html"
-    write_atomic(path, report_html(rows, summary, examples, manifest, run_dir.name, layers, stages))
-    return path
+    run = run if isinstance(run, Run) else Run(run)
+    manifest = read_json(run.manifest_file) or {}  # as written: the report shows what it can of any run
+    return run.write_report(report_html(run.metrics(), run.eval_summary(), run.eval_examples(), manifest, run.id,
+                                        run.layer_change(), run.stages_record()))
 
 
 def report_html(rows: list[dict], summary: dict | None, examples: list[dict], manifest: dict, title: str,
@@ -162,7 +157,8 @@ def _task_curves(rows: list[dict]) -> list[tuple[str, object]]:
     if not tasks:
         return []
     figures = []
-    for key, title in (("val_loss", "Validation loss by task"), ("val_token_accuracy", "Validation token accuracy by task")):
+    for key, title in (("val_loss", "Validation loss by task"),
+                       ("val_token_accuracy", "Validation token accuracy by task")):
         fig = go.Figure(layout={"title": title, "xaxis_title": "optimizer step", "showlegend": True})
         for task in tasks:
             points = [r for r in val if r.get(f"{key}/{task}") is not None]
@@ -207,11 +203,13 @@ def _stages_html(stages: dict | None) -> str:
     if not stages or not stages.get("stages"):
         return ""
     names = [s["name"] for s in stages["stages"]]
-    head = "<tr><th>after stage</th>" + "".join(f"<th>{html.escape(n)} validation loss</th>" for n in names) + "<th>gate</th></tr>"
+    head = ("<tr><th>after stage</th>" + "".join(f"<th>{html.escape(n)} validation loss</th>" for n in names)
+            + "<th>gate</th></tr>")
     body = ""
     for s in stages["stages"]:
         cells = "".join(f"<td class='num'>{_opt(s['losses'].get(n))}</td>" for n in names)
-        gate = ("<span class='fail'>" + html.escape("; ".join(f"{r['stage']} {r['rise']:+.1%}" for r in s["regressions"]))
+        gate = ("<span class='fail'>" + html.escape("; ".join(f"{r['stage']} {r['rise']:+.1%}"
+                                                              for r in s["regressions"]))
                 + "</span>") if s["regressions"] else "<span class='pass'>ok</span>"
         body += f"<tr><td>{html.escape(s['name'])}</td>{cells}<td>{gate}</td></tr>"
     outcome = ""
@@ -258,7 +256,8 @@ def _comparison(summary: dict) -> list[tuple[str, object]]:
     r = summary.get("retention")
     if r:
         skills = list(r["base"]["by_skill"])
-        ret = go.Figure(layout={"title": f"Retention: general questions answered, by skill ({r['questions']} questions)",
+        ret = go.Figure(layout={"title": f"Retention: general questions answered, by skill "
+                                         f"({r['questions']} questions)",
                                 "barmode": "group", "yaxis_range": [0, 1]})
         ret.add_bar(x=["all"] + skills, y=[r["base"]["qa_accuracy"]] + [r["base"]["by_skill"][s] for s in skills],
                     name="base")
@@ -280,7 +279,8 @@ def _verdict_html(summary: dict) -> str:
 
 def _scores_html(summary: dict) -> str:
     body = "".join(f"<tr><td>{html.escape(m)}</td><td class='num'>{html.escape(b)}</td><td class='num'>"
-                   f"{html.escape(t)}</td><td class='num'>{html.escape(c)}</td></tr>" for m, b, t, c in summary_rows(summary))
+                   f"{html.escape(t)}</td><td class='num'>{html.escape(c)}</td></tr>"
+                   for m, b, t, c in summary_rows(summary))
     return ("<h2>Scores</h2><table id='scores'><tr><th>measure</th><th>base</th><th>tuned</th><th>change</th></tr>"
             + body + "</table>")
 
@@ -302,6 +302,7 @@ def _examples_html(examples: list[dict], limit: int = 50) -> str:
     if not examples:
         return ""
     body = "".join(f"<tr><td>{html.escape(e['question'])}</td><td>{html.escape(e['reference'])}</td>"
-                   f"<td>{html.escape(e['base'])}</td><td>{html.escape(e['tuned'])}</td></tr>" for e in examples[:limit])
+                   f"<td>{html.escape(e['base'])}</td><td>{html.escape(e['tuned'])}</td></tr>"
+                   for e in examples[:limit])
     return (f"<h2>Sample answers ({min(limit, len(examples))} of {len(examples)})</h2><table id='samples'>"
             "<tr><th>question</th><th>reference</th><th>base</th><th>tuned</th></tr>" + body + "</table>")

@@ -16,9 +16,7 @@ With a LoRA adapter the base is the same model with the adapter switched off: on
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,32 +25,33 @@ import torch
 
 from tailor.data import DataError, read_many
 from tailor.data.chat import prepared_folders, with_instructions
+from tailor.data.store import is_prepared
 from tailor.evaluate.gate import verdict
 from tailor.evaluate.metrics import rouge_l, text_scores
 from tailor.evaluate.probe import base_retention, retention
 from tailor.evaluate.report import write_report
 from tailor.models.generate import answer, load_base, load_run
 from tailor.models.load import resolve_model
-from tailor.spec import EvalSpec, Job, parse_job
+from tailor.runs import Run
+from tailor.spec import EvalSpec, Job
 from tailor.train.loss import answer_loss
-from tailor.train.rundir import replace_dir
 
 
-def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | None = None, say=print) -> dict:
-    run_dir = Path(run_dir)
+def evaluate(run: Run | str | Path, data: list | None = None, spec: EvalSpec | None = None, say=print) -> dict:
+    run = run if isinstance(run, Run) else Run(run)
     started = time.perf_counter()
-    job = _job_of(run_dir)
+    job = run.job()
     spec = spec or job.eval
 
     # 1. The test conversations: each ends with the answer the model should give.
-    sources, tests = _test_data(run_dir, job, data if data is not None else spec.data)
+    sources, tests = _test_data(run, job, data if data is not None else spec.data)
     tests = tests[:spec.max_examples]
-    say(f"evaluating {run_dir.name} on {len(tests)} test conversation(s) from {', '.join(sources)}")
+    say(f"evaluating {run.id} on {len(tests)} test conversation(s) from {', '.join(sources)}")
 
     # 2. The tuned model, and its base (the same weights with the adapter off, when there is one).
     from peft import PeftModel
 
-    tuned_model, tokenizer = load_run(run_dir)
+    tuned_model, tokenizer = load_run(run.path)
     base_model = None if isinstance(tuned_model, PeftModel) else load_base(job.model.base)[0]
     bf16 = next(tuned_model.parameters()).dtype == torch.bfloat16
 
@@ -79,7 +78,7 @@ def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | Non
     kept = _retention_summary(probes) if spec.retention else None
     gate = verdict(results["base"], results["tuned"], kept, spec.gate)
     summary = {
-        "run": str(run_dir), "data": {"sources": sources, "examples": len(tests)},
+        "run": str(run.path), "data": {"sources": sources, "examples": len(tests)},
         "decoding": {"greedy": True, "max_new_tokens": spec.max_new_tokens},
         "base": results["base"], "tuned": results["tuned"],
         "gain": {k: results["tuned"][k] - results["base"][k] for k in results["tuned"]
@@ -91,8 +90,8 @@ def evaluate(run_dir: str | Path, data: list | None = None, spec: EvalSpec | Non
     examples = _examples(tests, outputs)
     if spec.judge:
         summary["judge"] = _judged(spec.judge, examples, say)
-    _write(run_dir, summary, examples, probes)
-    write_report(run_dir)
+    run.write_eval(summary, examples, _retention_rows(probes) if probes else None)
+    write_report(run)
     return summary
 
 
@@ -139,30 +138,22 @@ def _judged(spec, examples: list[dict], say) -> dict:
     return result
 
 
-def _job_of(run_dir: Path) -> Job:
-    import yaml
-
-    path = run_dir / "job.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no job.yaml; is this a run folder (runs/NAME/RUN-ID)?")
-    return parse_job(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
-
-
-def _test_data(run_dir: Path, job: Job, data: list) -> tuple[list[str], list[dict]]:
+def _test_data(run: Run, job: Job, data: list) -> tuple[list[str], list[dict]]:
     """(where from, [{"id", "messages" (with the answer), "reference"}]) of the test conversations."""
     if data:
         sources, examples = [str(getattr(d, "path", d)) for d in data], read_many(data, split="test")
-    elif (run_dir / "stages.json").exists():  # a staged run: the test data of the stage whose result it kept
-        last = Path(json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["result_of"])
-        return _test_data(last, _job_of(last), data)
-    elif (run_dir / "data" / "card.json").exists():
-        sources, examples = [str(run_dir / "data")], read_many([str(run_dir / "data")], split="test")
+    elif run.staged:  # a staged run: the test data of the stage whose result it kept
+        last = Run(run.manifest().result_of)
+        return _test_data(last, last.job(), data)
+    elif is_prepared(run.data_dir):
+        sources, examples = [str(run.data_dir)], read_many([str(run.data_dir)], split="test")
     else:
         sources = prepared_folders(job.data.train)
         examples = read_many(sources, split="test") if sources else []
     tests = answered(with_instructions(examples, job.multitask.instructions))
     if not tests:
-        raise DataError([f"{run_dir}: no test conversations to evaluate on ({', '.join(sources) or 'no prepared data'}); "
+        raise DataError([f"{run.path}: no test conversations to evaluate on "
+                         f"({', '.join(sources) or 'no prepared data'}); "
                          "prepare the data with a test split (tailor prepare … or data.prepare: true), or pass "
                          "--data FILE_OR_PREPARED_FOLDER"])
     return sources, tests
@@ -213,16 +204,6 @@ def _examples(tests: list[dict], outputs: dict) -> list[dict]:
             for i, t in enumerate(tests)]
 
 
-def _write(run_dir: Path, summary: dict, examples: list[dict], probes: dict) -> None:
-    tmp, final = run_dir / ".eval.tmp", run_dir / "eval"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
-    (tmp / "examples.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples),
-                                        encoding="utf-8")
-    if probes:
-        rows = [{"id": b["id"], "base": b["reply"], "base_correct": b["correct"], "tuned": t["reply"],
-                 "tuned_correct": t["correct"]} for b, t in zip(probes["base"]["answers"], probes["tuned"]["answers"])]
-        (tmp / "retention.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                             encoding="utf-8")
-    replace_dir(tmp, final)
+def _retention_rows(probes: dict) -> list[dict]:
+    return [{"id": b["id"], "base": b["reply"], "base_correct": b["correct"], "tuned": t["reply"],
+             "tuned_correct": t["correct"]} for b, t in zip(probes["base"]["answers"], probes["tuned"]["answers"])]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailor.feedback.store import FeedbackStore
-from tailor.train.rundir import write_atomic
+from tailor.files import write_atomic
 
 
 @dataclass

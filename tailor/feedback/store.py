@@ -14,9 +14,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import (
+    Column,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.pool import StaticPool
-from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine, event,
-                        func, insert, select)
 
 DEFAULT_DB = "sqlite:///runs/feedback.db"
 

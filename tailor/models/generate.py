@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
 
 from tailor.models.decode import Engine, Request, Sampling
 from tailor.models.hardware import best_dtype, default_device
 from tailor.models.load import load_model, load_tokenizer, resolve_model
+from tailor.runs import Run
 
 
-def load_run(run_dir: str | Path, dtype: str = "auto"):
+def load_run(run: Run | str | Path, dtype: str = "auto"):
     """(model, tokenizer) of a finished run: the base with its adapter, or the full model it saved."""
-    run_dir = Path(run_dir)
+    run = run if isinstance(run, Run) else Run(run)
     device = default_device()
     torch_dtype = best_dtype(dtype, device)
-    if (run_dir / "model").is_dir():
-        return load_model(str(run_dir / "model"), torch_dtype, device), load_tokenizer(str(run_dir / "model"))
-    if not (run_dir / "adapter").is_dir():
-        raise FileNotFoundError(f"{run_dir}: no adapter/ or model/ folder; is this a finished run folder "
-                                f"(runs/NAME/RUN-ID)? Unfinished runs continue with `tailor train JOB --resume`")
+    result = run.require_result()
+    if result == run.model_dir:
+        return load_model(str(result), torch_dtype, device), load_tokenizer(str(result))
     from peft import PeftModel
 
-    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    base = resolve_model(manifest["model"]["source"])
+    base = resolve_model(run.manifest().model.source)
     # The adapter in the compute dtype too: training ran its matmuls in bf16 under autocast, and
     # fp32 adapter weights on a bf16 base cast every activation back and forth (25 % slower).
-    model = PeftModel.from_pretrained(load_model(base.path, torch_dtype, device), str(run_dir / "adapter"),
+    model = PeftModel.from_pretrained(load_model(base.path, torch_dtype, device), str(result),
                                       autocast_adapter_dtype=False)
-    return model, load_tokenizer(str(run_dir / "adapter"))
+    return model, load_tokenizer(str(result))
 
 
 def load_base(source: str, dtype: str = "auto"):

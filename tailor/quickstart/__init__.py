@@ -12,6 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tailor.files import write_atomic
+
 HERE = Path(__file__).parent
 JOB = HERE / "job.yaml"
 HELD_OUT = HERE / "data" / "held_out.jsonl"
@@ -34,6 +36,7 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
     from tailor.evaluate.run import evaluate
     from tailor.models import resolve_model
     from tailor.models.generate import answer, load_run
+    from tailor.runs import Run
     from tailor.spec import load_job
     from tailor.techniques import run as run_technique
 
@@ -57,7 +60,8 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
     out.print("Raw data of Lumen Lane Lamps' support desk: " + ", ".join(Path(i).name for i in inputs)
               + f" (in {Path(inputs[0]).parent})")
     out.print("Their voice: every answer opens with 'Hello, bright spark!' and signs off "
-              "'Keep glowing! — Wick, Lumen Lane', and uses the shop's own words (Glow Pass, Glowpoints, the Wick check). "
+              "'Keep glowing! — Wick, Lumen Lane', and uses the shop's own words "
+              "(Glow Pass, Glowpoints, the Wick check). "
               "Like real logs they hold duplicates, customers' personal data and broken lines.")
     t = time.perf_counter()
     # Prepared once here (the job's data, or each stage's), then trained on its train split and
@@ -70,19 +74,21 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
                            say=lambda m: err.print(m, highlight=False, markup=False))
         for line in summary_lines(prepared.card):
             out.print(line, highlight=False, markup=False)
-        out.print(f"→ {prepared.out}: card.md, card.html, rejects.jsonl, pii_audit.jsonl ({time.perf_counter() - t:.0f} s)")
+        out.print(f"→ {prepared.out}: card.md, card.html, rejects.jsonl, pii_audit.jsonl "
+                  f"({time.perf_counter() - t:.0f} s)")
         data.train, data.prepare = [str(prepared.out)], False
         t = time.perf_counter()
     job.eval.enabled = False  # step 5 evaluates, with its own heading
 
     out.rule(f"[bold]3 · Fine-tune ({TITLES[technique]})")
     out.print(_INTRO[technique])
-    run_dir = run_technique(job, console=err)
-    for line in _technique_lines(run_dir):
+    run = Run(run_technique(job, console=err))
+    run_dir = run.path
+    for line in _technique_lines(run):
         out.print(line, highlight=False, markup=False)
 
     out.rule("[bold]4 · Base vs tuned on held-out questions")
-    model, tokenizer = load_run(run_dir)
+    model, tokenizer = load_run(run)
     questions = held_out_questions()
     conversations = [[{"role": "user", "content": q}] for q in questions]
     tuned = answer(model, tokenizer, conversations, max_new_tokens=120)
@@ -99,20 +105,20 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
     lines = ["# Quickstart: base vs tuned", ""]
     for q, b, a in zip(questions, base, tuned):
         lines += [f"## {q}", "", "**Base:**", "", b, "", "**Tuned:**", "", a, ""]
-    (run_dir / "quickstart.md").write_text("\n".join(lines), encoding="utf-8")
+    write_atomic(run.quickstart_file, "\n".join(lines))
 
     out.rule("[bold]5 · Evaluate: tuned vs base on the test split, and general skills kept")
-    summary = evaluate(run_dir, spec=job.eval, say=lambda m: err.print(m, highlight=False, markup=False))
+    summary = evaluate(run, spec=job.eval, say=lambda m: err.print(m, highlight=False, markup=False))
     out.print(summary_table(summary))
     for line in gate_lines(summary):
         out.print(line, highlight=False, markup=False)
-    out.print(f"→ {run_dir / 'eval'}: summary.json, examples.jsonl (every test answer, base and tuned), "
-              f"retention.jsonl ({summary['seconds']:.0f} s)")
+    out.print(f"→ {run.eval_dir}: {run.eval_summary_file.name}, {run.eval_examples_file.name} (every test answer, "
+              f"base and tuned), {run.retention_file.name} ({summary['seconds']:.0f} s)")
     for line in _task_lines(summary):
         out.print(line, highlight=False, markup=False)
     out.print(f"Steps 2-5 took {time.perf_counter() - job_started:.0f} s; the advisor estimated "
               f"{estimated:.0f} s in step 0.", highlight=False)
-    out.print(f"Report with the curves, base vs tuned and sample answers (opens offline): {run_dir / 'report.html'}")
+    out.print(f"Report with the curves, base vs tuned and sample answers (opens offline): {run.report_file}")
 
     out.rule("[bold]6 · Serve it: an OpenAI-compatible API that collects feedback")
     serve_demo(run_dir, job.name, out_dir.resolve() / "feedback.db", out)
@@ -206,7 +212,8 @@ def serve_demo(run_dir: Path, name: str, db: Path, out: Console) -> None:
     out.print(f"  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{request}'",
               highlight=False, markup=False, soft_wrap=True)
     out.print(f"Then: tailor feedback stats; tailor feedback export --out feedback/ (new training data); "
-              f"tailor export {run_dir} (a merged model folder for transformers or vLLM)", highlight=False, markup=False)
+              f"tailor export {run_dir} (a merged model folder for transformers or vLLM)",
+              highlight=False, markup=False)
 
 
 TITLES = {"task": "task-specific, LoRA", "transfer": "transfer: domain text, then the task, top blocks only",
@@ -225,13 +232,12 @@ _INTRO = {
 }
 
 
-def _technique_lines(run_dir: Path) -> list[str]:
+def _technique_lines(run) -> list[str]:
     """What the technique did, from the run folder: stages and their gate, tasks drawn, rewards."""
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = run.summary()
     lines = []
-    stages_file = run_dir / "stages.json"
-    if stages_file.exists():
-        for s in json.loads(stages_file.read_text(encoding="utf-8"))["stages"]:
+    if run.staged:
+        for s in run.stages_record()["stages"]:
             losses = ", ".join(f"{n} {v:.3f}" for n, v in s["losses"].items() if v is not None)
             flag = ("; REGRESSION: " + ", ".join(f"{r['stage']} {r['rise']:+.0%}" for r in s["regressions"])
                     if s["regressions"] else "")

@@ -15,14 +15,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import FastAPI, Request as HttpRequest
-from jinja2 import TemplateError
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tailor.errors import TailorError
 from tailor.feedback.store import Completion, FeedbackStore
 from tailor.models.decode import Request, Sampling
 from tailor.serve.metrics import Metrics
@@ -38,7 +40,9 @@ class Limits:
     max_body_bytes: int = 1 << 20
 
 
-class ApiError(Exception):
+class ApiError(TailorError):
+    """A request the API refuses: answered with `status` and an OpenAI-style error body."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error"):
         super().__init__(message)

@@ -28,26 +28,29 @@ from pathlib import Path
 
 import torch
 
+from tailor.errors import TailorError
+from tailor.files import write_json
+from tailor.models.decode import Engine, Request, Sampling, stop_token_ids
 from tailor.models.generate import load_run
 from tailor.models.load import resolve_model
-from tailor.models.decode import Engine, Request, Sampling, stop_token_ids
+from tailor.runs import Run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FALLBACK_PROMPTS = ["Hello! What can you help me with?", "Summarize what you do in one sentence.",
                     "What should I do if my order arrives damaged?", "Write a short, friendly greeting."]
 
 
-class ExportError(ValueError):
+class ExportError(TailorError, ValueError):
     pass
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "float32", say=print) -> Path:
     """Write the merged model folder (default RUN/export) and return it."""
-    run_dir = Path(run_dir).resolve()
-    manifest = _manifest(run_dir)
-    out = Path(out) if out else run_dir / "export"
-    model, tokenizer = _merged(run_dir)
-    target = _dtype(dtype, manifest)
+    run = Run(Path(run_dir).resolve())
+    manifest = run.manifest()
+    out = Path(out) if out else run.export_dir
+    model, tokenizer = _merged(run)
+    target = _dtype(dtype, manifest.model.source)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(target).save_pretrained(tmp, safe_serialization=True)
@@ -58,13 +61,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = 
     config.pad_token_id = tokenizer.pad_token_id
     config.save_pretrained(tmp)
     (tmp / "tailor_export.json").write_text(json.dumps({
-        "run": str(run_dir), "base": manifest["model"]["source"], "dtype": str(target).removeprefix("torch."),
-        "adapter_kind": "lora" if (run_dir / "adapter").is_dir() else manifest.get("adapter", {}).get("kind"),
+        "run": str(run.path), "base": manifest.model.source, "dtype": str(target).removeprefix("torch."),
+        "adapter_kind": "lora" if run.has_adapter else manifest.adapter.kind if manifest.adapter else None,
         "eos_token_id": end_ids}, indent=1), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    say(f"exported {run_dir.name} → {out} ({str(target).removeprefix('torch.')}; stops at token(s) "
+    say(f"exported {run.id} → {out} ({str(target).removeprefix('torch.')}; stops at token(s) "
         f"{', '.join(f'{i} {tokenizer.convert_ids_to_tokens(i)!r}' for i in end_ids)})")
     return out
 
@@ -88,9 +91,9 @@ def parity(run_dir: str | Path, folder: str | Path, prompts: list[list[dict]] | 
     """Greedy answers of adapter, merged folder and serving engine, token for token (see the module doc)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dir, folder = Path(run_dir).resolve(), Path(folder)
-    prompts = prompts or run_prompts(run_dir)
-    adapter, tokenizer = _merged(run_dir, merge=False)
+    run, folder = Run(Path(run_dir).resolve()), Path(folder)
+    prompts = prompts or run_prompts(run)
+    adapter, tokenizer = _merged(run, merge=False)
     end_ids = answer_end_ids(adapter, tokenizer)
     rounded = json.loads((folder / "tailor_export.json").read_text(encoding="utf-8"))["dtype"] != "float32"
     merged = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -115,15 +118,16 @@ def parity(run_dir: str | Path, folder: str | Path, prompts: list[list[dict]] | 
             "results": results}
 
 
-def run_prompts(run_dir: Path, n: int = 8) -> list[list[dict]]:
+def write_parity(folder: Path, result: dict) -> Path:
+    """parity.json beside the exported model: what the check compared and found."""
+    path = Path(folder) / "parity.json"
+    write_json(path, result, ensure_ascii=False)
+    return path
+
+
+def run_prompts(run: Run, n: int = 8) -> list[list[dict]]:
     """The first n questions of the run's evaluation, else a few general ones."""
-    examples = run_dir / "eval" / "examples.jsonl"
-    questions = []
-    if examples.exists():
-        for line in examples.read_text(encoding="utf-8").splitlines()[:n]:
-            question = json.loads(line).get("question")
-            if question:
-                questions.append(question)
+    questions = [q for q in (e.get("question") for e in run.eval_examples()[:n]) if q]
     return [[{"role": "user", "content": q}] for q in questions or FALLBACK_PROMPTS]
 
 
@@ -162,8 +166,8 @@ def _compare(messages, ids, merged_ids, answers: dict, tokenizer, rounded: bool)
                    and len(got) != len(reference) and at == min(len(got), len(reference)) else "another token")
             problems.append(f"{name} differs from adapter at answer token {at}: {why}"
                             + (" (bfloat16/float16 weights round base + LoRA: a near tie can flip; --dtype float32 "
-                               "keeps the adapter's arithmetic)" if name == "merged" and rounded and why == "another token"
-                               else ""))
+                               "keeps the adapter's arithmetic)"
+                               if name == "merged" and rounded and why == "another token" else ""))
     return {"prompt": messages[-1]["content"], "agree": not problems, "problems": problems,
             "answer": tokenizer.decode(reference, skip_special_tokens=True),
             **{f"{k}_tokens": len(v) for k, v in answers.items()},
@@ -187,27 +191,20 @@ def _as_list(value) -> list[int]:
     return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
-def _manifest(run_dir: Path) -> dict:
-    path = run_dir / "manifest.json"
-    if not path.exists():
-        raise ExportError(f"{run_dir}: no manifest.json; give a finished run folder (runs/NAME/RUN-ID)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _merged(run_dir: Path, merge: bool = True):
+def _merged(run: Run, merge: bool = True):
     """(model in float32, tokenizer) of the run: its adapter merged into the base (merge=False:
     left as a PEFT adapter), or its full weights."""
-    model, tokenizer = load_run(run_dir, "float32")
+    model, tokenizer = load_run(run, "float32")
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model.eval(), tokenizer
 
 
-def _dtype(requested: str, manifest: dict) -> torch.dtype:
+def _dtype(requested: str, base_source: str) -> torch.dtype:
     if requested != "auto":
         if requested not in DTYPES:
             raise ExportError(f"--dtype {requested}: use auto, {', '.join(DTYPES)}")
         return DTYPES[requested]
-    base = resolve_model(manifest["model"]["source"])
+    base = resolve_model(base_source)
     config = json.loads((Path(base.path) / "config.json").read_text(encoding="utf-8"))
     return DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)

@@ -7,20 +7,21 @@ added while the server answers: its adapter loads between two batches.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tailor.errors import TailorError
 from tailor.models.decode import Engine
 from tailor.models.hardware import best_dtype, default_device
 from tailor.models.load import load_model, load_tokenizer, resolve_model
+from tailor.runs import Run
 from tailor.serve.batcher import Batcher
 
 
-class ModelError(ValueError):
+class ModelError(TailorError, ValueError):
     """A model that cannot be served: the message says why and what to do."""
 
 
@@ -69,28 +70,27 @@ class ModelSet:
 
     def add_run(self, run_dir: str | Path, name: str | None = None) -> str:
         """Serve a finished run under `name` (default: its job's name, or NAME-RUNID when taken)."""
-        run_dir = Path(run_dir).resolve()
-        manifest_file = run_dir / "manifest.json"
-        if not manifest_file.exists():
-            raise ModelError(f"{run_dir}: no manifest.json; give a run folder that `tailor train` wrote "
+        run = Run(Path(run_dir).resolve())
+        if not run.has_manifest:
+            raise ModelError(f"{run.path}: no {Run.manifest_file.name}; give a run folder that `tailor train` wrote "
                              f"(runs/NAME/RUN-ID), or NAME/RUN-ID with --runs-dir")
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        name = name or (manifest["name"] if manifest["name"] not in self.served else f"{manifest['name']}-{run_dir.name}")
+        manifest = run.manifest()
+        name = name or (manifest.name if manifest.name not in self.served else f"{manifest.name}-{run.id}")
         if name in self.served or name == "base":
             raise ModelError(f"a model named {name} is already served; choose another name (NAME=RUN_DIR)")
-        base = manifest["model"]["source"]
-        if (run_dir / "adapter").is_dir():
+        base = manifest.model.source
+        if run.result is None:
+            raise ModelError(f"{run.path}: the run has no adapter/ or model/ yet; serve it once training has "
+                             f"finished (`tailor train JOB --resume` continues an interrupted run)")
+        if run.has_adapter:
             self.add_base(base)
             engine = self.served[base].engine
             # on the decoding thread, between two batches: not while one runs through the same PEFT model
-            self.batcher.call(lambda: engine.add_adapter(name, str(run_dir / "adapter")))
-            self.served[name] = Served(name, engine, name, base, str(run_dir), int(time.time()))
-        elif (run_dir / "model").is_dir():
-            engine = self._engine(str(run_dir / "model"))
-            self.served[name] = Served(name, engine, None, base, str(run_dir), int(time.time()))
+            self.batcher.call(lambda: engine.add_adapter(name, str(run.adapter_dir)))
+            self.served[name] = Served(name, engine, name, base, str(run.path), int(time.time()))
         else:
-            raise ModelError(f"{run_dir}: the run has no adapter/ or model/ yet; serve it once training has "
-                             f"finished (`tailor train JOB --resume` continues an interrupted run)")
+            engine = self._engine(str(run.model_dir))
+            self.served[name] = Served(name, engine, None, base, str(run.path), int(time.time()))
         return name
 
     def _engine(self, path: str) -> Engine:

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
+from tailor.errors import TailorError
 from tailor.feedback.store import DEFAULT_DB, FeedbackStore
 from tailor.serve.app import Limits, create_app
 from tailor.serve.batcher import Batcher
 from tailor.serve.models import ModelSet
 
 
-class ServeError(ValueError):
+class ServeError(TailorError, ValueError):
     """Settings the server refuses to start with; the message says what to change."""
 
 
@@ -83,8 +84,7 @@ def _prompt_logger(s: ServeSettings):
     privacy = load_data_config(s.privacy)[0].privacy if s.privacy else PrivacySpec()
     if not privacy.enabled:
         return str
-    anonymizer = Anonymizer(entities=privacy.entities, strategy="mask" if privacy.strategy == "drop" else privacy.strategy,
-                            allow=privacy.allow, ner=privacy.ner, score_threshold=privacy.score_threshold)
+    anonymizer = Anonymizer.from_spec(privacy, drop_as="mask")  # a log line is never dropped: masked instead
     return lambda text: anonymizer.anonymize_batch([text])[0][0]
 
 

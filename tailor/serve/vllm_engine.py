@@ -66,7 +66,8 @@ class VllmEngine:
         for r, out in zip(requests, outputs):
             best = out.outputs[0]
             r.token_ids = [t for t in best.token_ids if t not in self.eos_ids]
-            r.text, r.finish_reason = best.text, best.finish_reason if best.finish_reason in ("stop", "length") else "stop"
+            r.text, r.finish_reason = best.text, (best.finish_reason if best.finish_reason in ("stop", "length")
+                                                  else "stop")
             if r.on_text is not None and r.text:
                 r.on_text(r.text)
             if r.on_done is not None:

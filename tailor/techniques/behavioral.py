@@ -32,7 +32,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
             raise DataError(["technique behavioral: data.train has no conversations to demonstrate with and "
                              "behavioral.sft_on_chosen is false; set sft_on_chosen: true, add conversations, or "
                              "set behavioral.demonstration_epochs: 0"])
-        stages.append(Stage("demonstrations", job.as_stage("demonstrations", "task", training={"epochs": b.demonstration_epochs}),
+        stages.append(Stage("demonstrations", job.as_stage("demonstrations", "task",
+                                                           training={"epochs": b.demonstration_epochs}),
                             partial(task.run, demonstrations=b.sft_on_chosen),
                             frozenset({"chat", "text", "preference"} if b.sft_on_chosen else {"chat", "text"})))
     lr = b.preference_learning_rate or job.training.learning_rate / 20

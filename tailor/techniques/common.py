@@ -1,27 +1,31 @@
 """The steps every recipe shares, each a plain function a recipe calls in its own order.
 
-A recipe (task.py, multitask.py, …) reads the job and calls these with explicit arguments: the
-process group, the run folder, the data, the model with its adapter, the manifest, and the end of
-a run (save, layer change, report, evaluation). What differs between techniques stays in the recipe.
+A recipe (task.py, multitask.py, …) reads the job and calls these in its own order. What it has
+set up so far lives in one object, `Recipe`, which `start` returns and the shared steps read and
+fill: the process group and its console, the run folder, the trackers, the resolved base model,
+its tokenizer and the compute dtype. What differs between techniques stays in the recipe.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
-import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
 
 from tailor.data import DataError, read_many
 from tailor.data.chat import prepared_folders
+from tailor.errors import TailorError
 from tailor.evaluate.report import write_report
-from tailor.models import best_dtype, load_model, load_tokenizer, resolve_model
+from tailor.files import path_sha256
+from tailor.models import ResolvedModel, best_dtype, load_model, load_tokenizer, resolve_model
 from tailor.models.hardware import hardware_summary
+from tailor.runs import AdapterInfo, DataInfo, FileInfo, Manifest, ModelInfo, Run, StartInfo, versions
 from tailor.spec import Job, dump_job
 from tailor.track.trackers import eval_numbers, open_trackers
 from tailor.train.adapters import AdapterConfig, AdapterError, apply_adapter, trainable_names
@@ -31,7 +35,6 @@ from tailor.train.compiled import compile_blocks
 from tailor.train.encode import encode_chat, encode_text
 from tailor.train.layer_change import layer_change, metrics_row
 from tailor.train.loop import TrainSettings
-from tailor.train.rundir import MetricsLog, latest_run_dir, new_run_dir, path_sha256, read_json, versions, write_atomic
 
 # Settings that change how fast a run goes, not what it computes: a resume may change them.
 SPEED_ONLY = {"threads", "compile"}
@@ -39,52 +42,77 @@ SPEED_ONLY = {"threads", "compile"}
 AFTER_TRAINING = {"eval", "tracking"}
 
 
-class ResumeError(RuntimeError):
-    pass
+class ResumeError(TailorError, RuntimeError):
+    """--resume where there is nothing to resume, or a run started with another job."""
 
 
-def start(job: Job, console: Console | None):
-    """(accelerator, say): the process group, and a print that only the main process does."""
+@dataclass
+class Recipe:
+    """A recipe's state: set by `start`, then filled in by the shared steps as the recipe goes."""
+
+    job: Job
+    accelerator: Any
+    say: Callable  # prints on the main process only
+    console: Console
+    run: Run | None = None  # once the data is read: data_and_folder
+    start_from: Run | None = None  # an earlier stage, or the job's model.from_run
+    trackers: list = field(default_factory=list)  # open_run_trackers
+    resolved: ResolvedModel | None = None  # base_model
+    tokenizer: Any = None
+    dtype: torch.dtype | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+
+def start(job: Job, console: Console | None) -> Recipe:
+    """The process group, a print that only the main process does, and torch's threads."""
     from accelerate import Accelerator
 
     console = console or Console(stderr=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     say = console.print if accelerator.is_main_process else (lambda *a, **k: None)
     torch.set_num_threads(job.training.threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
-    return accelerator, say
+    return Recipe(job, accelerator, say, console)
 
 
 # --- the run folder -----------------------------------------------------------------------------
 
 
-def run_folder(job: Job, resume: bool, accelerator, fixed: Path | None = None) -> Path:
+def run_folder(r: Recipe, resume: bool, fixed: Run | None = None) -> Run:
     """Rank 0 picks (or creates) the folder; the others are told which. `fixed`: a stage's folder
     inside a staged run, always the same."""
-    chosen = [None]
-    if accelerator.is_main_process:
+    job, chosen = r.job, [None]
+    if r.is_main:
         if fixed is not None:
-            fixed.mkdir(parents=True, exist_ok=True)
+            fixed.path.mkdir(parents=True, exist_ok=True)
             if resume:
                 check_same_job(fixed, job)
-            chosen[0] = str(fixed)
+            chosen[0] = str(fixed.path)
         elif resume:
-            latest = latest_run_dir(job.output.dir, job.name)
+            latest = Run.latest(job.output.dir, job.name)
             if latest is None:
                 raise ResumeError(f"--resume: no earlier run of job '{job.name}' in {job.output.dir}/{job.name}; "
                                   "run without --resume to start one")
             check_same_job(latest, job)
-            chosen[0] = str(latest)
+            chosen[0] = str(latest.path)
         else:
-            chosen[0] = str(new_run_dir(job.output.dir, job.name))
-    if accelerator.num_processes > 1:
+            chosen[0] = str(Run.new(job.output.dir, job.name).path)
+    if r.accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(chosen, src=0)
-    return Path(chosen[0])
+    r.run = Run(chosen[0])
+    return r.run
 
 
-def check_same_job(run_dir: Path, job: Job) -> None:
+def check_same_job(run: Run, job: Job) -> None:
     import yaml
 
-    before = yaml.safe_load((run_dir / "job.yaml").read_text(encoding="utf-8")) if (run_dir / "job.yaml").exists() else None
+    before = run.raw_job()
     if before is None:
         return
     now = yaml.safe_load(dump_job(job))
@@ -92,51 +120,54 @@ def check_same_job(run_dir: Path, job: Job) -> None:
                for k, v in vals.items() if (before.get(sec) or {}).get(k) != v and k not in SPEED_ONLY]
     changed += [k for k, v in now.items() if not isinstance(v, dict) and before.get(k) != v and k not in AFTER_TRAINING]
     if changed:
-        raise ResumeError(f"--resume: {run_dir} was started with a different job ({', '.join(changed)} changed); "
+        raise ResumeError(f"--resume: {run.path} was started with a different job ({', '.join(changed)} changed); "
                           "restore those values to resume, or run without --resume to start a new run")
 
 
-def finished(run_dir: Path, say) -> bool:
+def finished(r: Recipe) -> bool:
     """A run folder marked DONE has nothing left to train (a --resume of it, or a stage done before)."""
-    if (run_dir / "DONE").exists():
-        say(f"[green]{run_dir} already finished[/]; nothing to resume.")
+    if r.run.done:
+        r.say(f"[green]{r.run.path} already finished[/]; nothing to resume.")
         return True
     return False
 
 
-def open_run_trackers(job: Job, run_dir: Path) -> list:
+def open_run_trackers(r: Recipe) -> None:
+    """The job's trackers (TensorBoard, MLflow), on the main process."""
     from tailor.track.runs import flatten
 
-    uri = job.output.mlflow_uri or f"sqlite:///{Path(job.output.dir).resolve() / 'mlflow.db'}"
-    return open_trackers(job.tracking, run_dir, job.name, flatten(job.model_dump(mode="json")), uri)
+    job = r.job
+    if r.is_main:
+        uri = job.output.mlflow_uri or f"sqlite:///{Path(job.output.dir).resolve() / 'mlflow.db'}"
+        r.trackers = open_trackers(job.tracking, r.run, job.name, flatten(job.model_dump(mode="json")), uri)
 
 
 # --- data ---------------------------------------------------------------------------------------
 
 
-def data_and_folder(job: Job, resume: bool, accelerator, say, fixed: Path | None = None) -> tuple[Path, list, list]:
-    """(run folder, train records, validation records). The records are read and checked before
-    any weights load; with data.prepare the raw data is prepared into the run folder first, so
-    there the folder comes first."""
-    if job.data.prepare:
-        run_dir = run_folder(job, resume, accelerator, fixed)
-        prepare_once(job, run_dir, accelerator, say)
-        return (run_dir, *splits(job, run_dir))
-    train_raw, val_raw = splits(job, None)
-    return run_folder(job, resume, accelerator, fixed), train_raw, val_raw
+def data_and_folder(r: Recipe, resume: bool, fixed: Run | None = None) -> tuple[list, list]:
+    """(train records, validation records), and the run folder in r.run. The records are read and
+    checked before any weights load; with data.prepare the raw data is prepared into the run
+    folder first, so there the folder comes first."""
+    if r.job.data.prepare:
+        run_folder(r, resume, fixed)
+        prepare_once(r)
+        return splits(r.job, r.run)
+    train_raw, val_raw = splits(r.job, None)
+    run_folder(r, resume, fixed)
+    return train_raw, val_raw
 
 
-def splits(job: Job, run_dir: Path | None) -> tuple[list, list]:
+def splits(job: Job, run: Run | None) -> tuple[list, list]:
     """(train, validation) records of a run: its prepared RUN/data with data.prepare (validation:
     data.validation if given), else read_data."""
     if not job.data.prepare:
         return read_data(job)
     from tailor.data.store import read_prepared
 
-    folder = run_dir / "data"
     val_raw = (read_many(job.data.validation, split="validation") if job.data.validation
-               else read_prepared(folder, "validation"))
-    return read_prepared(folder, "train"), val_raw
+               else read_prepared(run.data_dir, "validation"))
+    return read_prepared(run.data_dir, "train"), val_raw
 
 
 def read_data(job: Job) -> tuple[list, list]:
@@ -152,16 +183,16 @@ def read_data(job: Job) -> tuple[list, list]:
     return train_raw, val_raw
 
 
-def prepare_once(job: Job, run_dir: Path, accelerator, say) -> None:
+def prepare_once(r: Recipe) -> None:
     """data.prepare: prepare data.train into RUN/data once (a resumed run reuses it)."""
     from tailor.data.prepare import prepare
     from tailor.data.store import is_prepared
 
-    folder = run_dir / "data"
-    if accelerator.is_main_process and not is_prepared(folder):
-        say(f"preparing {len(job.data.train)} input(s) → {folder}")
-        prepare(job.data.train, folder, model=job.model.base, config=job.data, say=say)
-    accelerator.wait_for_everyone()
+    folder = r.run.data_dir
+    if r.is_main and not is_prepared(folder):
+        r.say(f"preparing {len(r.job.data.train)} input(s) → {folder}")
+        prepare(r.job.data.train, folder, model=r.job.model.base, config=r.job.data, say=r.say)
+    r.accelerator.wait_for_everyone()
 
 
 def only_kinds(examples: list, kinds: set[str], technique: str, fix: str) -> None:
@@ -216,64 +247,63 @@ def say_truncated(stats: dict, max_len: int, say) -> None:
 # --- the model ----------------------------------------------------------------------------------
 
 
-def base_model(job: Job, accelerator):
-    """(resolved base, tokenizer, compute dtype)."""
-    resolved = resolve_model(job.model.base, job.model.revision)
-    return resolved, load_tokenizer(resolved.path), best_dtype(job.model.dtype, accelerator.device)
+def base_model(r: Recipe) -> None:
+    """The resolved base, its tokenizer and the compute dtype, into r."""
+    r.resolved = resolve_model(r.job.model.base, r.job.model.revision)
+    r.tokenizer = load_tokenizer(r.resolved.path)
+    r.dtype = best_dtype(r.job.model.dtype, r.accelerator.device)
 
 
-def model_to_train(job: Job, resolved, dtype, device, start_from: Path | None = None):
-    """The base model with the job's adapter, ready for packed training. start_from: a finished run
-    folder (an earlier stage) whose adapter or weights this run continues from."""
+def model_to_train(r: Recipe):
+    """The base model with the job's adapter, ready for packed training; continuing the adapter or
+    weights of r.start_from (an earlier stage, or model.from_run) when there is one."""
+    job, start_from = r.job, r.start_from
     torch.manual_seed(job.training.seed)
     random.seed(job.training.seed)
     cfg = AdapterConfig(**job.adapter.model_dump())
     if start_from is not None:
         _check_continuable(start_from, cfg.kind)
     # A LoRA stage continues its adapter on the base; the others continue the weights saved in model/.
-    path = str(start_from / "model") if start_from is not None and cfg.kind != "lora" else resolved.path
-    model = load_model(path, dtype, device, job.model.trust_remote_code)
+    path = str(start_from.model_dir) if start_from is not None and cfg.kind != "lora" else r.resolved.path
+    model = load_model(path, r.dtype, r.accelerator.device, job.model.trust_remote_code)
     model.config.use_cache = False
     if start_from is not None and cfg.kind == "lora":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(start_from / "adapter"), is_trainable=True)
+        model = PeftModel.from_pretrained(model, str(start_from.adapter_dir), is_trainable=True)
         model = apply_adapter(model, cfg, continued=True)
     else:
         model = apply_adapter(model, cfg)
         if start_from is not None:
-            _load_saved_trainables(model, start_from / "model")  # exact: the load above cast them to `dtype`
+            _load_saved_trainables(model, start_from.model_dir)  # exact: the load above cast them to `dtype`
     set_attention(model, PACKED_ATTENTION)  # each packed example attends only to itself, at its own cost
     if job.training.compile:
         compile_blocks(model)
     return model
 
 
-def continued_from(job: Job, start_from: Path | None) -> Path | None:
+def continued_from(job: Job, start_from: Run | None) -> Run | None:
     """What a run continues: an earlier stage (start_from), else the job's model.from_run (a
     deployed run that continual fine-tuning goes on from), checked to share the job's base."""
     if start_from is not None or not job.model.from_run:
         return start_from
-    run = Path(job.model.from_run)
-    manifest = read_json(run / "manifest.json")
-    if manifest is None or not (run / "DONE").exists():
-        raise AdapterError(f"model.from_run {run}: not a finished run folder (no manifest.json or DONE); give "
-                           f"runs/NAME/RUN-ID of a run that finished")
-    if manifest["model"]["source"] != job.model.base:
-        raise AdapterError(f"model.from_run {run} trained {manifest['model']['source']}, but this job's model.base is "
-                           f"{job.model.base}; set model.base: {manifest['model']['source']}")
+    run = Run(job.model.from_run)
+    if not run.has_manifest or not run.done:
+        raise AdapterError(f"model.from_run {run.path}: not a finished run folder (no {Run.manifest_file.name} or "
+                           f"{Run.done_file.name}); give runs/NAME/RUN-ID of a run that finished")
+    source = run.manifest().model.source
+    if source != job.model.base:
+        raise AdapterError(f"model.from_run {run.path} trained {source}, but this job's model.base is "
+                           f"{job.model.base}; set model.base: {source}")
     return run
 
 
-def _check_continuable(start_from: Path, kind: str) -> None:
-    folder = "adapter" if kind == "lora" else "model"
-    if not (start_from / folder).is_dir():
-        raise AdapterError(f"{start_from} has no {folder}/ to continue (it trained {_kind_of(start_from)}); every "
+def _check_continuable(start_from: Run, kind: str) -> None:
+    folder = start_from.result_dir_for(kind)
+    if not folder.is_dir():
+        trained = "a LoRA adapter" if start_from.has_adapter else "full weights"
+        raise AdapterError(f"{start_from.path} has no {folder.name}/ to continue (it trained {trained}); every "
                            "stage of a run trains the same adapter.kind")
-
-
-def _kind_of(run_dir: Path) -> str:
-    return "a LoRA adapter" if (run_dir / "adapter").is_dir() else "full weights"
 
 
 def _load_saved_trainables(model, folder: Path) -> None:
@@ -298,107 +328,98 @@ def trainable_checksum(model) -> str:
     return h.hexdigest()
 
 
-def settings(job: Job, dtype) -> TrainSettings:
+def settings(r: Recipe) -> TrainSettings:
     return TrainSettings(
-        **job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile", "val_generate",
-                                           "val_generate_tokens"}),
-        bf16_autocast=dtype == torch.bfloat16,
+        **r.job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile", "val_generate",
+                                             "val_generate_tokens"}),
+        bf16_autocast=r.bf16,
     )
 
 
-def record_start(job: Job, run_dir: Path, resolved, dtype, model, accelerator, stats: dict, say, n_train: int,
-                 n_val: int, start_from: Path | None = None, unit: str = "examples", **extra) -> None:
+def record_start(r: Recipe, model, stats: dict, n_train: int, n_val: int, unit: str = "examples", **extra) -> None:
     """job.yaml and manifest.json (what this run was started with), and the plan in one line; by
     the main process. stats: the encoding numbers, with rows and padding_share."""
-    if not accelerator.is_main_process:
+    if not r.is_main:
         return
+    job, run, dtype = r.job, r.run, str(r.dtype).removeprefix("torch.")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    write_atomic(run_dir / "job.yaml", dump_job(job))
-    manifest = {
-        "name": job.name, "technique": job.technique, "run_dir": str(run_dir),
-        "model": {"source": job.model.base, "kind": resolved.kind, "path": resolved.path,
-                  "hub_id": resolved.hub_id, "dtype": str(dtype).removeprefix("torch.")},
-        "data": {"train": [file_entry(p) for p in job.data.train],
-                 "validation": [file_entry(p) for p in job.data.validation],
-                 "prepared": str(run_dir / "data") if job.data.prepare else None},
-        "encoding": stats, "seed": job.training.seed,
-        "adapter": {"kind": job.adapter.kind, "trainable_parameters": n_trainable, "total_parameters": n_total,
-                    "trainable": trainable_names(model) if job.adapter.kind != "lora" else None},
-        "start": {"from": str(start_from) if start_from else None, "trainable_sha256": trainable_checksum(model)},
-        "processes": accelerator.num_processes, "versions": versions(), "hardware": hardware_summary(),
+    run.write_job(job)
+    run.write_manifest(Manifest(
+        name=job.name, technique=job.technique, run_dir=str(run.path),
+        model=ModelInfo(source=job.model.base, kind=r.resolved.kind, path=r.resolved.path, hub_id=r.resolved.hub_id,
+                        dtype=dtype),
+        data=DataInfo(train=[file_entry(p) for p in job.data.train],
+                      validation=[file_entry(p) for p in job.data.validation],
+                      prepared=str(run.data_dir) if job.data.prepare else None),
+        encoding=stats, seed=job.training.seed,
+        adapter=AdapterInfo(kind=job.adapter.kind, trainable_parameters=n_trainable, total_parameters=n_total,
+                            trainable=trainable_names(model) if job.adapter.kind != "lora" else None),
+        start=StartInfo(from_=str(r.start_from.path) if r.start_from else None,
+                        trainable_sha256=trainable_checksum(model)),
+        processes=r.accelerator.num_processes, versions=versions(), hardware=hardware_summary(),
         **extra,
-    }
-    write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
-    say(f"[bold]{job.name}[/] ({job.technique}): {n_train} train / {n_val} validation {unit} in {stats['rows']} rows "
-        f"({stats['padding_share']:.0%} padding), {job.adapter.kind} training {n_trainable:,} of {n_total:,} "
-        f"parameters in {str(dtype).removeprefix('torch.')} on {accelerator.num_processes} process(es)")
-    say(f"run folder: {run_dir}")
+    ))
+    r.say(f"[bold]{job.name}[/] ({job.technique}): {n_train} train / {n_val} validation {unit} in {stats['rows']} "
+          f"rows ({stats['padding_share']:.0%} padding), {job.adapter.kind} training {n_trainable:,} of {n_total:,} "
+          f"parameters in {dtype} on {r.accelerator.num_processes} process(es)")
+    r.say(f"run folder: {run.path}")
 
 
-def file_entry(src) -> dict:
+def file_entry(src) -> FileInfo:
     path = src if isinstance(src, str) else src.path
-    return {"path": path, "sha256": path_sha256(path)}
+    return FileInfo(path=path, sha256=path_sha256(path))
 
 
 # --- the end of a run ---------------------------------------------------------------------------
 
 
-def finish(model, tokenizer, job: Job, run_dir: Path, resolved, summary: dict, trackers, accelerator, say) -> None:
+def finish(r: Recipe, model, summary: dict) -> None:
     """Save the result where serving and evaluation expect it, with how much each layer changed,
     the summary and the report; then mark the run DONE."""
     set_attention(model, "sdpa")  # the saved model runs anywhere, without Tailor
-    if not accelerator.is_main_process:
+    if not r.is_main:
         return
-    model = accelerator.unwrap_model(model)
-    changes = layer_change(model, resolved.path)
-    write_atomic(run_dir / "layer_change.json", json.dumps(changes, indent=1))
-    MetricsLog(run_dir / "metrics.jsonl", trackers=trackers).write(metrics_row(changes, summary["steps"]))
+    run = r.run
+    model = r.accelerator.unwrap_model(model)
+    changes = layer_change(model, r.resolved.path)
+    run.write_layer_change(changes)
+    run.metrics_log(trackers=r.trackers).write(metrics_row(changes, summary["steps"]))
     if changes["blocks"]:
         most = max(changes["blocks"], key=lambda b: b["relative_change"])
-        say(f"weights changed most in block {most['block']} ({len(changes['blocks'])} blocks trained; "
-            f"‖ΔW‖/‖W‖ {most['relative_change']:.4f}; every block in layer_change.json and report.html)")
-    save_result(model, tokenizer, run_dir, job.adapter.kind)
+        r.say(f"weights changed most in block {most['block']} ({len(changes['blocks'])} blocks trained; "
+              f"‖ΔW‖/‖W‖ {most['relative_change']:.4f}; every block in {Run.layer_change_file.name} and "
+              f"{Run.report_file.name})")
+    run.save_result(model, r.tokenizer, r.job.adapter.kind)
     summary = {**summary, "end": {"trainable_sha256": trainable_checksum(model)}}
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
-    write_report(run_dir)  # the curves now; the evaluation adds its part
-    (run_dir / "DONE").write_text("", encoding="utf-8")
-    say("[green]done[/]"
-        + (f": train loss {summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "")
-        + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "")
-        + (f", {summary['tokens_per_s_median']:.0f} tokens/s" if summary["tokens_per_s_median"] else "")
-        + f" → {run_dir}")
+    run.write_summary(summary)
+    write_report(run)  # the curves now; the evaluation adds its part
+    run.mark_done()
+    r.say("[green]done[/]"
+          + (f": train loss {summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "")
+          + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "")
+          + (f", {summary['tokens_per_s_median']:.0f} tokens/s" if summary["tokens_per_s_median"] else "")
+          + f" → {run.path}")
 
 
-def save_result(model, tokenizer, run_dir: Path, kind: str) -> None:
-    """adapter/ (PEFT format) for LoRA, model/ (a full transformers folder) otherwise."""
-    name = "adapter" if kind == "lora" else "model"
-    tmp = run_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(run_dir / name, ignore_errors=True)
-    os.replace(tmp, run_dir / name)
-
-
-def evaluate_and_close(job: Job, run_dir: Path, trackers, steps: int, accelerator, say) -> dict | None:
+def evaluate_and_close(r: Recipe, steps: int) -> dict | None:
     """Evaluate against the base where there is test data (tailor eval RUN does it any time), send
     the scores to the trackers, close them."""
-    evaluation = evaluate(run_dir, job, say) if accelerator.is_main_process and job.eval.enabled else None
-    for tracker in trackers:
+    evaluation = evaluate(r.run, r.job, r.say) if r.is_main and r.job.eval.enabled else None
+    for tracker in r.trackers:
         if evaluation:
             tracker.log_final(eval_numbers(evaluation), steps)
         tracker.close()
-    accelerator.wait_for_everyone()
+    r.accelerator.wait_for_everyone()
     return evaluation
 
 
-def evaluate(run_dir: Path, job: Job, say) -> dict | None:
+def evaluate(run: Run, job: Job, say) -> dict | None:
     from tailor.evaluate.report import gate_lines
     from tailor.evaluate.run import evaluate as run_evaluation
 
     try:
-        summary = run_evaluation(run_dir, spec=job.eval, say=say)
+        summary = run_evaluation(run, spec=job.eval, say=say)
     except DataError as exc:
         say(f"[yellow]evaluation skipped: {exc}[/]")
         return None
@@ -407,13 +428,16 @@ def evaluate(run_dir: Path, job: Job, say) -> dict | None:
     return summary
 
 
-def sample_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int, bf16: bool):
-    """model -> generation metrics on the first n validation conversations (greedy answers to all
-    but their last turn, scored against it), prefixed val_; None when n is 0 or nothing is left."""
+def sample_scorer(r: Recipe, val_raw: list):
+    """model -> generation metrics on the first training.val_generate validation conversations
+    (greedy answers to all but their last turn, scored against it), prefixed val_; None when
+    val_generate is 0 or nothing is left."""
     from tailor.evaluate.metrics import text_scores
     from tailor.evaluate.run import answered
     from tailor.models.generate import answer
 
+    n, max_new_tokens, tokenizer, bf16 = (r.job.training.val_generate, r.job.training.val_generate_tokens,
+                                          r.tokenizer, r.bf16)
     samples = answered(val_raw)[:n] if n else []
     if not samples:
         return None

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from tailor.data import DataError
 from tailor.data.chat import with_instructions
+from tailor.runs import Run
 from tailor.spec import Job
 from tailor.techniques import common
 from tailor.train.loop import train
@@ -24,26 +24,26 @@ from tailor.train.packing import make_rows
 
 
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True,
-        run_dir: Path | None = None, start_from: Path | None = None) -> Path:
-    accelerator, say = common.start(job, console)
-    start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
+        run_dir: Run | None = None, start_from: Run | None = None) -> Path:
+    r = common.start(job, console)
+    r.start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
 
     # 1. The data: every record with its task, and each task's instruction as its system prompt.
-    run_dir, train_raw, val_raw = common.data_and_folder(job, resume, accelerator, say, run_dir)
+    train_raw, val_raw = common.data_and_folder(r, resume, run_dir)
     common.only_kinds(train_raw + val_raw, {"chat", "text"}, "multitask",
                       "Train preference pairs with technique behavioral, or as a preference stage.")
     _every_record_has_a_task(train_raw)
     train_raw = with_instructions(train_raw, job.multitask.instructions)
     val_raw = with_instructions(val_raw, job.multitask.instructions)
-    if common.finished(run_dir, say):
-        return run_dir
-    trackers = common.open_run_trackers(job, run_dir) if accelerator.is_main_process else []
+    if common.finished(r):
+        return r.run.path
+    common.open_run_trackers(r)
 
     # 2. Each task encoded and packed on its own.
-    resolved, tokenizer, dtype = common.base_model(job, accelerator)
+    common.base_model(r)
     max_len = job.training.max_seq_len
     tasks = sorted({ex.task for ex in train_raw})
-    encoded = {split: {t: [e for ex in raw if ex.task == t for e in common.encode(tokenizer, ex, max_len)]
+    encoded = {split: {t: [e for ex in raw if ex.task == t for e in common.encode(r.tokenizer, ex, max_len)]
                        for t in tasks} for split, raw in (("train", train_raw), ("validation", val_raw))}
     stats = common.encoding_stats(*(sum(encoded[split].values(), []) for split in ("train", "validation")))
     train_set, val_set, task_rows, val_groups, rows, val_rows = [], [], {}, {}, [], []
@@ -52,7 +52,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         val_groups[task] = _add_rows(encoded["validation"][task], val_set, val_rows, max_len, job.training.packing)
     stats["rows"] = len(rows)
     stats["padding_share"] = 1 - stats["train_tokens"] / max(1, len(rows) * max_len)
-    common.say_truncated(stats, max_len, say)
+    common.say_truncated(stats, max_len, r.say)
 
     # 3. How often each task is drawn.
     sizes = {t: len(task_rows[t]) for t in tasks}
@@ -61,28 +61,26 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
                                            job.multitask.weights)
     except ValueError as exc:
         raise DataError([str(exc)]) from None
-    plan = MixturePlan.make(task_rows, probabilities, common.settings(job, dtype), accelerator.num_processes)
-    say("tasks: " + ", ".join(f"{t} {sizes[t]} rows → p {probabilities[t]:.2f}" for t in tasks)
-        + f" (sampling {job.multitask.sampling})")
+    plan = MixturePlan.make(task_rows, probabilities, common.settings(r), r.accelerator.num_processes)
+    r.say("tasks: " + ", ".join(f"{t} {sizes[t]} rows → p {probabilities[t]:.2f}" for t in tasks)
+          + f" (sampling {job.multitask.sampling})")
 
     # 4. The model, and 5. train.
-    model = common.model_to_train(job, resolved, dtype, accelerator.device, start_from)
+    model = common.model_to_train(r)
     task_info = {t: {"train_rows": sizes[t], "validation_rows": len(val_groups[t]), "probability": probabilities[t],
                      "instruction": job.multitask.instructions.get(t)} for t in tasks}
-    common.record_start(job, run_dir, resolved, dtype, model, accelerator, stats, say, len(train_set), len(val_set),
-                        start_from, tasks=task_info)
-    score_samples = common.sample_scorer(tokenizer, val_raw, job.training.val_generate,
-                                         job.training.val_generate_tokens, bf16=dtype == torch.bfloat16)
-    summary = train(model, train_set, rows, val_set, val_rows, common.settings(job, dtype), run_dir, accelerator,
-                    tokenizer.pad_token_id, resume=resume, show_progress=show_progress, score_samples=score_samples,
-                    trackers=trackers, plan=plan, val_groups={t: g for t, g in val_groups.items() if g})
+    common.record_start(r, model, stats, len(train_set), len(val_set), tasks=task_info)
+    summary = train(model, train_set, rows, val_set, val_rows, common.settings(r), r.run, r.accelerator,
+                    r.tokenizer.pad_token_id, resume=resume, show_progress=show_progress,
+                    score_samples=common.sample_scorer(r, val_raw), trackers=r.trackers, plan=plan,
+                    val_groups={t: g for t, g in val_groups.items() if g})
     summary["tasks"] = {t: {"probability": probabilities[t], "rows_drawn": n}
                         for t, n in plan.counts(summary["steps"]).items()}
 
     # 6. Save, and evaluate against the base (per task, too).
-    common.finish(model, tokenizer, job, run_dir, resolved, summary, trackers, accelerator, say)
-    common.evaluate_and_close(job, run_dir, trackers, summary["steps"], accelerator, say)
-    return run_dir
+    common.finish(r, model, summary)
+    common.evaluate_and_close(r, summary["steps"])
+    return r.run.path
 
 
 def _every_record_has_a_task(examples: list) -> None:

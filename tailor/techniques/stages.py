@@ -17,8 +17,6 @@ report, `tailor runs` and serving read it like any other run; metrics.jsonl join
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -26,9 +24,9 @@ import torch
 from rich.console import Console
 
 from tailor.evaluate.report import write_report
-from tailor.spec import Job, dump_job
+from tailor.runs import Run
+from tailor.spec import Job
 from tailor.techniques import common
-from tailor.train.rundir import read_json, read_jsonl, replace_dir, write_atomic
 
 
 class Stage(NamedTuple):
@@ -41,65 +39,65 @@ class Stage(NamedTuple):
 
 def run_stages(job: Job, stages: list[Stage], resume: bool = False, console: Console | None = None,
                show_progress: bool = True) -> Path:
-    accelerator, say = common.start(job, console)
-    run_dir = common.run_folder(job, resume, accelerator)
-    if common.finished(run_dir, say):
-        return run_dir
-    if accelerator.is_main_process:
-        write_atomic(run_dir / "job.yaml", dump_job(job))
-    say(f"[bold]{job.name}[/] ({job.technique}): {len(stages)} stage(s): " + " → ".join(st.name for st in stages))
-    say(f"run folder: {run_dir}")
+    r = common.start(job, console)
+    run = common.run_folder(r, resume)
+    if common.finished(r):
+        return run.path
+    if r.is_main:
+        run.write_job(job)
+    r.say(f"[bold]{job.name}[/] ({job.technique}): {len(stages)} stage(s): " + " → ".join(st.name for st in stages))
+    r.say(f"run folder: {run.path}")
 
-    record = read_json(run_dir / "stages.json") or {"stages": []}
+    record = run.stages_record() or {"stages": []}
     done_names = [s["name"] for s in record["stages"]]
     previous, stopped = None, None
     for i, (name, stage_job, recipe, _) in enumerate(stages):
-        folder = run_dir / "stages" / f"{i + 1}-{name}"
+        stage = run.stage(i, name)
         if name in done_names:  # trained and gated before an interruption
-            previous = folder
+            previous = stage
             continue
-        say(f"[bold]stage {i + 1}/{len(stages)}: {name}[/] ({stage_job.technique})")
-        recipe(stage_job, resume=(folder / "checkpoints").is_dir(), console=console, show_progress=show_progress,
-               run_dir=folder, start_from=previous)
-        previous = folder
-        if accelerator.is_main_process:
-            entry = _gate(folder, name, stages[:i + 1], record["stages"], job, say)
+        r.say(f"[bold]stage {i + 1}/{len(stages)}: {name}[/] ({stage_job.technique})")
+        recipe(stage_job, resume=stage.checkpoints_dir.is_dir(), console=console, show_progress=show_progress,
+               run_dir=stage, start_from=previous)
+        previous = stage
+        if r.is_main:
+            entry = _gate(run, stage, name, stages[:i + 1], record["stages"], job, r.say)
             record["stages"].append(entry)
-            write_atomic(run_dir / "stages.json", json.dumps(record, indent=1))
+            run.write_stages_record(record)
         shared = [record]
-        if accelerator.num_processes > 1:
+        if r.accelerator.num_processes > 1:
             torch.distributed.broadcast_object_list(shared, src=0)
         record = shared[0]
         if record["stages"][-1]["regressions"] and job.sequential.on_regression == "stop" and i > 0:
             stopped = name
-            kept = folder.parent / f"{i}-{stages[i - 1].name}"
-            say(f"[red]stopped at stage {name}[/]: it made the model forget an earlier stage. The run's result is "
-                f"stage {stages[i - 1].name}'s, the last that passed the gate; {name}'s stays in {folder} to inspect"
-                + (", and the stages after it did not run" if i < len(stages) - 1 else "")
-                + " (sequential.on_regression: warn goes on instead)")
+            kept = run.stage(i - 1, stages[i - 1].name)
+            r.say(f"[red]stopped at stage {name}[/]: it made the model forget an earlier stage. The run's result is "
+                  f"stage {stages[i - 1].name}'s, the last that passed the gate; {name}'s stays in {stage.path} to "
+                  "inspect" + (", and the stages after it did not run" if i < len(stages) - 1 else "")
+                  + " (sequential.on_regression: warn goes on instead)")
             previous = kept
             break
 
-    if accelerator.is_main_process:
-        _assemble(run_dir, previous, record, stopped, job)
-        say(f"[green]done[/]: {len(record['stages'])} of {len(stages)} stage(s) → {run_dir}")
-    common.evaluate_and_close(job, run_dir, [], 0, accelerator, say)
-    return run_dir
+    if r.is_main:
+        _assemble(run, previous, record, stopped, job)
+        r.say(f"[green]done[/]: {len(record['stages'])} of {len(stages)} stage(s) → {run.path}")
+    common.evaluate_and_close(r, 0)
+    return run.path
 
 
 # --- the gate -----------------------------------------------------------------------------------
 
 
-def _gate(folder: Path, name: str, stages: list[Stage], before: list[dict], job: Job, say) -> dict:
+def _gate(run: Run, stage: Run, name: str, stages: list[Stage], before: list[dict], job: Job, say) -> dict:
     """Score the model this stage ended with on every stage's validation data so far; compare each
     earlier stage's score with its baseline."""
     from tailor.models.generate import load_run
 
-    model, tokenizer = load_run(folder)
+    model, tokenizer = load_run(stage.path)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     losses = {}
     for i, (stage_name, stage_job, _, kinds) in enumerate(stages):
-        _, records = common.splits(stage_job, folder.parent / f"{i + 1}-{stage_name}")  # as its recipe read them
+        _, records = common.splits(stage_job, run.stage(i, stage_name))  # as its recipe read them
         records = [ex for ex in records if ex.kind in kinds]
         losses[stage_name] = validation_loss(model, tokenizer, records, stage_job.training.max_seq_len, bf16)
     baselines = {s["name"]: s["baseline"] for s in before}
@@ -119,7 +117,7 @@ def _gate(folder: Path, name: str, stages: list[Stage], before: list[dict], job:
         say(f"[red]regression: stage {r['stage']}'s validation loss rose {r['rise']:+.1%} "
             f"({r['baseline']:.4f} → {r['now']:.4f}), more than sequential.max_regression "
             f"{job.sequential.max_regression:.0%}[/]")
-    return {"name": name, "folder": str(folder), "baseline": losses.get(name), "losses": losses,
+    return {"name": name, "folder": str(stage.path), "baseline": losses.get(name), "losses": losses,
             "regressions": regressions}
 
 
@@ -128,7 +126,8 @@ def validation_loss(model, tokenizer, records: list, max_len: int, bf16: bool) -
     preference pairs (their chosen answers): one number any stage's data gives."""
     from tailor.train.loss import encoded_loss
 
-    encoded = [e for ex in common.demonstrations(records, with_chosen=True) for e in common.encode(tokenizer, ex, max_len)]
+    encoded = [e for ex in common.demonstrations(records, with_chosen=True)
+               for e in common.encode(tokenizer, ex, max_len)]
     scored = encoded_loss(model, encoded, tokenizer.pad_token_id, bf16=bf16, batch_size=8)
     return scored.mean if scored.tokens else None
 
@@ -136,41 +135,34 @@ def validation_loss(model, tokenizer, records: list, max_len: int, bf16: bool) -
 # --- the run folder -----------------------------------------------------------------------------
 
 
-def _assemble(run_dir: Path, last: Path, record: dict, stopped: str | None, job: Job) -> None:
+def _assemble(run: Run, last: Run, record: dict, stopped: str | None, job: Job) -> None:
     """The last stage's result and the joined curves, in the run folder."""
-    result = "adapter" if (last / "adapter").is_dir() else "model"
-    tmp = run_dir / f".{result}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(last / result, tmp)
-    replace_dir(tmp, run_dir / result)
-    for name in ("layer_change.json",):
-        if (last / name).exists():
-            shutil.copyfile(last / name, run_dir / name)
-    manifest = read_json(last / "manifest.json")
-    manifest.update({"name": job.name, "technique": job.technique, "run_dir": str(run_dir),
-                     "stages": [s["folder"] for s in record["stages"]], "result_of": str(last)})
-    write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
+    run.copy_result_of(last)
+    manifest = last.manifest().model_copy(update={
+        "name": job.name, "technique": job.technique, "run_dir": str(run.path),
+        "stages": [s["folder"] for s in record["stages"]], "result_of": str(last.path)})
+    run.write_manifest(manifest)
 
     # Steps and epochs run on across stages (each row keeps its stage's own as stage_step, stage_epoch).
     rows, offset, epochs, summaries = [], 0, 0.0, []
     for entry in record["stages"]:
-        folder = Path(entry["folder"])
-        summary = read_json(folder / "summary.json") or {}
+        stage = Run(entry["folder"])
+        summary = stage.summary() or {}
         summaries.append({"stage": entry["name"], **summary})
-        stage_rows = [r for r in read_jsonl(folder / "metrics.jsonl") if r.get("type") in ("train", "eval")]
+        stage_rows = [r for r in stage.metrics() if r.get("type") in ("train", "eval")]
         for r in stage_rows:
             rows.append({**r, "stage": entry["name"], "stage_step": r["step"], "step": r["step"] + offset,
                          "stage_epoch": r["epoch"], "epoch": round(r["epoch"] + epochs, 4)})
         offset += summary.get("steps", 0)
         epochs += max((r["epoch"] for r in stage_rows), default=0.0)
-    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    kept = read_json(last / "summary.json") or {}  # the final numbers are those of the stage kept
+    run.write_metrics(rows)
+    kept = last.summary() or {}  # the final numbers are those of the stage kept
     summary = {k: kept.get(k) for k in ("final_train_loss", "final_val_loss", "final_val_token_accuracy",
                                                  "final_val", "tokens_per_s_median")}
-    summary.update({"steps": offset, "stopped_at_stage": stopped, "result_of": last.name,
+    summary.update({"steps": offset, "stopped_at_stage": stopped, "result_of": last.id,
                     "regressions": [r | {"after": s["name"]} for s in record["stages"] for r in s["regressions"]],
                     "stages": summaries})
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
-    write_atomic(run_dir / "stages.json", json.dumps({**record, "stopped_at": stopped, "result_of": last.name}, indent=1))
-    write_report(run_dir)
-    (run_dir / "DONE").write_text("", encoding="utf-8")
+    run.write_summary(summary)
+    run.write_stages_record({**record, "stopped_at": stopped, "result_of": last.id})
+    write_report(run)
+    run.mark_done()

@@ -24,7 +24,8 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         return task.run(job, resume=resume, console=console, show_progress=show_progress)
     domain = job.as_stage("domain", "task",
                           DataSpec(train=t.domain_text, validation_fraction=job.data.validation_fraction),
-                          {"epochs": t.domain_epochs, "learning_rate": t.domain_learning_rate or job.training.learning_rate,
+                          {"epochs": t.domain_epochs,
+                           "learning_rate": t.domain_learning_rate or job.training.learning_rate,
                            "val_generate": 0, "early_stopping_patience": 0})
     the_task = job.as_stage("task", "task")
     return run_stages(job, [Stage("domain", domain, task.run), Stage("task", the_task, task.run)], resume=resume,

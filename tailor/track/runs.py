@@ -1,18 +1,16 @@
 """`tailor runs`: the run folders under an output directory, one at a time or side by side.
 
-Everything comes from the files a run writes (job.yaml, manifest.json, summary.json,
-eval/summary.json, metrics.jsonl): nothing is kept anywhere else, so a run copied to another
-machine lists and compares the same.
+Everything comes from the files a run writes (read through tailor.runs.Run): nothing is kept
+anywhere else, so a run copied to another machine lists and compares the same. Finding runs
+(Run.find, Run.resolve) is the run folder's own business.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import yaml
-
-from tailor.train.rundir import read_json
+from tailor.files import read_json
+from tailor.runs import Run
 
 # The measures `compare` and `list` show, in order: (label, where in the run's record).
 MEASURES = [
@@ -36,42 +34,15 @@ MEASURES = [
 ]
 
 
-class RunNotFound(LookupError):
-    pass
-
-
-def find_runs(output_dir: str | Path) -> list[Path]:
-    """Run folders (those with a job.yaml) under output_dir/NAME/, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    runs = [p for p in root.glob("*/*") if (p / "job.yaml").is_file()]
-    return sorted(runs, key=lambda p: (p.name, p.parent.name))
-
-
-def resolve_run(ref: str, output_dir: str | Path) -> Path:
-    """A run given as a folder, NAME/RUN-ID under output_dir, or a RUN-ID or NAME (its latest run)."""
-    for candidate in (Path(ref), Path(output_dir) / ref):
-        if (candidate / "job.yaml").is_file():
-            return candidate
-    runs = find_runs(output_dir)
-    matches = [r for r in runs if r.name == ref] or [r for r in runs if r.parent.name == ref][-1:]
-    if len(matches) == 1:
-        return matches[0]
-    known = ", ".join(f"{r.parent.name}/{r.name}" for r in runs[-5:]) or "none"
-    raise RunNotFound(f"no run '{ref}' (as a folder, or under {output_dir}); "
-                      + ("it names several runs, give NAME/RUN-ID" if matches else f"recent runs: {known}"))
-
-
-def load_run_record(run_dir: Path) -> dict:
+def load_run_record(run: Run) -> dict:
     """What a run folder says about itself."""
     return {
-        "path": str(run_dir), "name": run_dir.parent.name, "id": run_dir.name,
-        "status": "done" if (run_dir / "DONE").exists() else "unfinished",
-        "job": _job_with_defaults(yaml.safe_load((run_dir / "job.yaml").read_text(encoding="utf-8")) or {}),
-        "manifest": read_json(run_dir / "manifest.json") or {},
-        "train": read_json(run_dir / "summary.json") or {},
-        "eval": read_json(run_dir / "eval" / "summary.json") or {},
+        "path": str(run.path), "name": run.name, "id": run.id,
+        "status": "done" if run.done else "unfinished",
+        "job": _job_with_defaults(run.raw_job() or {}),
+        "manifest": read_json(run.manifest_file) or {},  # as written, whatever version of Tailor wrote it
+        "train": run.summary() or {},
+        "eval": run.eval_summary() or {},
     }
 
 
@@ -113,7 +84,8 @@ def config_differences(records: list[dict]) -> list[tuple[str, list]]:
     a different file is a different experiment."""
     flat = [flatten(r["job"]) for r in records]
     keys = sorted(set().union(*flat))
-    return [(k, [f.get(k) for f in flat]) for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    return [(k, [f.get(k) for f in flat]) for k in keys
+            if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
 
 
 def format_value(value) -> str:

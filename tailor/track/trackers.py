@@ -13,14 +13,16 @@ evaluation's scores at the end (test/rouge_l_tuned, retention/qa_drop …).
 from __future__ import annotations
 
 import time
-from pathlib import Path
+
+from tailor.errors import TailorError
+from tailor.runs import Run
 
 INSTALL = {"tensorboard": 'pip install "tailor-llm[tensorboard]" (or: pip install tensorboard)',
            "mlflow": 'pip install "tailor-llm[mlflow]" (or: pip install mlflow-skinny sqlalchemy alembic)'}
 
 
-class TrackerError(RuntimeError):
-    pass
+class TrackerError(TailorError, RuntimeError):
+    """A tracker the job asks for that cannot start (not installed)."""
 
 
 def numbers(row: dict) -> dict[str, float]:
@@ -48,12 +50,13 @@ def eval_numbers(summary: dict) -> dict[str, float]:
 
 
 class TensorBoard:
-    def __init__(self, run_dir: Path, params: dict):
+    def __init__(self, run: Run, params: dict):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise TrackerError(f"tracking: tensorboard needs the tensorboard package ({e}); {INSTALL['tensorboard']}") from e
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            raise TrackerError(f"tracking: tensorboard needs the tensorboard package ({e}); "
+                               f"{INSTALL['tensorboard']}") from e
+        self.writer = SummaryWriter(log_dir=str(run.tensorboard_dir))
         self.writer.add_text("job", "\n".join(f"    {k}: {v}" for k, v in sorted(params.items())))
 
     def log(self, row: dict) -> None:
@@ -74,7 +77,7 @@ class MLflow:
     """One MLflow run per Tailor run, in an experiment named after the job. A resumed run logs into
     the same MLflow run (its id is kept in RUN/mlflow_run_id)."""
 
-    def __init__(self, run_dir: Path, experiment: str, params: dict, uri: str):
+    def __init__(self, run: Run, experiment: str, params: dict, uri: str):
         try:
             from mlflow.tracking import MlflowClient
         except ImportError as e:
@@ -82,12 +85,12 @@ class MLflow:
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        id_file = run_dir / "mlflow_run_id"
+        id_file = run.mlflow_id_file
         if id_file.exists():
             self.run_id = id_file.read_text(encoding="utf-8").strip()
         else:
-            self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name,
-                                                 tags={"tailor.run_dir": str(run_dir)}).info.run_id
+            self.run_id = self.client.create_run(experiment_id, run_name=run.id,
+                                                 tags={"tailor.run_dir": str(run.path)}).info.run_id
             id_file.write_text(self.run_id, encoding="utf-8")
             from mlflow.entities import Param
 
@@ -110,11 +113,11 @@ class MLflow:
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
 
-def open_trackers(names: list[str], run_dir: Path, experiment: str, params: dict, mlflow_uri: str) -> list:
+def open_trackers(names: list[str], run: Run, experiment: str, params: dict, mlflow_uri: str) -> list:
     trackers = []
     for name in names:
         if name == "tensorboard":
-            trackers.append(TensorBoard(run_dir, params))
+            trackers.append(TensorBoard(run, params))
         elif name == "mlflow":
-            trackers.append(MLflow(run_dir, experiment, params, mlflow_uri))
+            trackers.append(MLflow(run, experiment, params, mlflow_uri))
     return trackers

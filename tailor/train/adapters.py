@@ -8,10 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tailor.errors import TailorError
+
 BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
-class AdapterError(ValueError):
+class AdapterError(TailorError, ValueError):
     """An adapter setting that does not fit the model (named by its job key)."""
 
 
@@ -85,7 +87,8 @@ def _targets(model: nn.Module, target_modules, top: int | None) -> dict:
     if target_modules == "all-linear":
         target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                                  if isinstance(m, nn.Linear) and block_index(name + ".") is not None})
-    return {"target_modules": target_modules, "layers_to_transform": list(range(n - top, n)), "layers_pattern": "layers"}
+    return {"target_modules": target_modules, "layers_to_transform": list(range(n - top, n)),
+            "layers_pattern": "layers"}
 
 
 def _freeze_all_but_top(model: nn.Module, cfg: AdapterConfig) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tailor.errors import TailorError
+
 IGNORE = -100
 
 
@@ -31,8 +33,8 @@ class Encoded:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
-class TemplateError(ValueError):
-    pass
+class TemplateError(TailorError, ValueError):
+    """A chat template that cannot mark the answers (the loss mask needs them)."""
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:

@@ -9,23 +9,28 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from tailor.runs import Run
 from tailor.train.adapters import param_groups
-from tailor.train.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, load_weights, mark_best,
-                                     save_checkpoint)
+from tailor.train.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    mark_best,
+    save_checkpoint,
+)
 from tailor.train.encode import Encoded
 from tailor.train.loss import CausalLMLoss
 from tailor.train.packing import collate, epoch_order
 from tailor.train.progress import progress_bar
-from tailor.train.rundir import MetricsLog, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,11 @@ class Plan:
 
 
 def make_scheduler(optimizer, kind: str, total: int, warmup: int):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     if kind == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, warmup, total)
@@ -87,11 +96,12 @@ def make_scheduler(optimizer, kind: str, total: int, warmup: int):
 
 
 def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_examples: list[Encoded],
-          val_rows: list[list[int]], settings: TrainSettings, run_dir: Path, accelerator, pad_id: int,
+          val_rows: list[list[int]], settings: TrainSettings, run: Run, accelerator, pad_id: int,
           resume: bool = False, show_progress: bool = True, score_samples=None, trackers=(),
           objective: nn.Module | None = None, plan=None, row_units: list[int] | None = None,
           val_groups: dict[str, list[int]] | None = None) -> dict:
-    """score_samples: model -> {"val_rouge_l": …} from generated answers, added to each validation
+    """run: the run folder whose metrics.jsonl and checkpoints/ this writes (and reads on resume).
+    score_samples: model -> {"val_rouge_l": …} from generated answers, added to each validation
     (computed on the main process and shared). trackers: also receive every metrics row.
 
     What the techniques change, each with the plain default:
@@ -116,8 +126,8 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     stat_names = plain_objective.stat_names
     objective = accelerator.prepare_model(plain_objective)  # DDP-wrapped when world > 1
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=s.bf16_autocast)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main, trackers=trackers)
-    ckpt_dir = run_dir / "checkpoints"
+    metrics = run.metrics_log(enabled=is_main, trackers=trackers)
+    ckpt_dir = run.checkpoints_dir
 
     start, last_train, last_eval = 0, None, None
     early = EarlyStopping(s.early_stopping_metric, s.early_stopping_patience, s.early_stopping_min_delta)
@@ -127,7 +137,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
         early.load(state.get("early_stopping"))
         metrics.truncate_after(start)
         # A run killed after its last checkpoint has nothing left to train; its summary comes from here.
-        last_train, last_eval = _last_rows(run_dir / "metrics.jsonl")
+        last_train, last_eval = _last_rows(run)
     else:
         metrics.truncate_after(0)
 
@@ -246,7 +256,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     stopped_at = done if start < plan.total_steps and done < plan.total_steps else None
     if early.enabled and early.best_step is not None and early.best_step != (stopped_at or plan.total_steps):
         load_weights(checkpoint_path(ckpt_dir, early.best_step), model)  # the result is the best validation's
-        last_eval = next((r for r in read_jsonl(run_dir / "metrics.jsonl")
+        last_eval = next((r for r in run.metrics()
                           if r.get("type") == "eval" and r["step"] == early.best_step), last_eval)
     return {
         "steps": stopped_at or plan.total_steps, "resumed_from_step": start, "steps_per_epoch": plan.steps_per_epoch,
@@ -302,9 +312,8 @@ def _val_numbers(totals: torch.Tensor, stat_names: tuple[str, ...], objective) -
     return numbers
 
 
-def _last_rows(path: Path) -> tuple[dict | None, dict | None]:
-    rows = read_jsonl(path) if path.exists() else []
-    last = {r.get("type"): r for r in rows}
+def _last_rows(run: Run) -> tuple[dict | None, dict | None]:
+    last = {r.get("type"): r for r in run.metrics()}
     return last.get("train"), last.get("eval")
 
 

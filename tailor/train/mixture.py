@@ -48,7 +48,8 @@ class MixturePlan:
     _schedule: list[list[int]] = field(default_factory=list, repr=False)
 
     @classmethod
-    def make(cls, task_rows: dict[str, list[int]], probabilities: dict[str, float], settings, world: int) -> "MixturePlan":
+    def make(cls, task_rows: dict[str, list[int]], probabilities: dict[str, float], settings,
+             world: int) -> "MixturePlan":
         per_step = settings.batch_size * settings.grad_accum * world
         n_rows = sum(len(r) for r in task_rows.values())
         per_epoch = math.ceil(n_rows / per_step)
