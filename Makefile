@@ -31,6 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tailor quickstart
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:
