@@ -110,6 +110,22 @@ def make_job(tmp_path, tiny_model_dir, chat_file):
     return _make
 
 
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    """40 preference pairs: the same facts in the shop's voice (chosen) and a flat one (rejected)."""
+    rng = random.Random(1)
+    words = "lamp glow bulb ember beacon halo order refund".split()
+    pairs = []
+    for i in range(40):
+        facts = " ".join(rng.choices(words, k=5))
+        pairs.append({"prompt": [{"role": "user", "content": f"{' '.join(rng.choices(words, k=4))} {i}?"}],
+                      "chosen": [{"role": "assistant", "content": f"Hello spark! {facts} Keep glowing!"}],
+                      "rejected": [{"role": "assistant", "content": f"Dear customer. {facts} Regards."}]})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    return path
+
+
 def train_losses(run_dir: Path) -> list[float]:
     from tailor.runs import Run
 

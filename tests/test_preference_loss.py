@@ -10,10 +10,7 @@ Three pairs (log-probabilities are sums over the answer's tokens; "/n" is the an
 A and B share a packed row, C has a row of its own (padded), so the segments' bookkeeping is on the path.
 """
 
-import json
 import math
-import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -171,21 +168,6 @@ def test_a_tie_does_not_count_as_preferred():
 
 
 # --- golden losses of a seeded behavioral run ---------------------------------------------------
-
-
-@pytest.fixture
-def pairs_file(tmp_path) -> Path:
-    rng = random.Random(1)
-    words = "lamp glow bulb ember beacon halo order refund".split()
-    pairs = []
-    for i in range(40):
-        facts = " ".join(rng.choices(words, k=5))
-        pairs.append({"prompt": [{"role": "user", "content": f"{' '.join(rng.choices(words, k=4))} {i}?"}],
-                      "chosen": [{"role": "assistant", "content": f"Hello spark! {facts} Keep glowing!"}],
-                      "rejected": [{"role": "assistant", "content": f"Dear customer. {facts} Regards."}]})
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    return path
 
 
 # Pinned on torch 2.13 / transformers 5.24, CPU, float32. A change here means the engine's numbers

@@ -263,19 +263,6 @@ def test_stage_settings_are_checked_before_anything_runs(make_job, ping_data):
 # --- behavioral ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pairs_file(tmp_path) -> Path:
-    rng = random.Random(1)
-    words = "lamp glow bulb ember beacon halo order refund".split()
-    pairs = []
-    for i in range(40):
-        facts = " ".join(rng.choices(words, k=5))
-        pairs.append({"prompt": [{"role": "user", "content": f"{' '.join(rng.choices(words, k=4))} {i}?"}],
-                      "chosen": [{"role": "assistant", "content": f"Hello spark! {facts} Keep glowing!"}],
-                      "rejected": [{"role": "assistant", "content": f"Dear customer. {facts} Regards."}]})
-    return write_jsonl(tmp_path / "pairs.jsonl", pairs)
-
-
 def test_reference_is_the_starting_model_so_the_first_margin_is_zero(tiny_model_dir, pairs_file):
     from tailor.data import read_many
     from tailor.models import load_model
