@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -39,6 +41,22 @@ def replace_dir(built: str | Path, final: str | Path) -> None:
         os.replace(final, old)
     os.replace(built, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def building(final: str | Path) -> Iterator[Path]:
+    """`with building(final) as tmp:` fill the folder `tmp` (not created: save_pretrained and
+    copytree make it); when the block ends it replaces `final` (replace_dir), and when the block
+    fails it is removed, so `final` is never half-written."""
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted writer left
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
 
 
 def read_json(path: str | Path) -> dict | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tailor.errors import TailorError
-from tailor.files import read_json, read_jsonl, replace_dir, write_atomic, write_json, write_jsonl
+from tailor.files import building, read_json, read_jsonl, write_atomic, write_json, write_jsonl
 
 
 class RunError(TailorError):
@@ -125,8 +125,11 @@ class _Entry:
 class Run:
     path: Path
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path | Run):
         object.__setattr__(self, "path", Path(path))
+
+    def __fspath__(self) -> str:  # a Run is a path: Run(run), open(run / …) and load_run(run) all take it
+        return str(self.path)
 
     # In the order a run writes them.
     job_file = _Entry("job.yaml", "the resolved job, every default filled in")
@@ -204,9 +207,8 @@ class Run:
         root = Path(output_dir) / name
         if not root.is_dir():
             return None
-        runs = sorted((cls(p) for p in root.iterdir()), key=lambda r: r.path.stat().st_mtime)
-        runs = [r for r in runs if r.exists]
-        return runs[-1] if runs else None
+        return max((r for r in map(cls, root.iterdir()) if r.exists), key=lambda r: r.path.stat().st_mtime,
+                   default=None)
 
     @classmethod
     def find(cls, output_dir: str | Path) -> list[Run]:
@@ -332,29 +334,25 @@ class Run:
         return self.adapter_dir.is_dir()
 
     def require_result(self) -> Path:
-        if self.result is None:
+        result = self.result
+        if result is None:
             raise RunError(f"{self.path}: no adapter/ or model/ folder; is this a finished run folder "
                            "(runs/NAME/RUN-ID)? Unfinished runs continue with `tailor train JOB --resume`")
-        return self.result
+        return result
 
     def save_result(self, model, tokenizer, kind: str) -> Path:
         """adapter/ (PEFT format) for LoRA, model/ (a full transformers folder) otherwise."""
         final = self.result_dir_for(kind)
-        tmp = self.path / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, final)
+        with building(final) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         return final
 
     def copy_result_of(self, other: Run) -> None:
         """Another run's result (a staged run keeps its last good stage's) and its layer change."""
         source = other.require_result()
-        final = self.path / source.name
-        tmp = self.path / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        replace_dir(tmp, final)
+        with building(self.path / source.name) as tmp:
+            shutil.copytree(source, tmp)
         if other.layer_change_file.exists():
             shutil.copyfile(other.layer_change_file, self.layer_change_file)
 
@@ -368,18 +366,16 @@ class Run:
 
     def write_eval(self, summary: dict, examples: list[dict], retention: list[dict] | None) -> None:
         """eval/ as one: built under a temporary name, then put in place of the old one."""
-        tmp = self.path / ".eval.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        with building(self.eval_dir) as tmp:
+            tmp.mkdir()
 
-        def inside(path: Path) -> Path:  # the same name under the temporary folder
-            return tmp / path.relative_to(self.eval_dir)
+            def inside(path: Path) -> Path:  # the same name under the temporary folder
+                return tmp / path.relative_to(self.eval_dir)
 
-        write_json(inside(self.eval_summary_file), summary, ensure_ascii=False)
-        write_jsonl(inside(self.eval_examples_file), examples, ensure_ascii=False)
-        if retention is not None:
-            write_jsonl(inside(self.retention_file), retention, ensure_ascii=False)
-        replace_dir(tmp, self.eval_dir)
+            write_json(inside(self.eval_summary_file), summary, ensure_ascii=False)
+            write_jsonl(inside(self.eval_examples_file), examples, ensure_ascii=False)
+            if retention is not None:
+                write_jsonl(inside(self.retention_file), retention, ensure_ascii=False)
 
     def gate_failed(self) -> bool:
         summary = self.eval_summary()

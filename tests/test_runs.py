@@ -100,3 +100,20 @@ def test_a_folder_that_is_not_a_run_is_named_as_such(tmp_path):
         Run(tmp_path).require_result()
     result = CliRunner().invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code == 2 and "no job.yaml" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_folder_built_in_place_is_all_or_nothing(tmp_path):
+    from tailor.files import building
+
+    final = tmp_path / "adapter"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), building(final) as tmp:
+        tmp.mkdir()
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("killed while saving")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (final / "old.txt").exists()
+    with building(final) as tmp:
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in final.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["adapter"]

@@ -72,7 +72,7 @@ def write_report(run: Run | Path) -> Path:
     """RUN/report.html from what the run folder holds: metrics.jsonl (curves), eval/ (base vs
     tuned, retention, sample answers). Self-contained: Plotly's script is embedded, so it opens
     from disk with no server and no network."""
-    run = run if isinstance(run, Run) else Run(run)
+    run = Run(run)
     manifest = read_json(run.manifest_file) or {}  # as written: the report shows what it can of any run
     return run.write_report(report_html(run.metrics(), run.eval_summary(), run.eval_examples(), manifest, run.id,
                                         run.layer_change(), run.stages_record()))

@@ -38,7 +38,7 @@ from tailor.train.loss import answer_loss
 
 
 def evaluate(run: Run | str | Path, data: list | None = None, spec: EvalSpec | None = None, say=print) -> dict:
-    run = run if isinstance(run, Run) else Run(run)
+    run = Run(run)
     started = time.perf_counter()
     job = run.job()
     spec = spec or job.eval
@@ -51,7 +51,7 @@ def evaluate(run: Run | str | Path, data: list | None = None, spec: EvalSpec | N
     # 2. The tuned model, and its base (the same weights with the adapter off, when there is one).
     from peft import PeftModel
 
-    tuned_model, tokenizer = load_run(run.path)
+    tuned_model, tokenizer = load_run(run)
     base_model = None if isinstance(tuned_model, PeftModel) else load_base(job.model.base)[0]
     bf16 = next(tuned_model.parameters()).dtype == torch.bfloat16
 

@@ -12,7 +12,7 @@ from tailor.runs import Run
 
 def load_run(run: Run | str | Path, dtype: str = "auto"):
     """(model, tokenizer) of a finished run: the base with its adapter, or the full model it saved."""
-    run = run if isinstance(run, Run) else Run(run)
+    run = Run(run)
     device = default_device()
     torch_dtype = best_dtype(dtype, device)
     result = run.require_result()

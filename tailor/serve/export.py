@@ -22,14 +22,12 @@ differed from token 24 of 48 on.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from tailor.errors import TailorError
-from tailor.files import write_json
+from tailor.files import building, write_json
 from tailor.models.decode import Engine, Request, Sampling, stop_token_ids
 from tailor.models.generate import load_run
 from tailor.models.load import resolve_model
@@ -51,22 +49,18 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = 
     out = Path(out) if out else run.export_dir
     model, tokenizer = _merged(run)
     target = _dtype(dtype, manifest.model.source)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(target).save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    end_ids = answer_end_ids(model, tokenizer)
-    config = model.generation_config
-    config.eos_token_id = end_ids[0] if len(end_ids) == 1 else end_ids
-    config.pad_token_id = tokenizer.pad_token_id
-    config.save_pretrained(tmp)
-    (tmp / "tailor_export.json").write_text(json.dumps({
-        "run": str(run.path), "base": manifest.model.source, "dtype": str(target).removeprefix("torch."),
-        "adapter_kind": "lora" if run.has_adapter else manifest.adapter.kind if manifest.adapter else None,
-        "eos_token_id": end_ids}, indent=1), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with building(out) as tmp:
+        model.to(target).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        end_ids = answer_end_ids(model, tokenizer)
+        config = model.generation_config
+        config.eos_token_id = end_ids[0] if len(end_ids) == 1 else end_ids
+        config.pad_token_id = tokenizer.pad_token_id
+        config.save_pretrained(tmp)
+        (tmp / "tailor_export.json").write_text(json.dumps({
+            "run": str(run.path), "base": manifest.model.source, "dtype": str(target).removeprefix("torch."),
+            "adapter_kind": "lora" if run.has_adapter else manifest.adapter.kind if manifest.adapter else None,
+            "eos_token_id": end_ids}, indent=1), encoding="utf-8")
     say(f"exported {run.id} → {out} ({str(target).removeprefix('torch.')}; stops at token(s) "
         f"{', '.join(f'{i} {tokenizer.convert_ids_to_tokens(i)!r}' for i in end_ids)})")
     return out

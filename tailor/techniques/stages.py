@@ -93,7 +93,7 @@ def _gate(run: Run, stage: Run, name: str, stages: list[Stage], before: list[dic
     earlier stage's score with its baseline."""
     from tailor.models.generate import load_run
 
-    model, tokenizer = load_run(stage.path)
+    model, tokenizer = load_run(stage)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     losses = {}
     for i, (stage_name, stage_job, _, kinds) in enumerate(stages):
