@@ -68,10 +68,17 @@ def prepare(
     set_: list[str] = typer.Option([], "--set", help="Override an option: --set privacy.strategy=pseudonym"),
     num_proc: Optional[int] = typer.Option(None, "--num-proc", help="Worker processes for cleaning "
                                            "[default: up to 2]."),
+    allow_from: list[Path] = typer.Option([], "--allow-from", help="A review file from an earlier run, edited: the "
+                                          "values left in it are never replaced (added to privacy.allow). "
+                                          "Repeatable."),
+    review: Optional[Path] = typer.Option(None, "--review", help="Where to write the names anonymization replaced, "
+                                          "for you to review (never inside OUT) [default: OUT.privacy-review.txt "
+                                          "beside OUT]."),
 ):
     """Clean, de-duplicate, anonymize and split raw data into a prepared dataset folder with a data card."""
     from tailor.data.card import summary_lines
     from tailor.data.prepare import prepare as run_prepare
+    from tailor.data.privacy.review import read_allow_file
     from tailor.spec import EMBEDDED_DEFAULT, SourceSpec, load_data_config
 
     data, job_model = load_data_config(config, set_)
@@ -79,12 +86,30 @@ def prepare(
         sources = [SourceSpec(path=str(p), format=format_, task=task) for p in inputs or []]
     except ValueError as exc:
         _fail(ValueError(f"--format {format_}: {exc}"))
+    for path in allow_from:
+        data.privacy.allow = list(dict.fromkeys(data.privacy.allow + read_allow_file(path)))
+    review = _review_file(review, out, allow_from + [Path(p) for p in data.privacy.allow_from])
     _quiet_libraries()
     result = run_prepare(sources, out, model=model or job_model or EMBEDDED_DEFAULT, config=data,
-                         num_proc=num_proc, say=lambda m: err.print(escape(m), highlight=False))
+                         num_proc=num_proc, say=lambda m: err.print(escape(m), highlight=False), review=review)
     for line in summary_lines(result.card):
         _print_out(line)
     _print_out(f"→ {result.out} (card.md, card.html, rejects.jsonl)")
+    if result.review:
+        _print_out(f"→ {result.review}: the names replaced, for you only (do not share it); to keep the public "
+                   f"ones, delete the private people's lines and prepare again with --allow-from {result.review}")
+
+
+def _review_file(review: Optional[Path], out: Path, allow_from: list[Path]) -> Optional[Path]:
+    """The review file: --review, or OUT.privacy-review.txt beside OUT. Never one that --allow-from
+    reads: it would be overwritten with the names its owner deleted from it, and the next run that
+    reads it would keep them."""
+    review = review or out.parent / f"{out.name}.privacy-review.txt"
+    if any(review.resolve() == a.resolve() for a in allow_from):
+        err.print(f"not writing the review file {review}: --allow-from reads it (pass --review ANOTHER_FILE to get "
+                  "a new one)", highlight=False)
+        return None
+    return review
 
 
 @app.command()
@@ -98,20 +123,66 @@ def train(
     from_run: Optional[Path] = typer.Option(None, "--from-run", help="Continue from a finished (deployed) run's "
                                             "adapter or weights, on this job's data: continual fine-tuning "
                                             "(model.from_run)."),
+    until_gate_passes: int = typer.Option(0, "--until-gate-passes", metavar="N", min=0,
+                                          help="When the evaluation gate fails, train again with the next settings "
+                                          "of the ladder (docs/evaluation.md), at most N more times; each attempt "
+                                          "is its own run folder."),
 ):
     """Fine-tune a base model as the job file says; writes a run folder under output.dir/name/."""
     from tailor.runs import Run
     from tailor.spec import load_job
     from tailor.techniques import run as run_technique
 
-    job = load_job(job_file, set_ + ([f"model.from_run={from_run.resolve()}"] if from_run else []))
+    overrides = set_ + ([f"model.from_run={from_run.resolve()}"] if from_run else [])
     _quiet_libraries()
-    run = Run(run_technique(job, resume=resume, console=err, show_progress=not no_progress))
-    if run.gate_failed():
-        # Training worked, so the exit status stays 0; `tailor eval RUN` is the check that fails.
-        err.print(f"[yellow]the evaluation gate failed[/] (eval.gate): the model is saved in {run.path}; "
-                  f"see {run.eval_summary_file}. `tailor eval {run.path}` exits with status 1 on it.",
-                  highlight=False)
+    attempts: list[tuple[Run, list[str]]] = []
+    tried: list[str] = []
+    while True:
+        job = load_job(job_file, overrides + tried)
+        run = Run(run_technique(job, resume=resume and not attempts, console=err, show_progress=not no_progress))
+        attempts.append((run, list(tried)))
+        if not run.gate_failed():
+            break
+        step = _next_rung(run, attempts[0][0])
+        if len(attempts) > until_gate_passes or step is None:
+            # Training worked, so the exit status stays 0; `tailor eval RUN` is the check that fails.
+            err.print(f"[yellow]the evaluation gate failed[/] (eval.gate): the model is saved in {run.path}; "
+                      f"see {run.eval_summary_file}. `tailor eval {run.path}` exits with status 1 on it."
+                      + (f"\nnext try: tailor train {job_file} " + " ".join(
+                          f"--set {o}" for o in _merged(overrides + tried, step.overrides()))
+                         if step is not None else ""), highlight=False)
+            break
+        err.print(f"[yellow]gate failed[/]: {step.cause}. Attempt {len(attempts) + 1} of {until_gate_passes + 1}: "
+                  f"{step.why}", highlight=False)
+        tried = _merged(tried, step.overrides())
+    if len(attempts) > 1:
+        _print_attempts(attempts)
+
+
+def _next_rung(run, first):
+    from tailor.evaluate.run import next_try
+
+    start_lr = ((first.raw_job() or {}).get("training") or {}).get("learning_rate")
+    return next_try(run, run.eval_summary()["gate"], start_lr if isinstance(start_lr, (int, float)) else None)
+
+
+def _merged(overrides: list[str], more: list[str]) -> list[str]:
+    """`more` over `overrides`: a key set again takes the new value."""
+    keys = {o.partition("=")[0] for o in more}
+    return [o for o in overrides if o.partition("=")[0] not in keys] + more
+
+
+def _print_attempts(attempts: list) -> None:
+    table = Table(title="--until-gate-passes: the attempts")
+    for col in ("#", "run", "settings", "gate"):
+        table.add_column(col, overflow="fold")
+    for i, (run, tried) in enumerate(attempts, 1):
+        gate = (run.eval_summary() or {}).get("gate") or {}
+        table.add_row(str(i), str(run.path), " ".join(tried) or "as the job says",
+                      "passed" if gate.get("passed") else "[red]FAILED[/]")
+    out.print(table)
+    passed = [run for run, _ in attempts if ((run.eval_summary() or {}).get("gate") or {}).get("passed")]
+    _print_out(f"passed: {passed[0].path}" if passed else "no attempt passed the gate")
 
 
 @app.command(name="eval")
@@ -186,6 +257,11 @@ def advise(
     hardware: Optional[Path] = typer.Option(None, "--hardware", help="YAML of hardware entries or prices to add "
                                             "or override."),
     price: list[str] = typer.Option([], "--price", help="Price per device-hour: --price a100-80gb=1.4"),
+    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="--offline: recommend only models "
+                                           "already here (no downloads); --online: downloads are possible "
+                                           "[default: checked when training here]."),
+    model: list[str] = typer.Option([], "--model", help="A model folder on this machine (config.json, "
+                                    "*.safetensors): it counts as the catalog model of its shape, here. Repeatable."),
     calibrate_: bool = typer.Option(False, "--calibrate", help="Measure this machine first (about a minute); stored."),
     list_hardware: bool = typer.Option(False, "--list-hardware", help="Print the hardware table and exit."),
     ask: bool = typer.Option(False, "--ask", help="Ask the questions even when input is not a terminal "
@@ -196,7 +272,7 @@ def advise(
     import sys
 
     from tailor.advise import advise as run_advice
-    from tailor.advise import pick_hardware, profile_data
+    from tailor.advise import local_models, pick_hardware, profile_data
     from tailor.advise.answers import load_answers
     from tailor.advise.estimate import hardware_table, with_overrides
     from tailor.advise.report import markdown, write
@@ -216,7 +292,8 @@ def advise(
         calibrate(say=lambda line: err.print(escape(line), highlight=False))
     flags = {"use_case": use_case, "data.path": data, "data.examples": examples, "compute.target": gpu,
              "compute.count": gpus, "budget_usd": budget, "deadline_hours": deadline, "expertise": expertise,
-             "stage": stage, "languages": languages.split(",") if languages else None}
+             "stage": stage, "languages": languages.split(",") if languages else None, "offline": offline,
+             "local_models": model or None}
     flags = {k: v for k, v in flags.items() if v is not None}
     if answers is None and not flags and calibrate_:
         return
@@ -227,7 +304,11 @@ def advise(
         flags = _ask_advice_questions()
     a = load_answers(answers, flags)
     hw = pick_hardware(a, table)
-    adv = run_advice(a, profile_data(a, out_dir, say=lambda line: err.print(escape(str(line)), highlight=False)), hw)
+    here = local_models(a)  # before profiling: a bad --model folder fails fast
+    err.print("models here: " + (", ".join(f"{name} ({f.label})" for name, f in here.found.items()) or "none")
+              + (f"; {here.offline}" if here.offline else ""), highlight=False)
+    adv = run_advice(a, profile_data(a, out_dir, say=lambda line: err.print(escape(str(line)), highlight=False)), hw,
+                     local=here)
     files = write(adv, out_dir)
     from rich.markdown import Markdown
 

@@ -92,6 +92,8 @@ class Manifest(_Record):
     preference: dict | None = None  # preference stages: the loss and its settings
     stages: list[str] | None = None  # a staged run: its stage folders
     result_of: str | None = None  # a staged run: the stage folder whose result it holds
+    auto: list[dict] | None = None  # the `auto` settings this run chose: key, value, why
+    replay: dict | None = None  # forgetting protection: replayed examples and their share
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_unset=True), indent=1)

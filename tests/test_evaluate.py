@@ -117,18 +117,13 @@ def test_gate_skips_what_was_not_measured_and_says_why():
 @pytest.fixture
 def tiny_run(tmp_path, tiny_model_dir, make_job):
     """A LoRA run of the tiny model trained on a prepared folder with a test split."""
-    from tailor.data.prepare import prepare
     from tailor.spec import load_job
     from tailor.techniques import task
 
-    from conftest import make_conversations
+    from conftest import prepared_conversations
 
-    raw = tmp_path / "raw.jsonl"
-    raw.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(60, seed=3)), encoding="utf-8")
-    prepared = prepare([raw], tmp_path / "prepared", model=str(tiny_model_dir), num_proc=1, say=lambda m: None,
-                       privacy={"enabled": False}, card={"perplexity_sample": 0, "html": False},
-                       split={"validation": 6, "test": 8})
-    job = load_job(make_job(data={"train": [str(prepared.out)]}, training={"max_steps": 2},
+    prepared = prepared_conversations(tmp_path, tiny_model_dir, 60, validation=6, test=8)
+    job = load_job(make_job(data={"train": [str(prepared)]}, training={"max_steps": 2},
                             eval={"max_examples": 5, "max_new_tokens": 8}))
     return task.run(job, show_progress=False)
 

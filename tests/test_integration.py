@@ -119,6 +119,9 @@ def test_quickstart_runs_every_step(embedded_path, calibrated, tmp_path):
         for f in [*prepared.rglob("*.arrow"), *prepared.glob("*.json*"), prepared / "card.md"]:
             assert planted not in f.read_text(encoding="utf-8", errors="replace"), (planted, f)
     run_dir = next((tmp_path / "quickstart").iterdir())
+    # Forgetting protection is on: the base model's own answers to general prompts near the shop's.
+    assert Run(run_dir).manifest().replay == {"examples": 24, "share": 0.2}
+    assert "forgetting protection: 24 of the base model's own answers" in result.output
     comparison = Run(run_dir).quickstart_file.read_text()
     assert comparison.count("**Base:**") == 3 and comparison.count("**Tuned:**") == 3
     summary = Run(run_dir).eval_summary()

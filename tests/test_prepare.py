@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,8 @@ def chat(user, answer, system=None, task=None):
     ("zero\u200bwidth\x07bell", "zerowidthbell"),
     ("cafÃ© crÃ¨me", "café crème"),  # mojibake repaired
     ("e\u0301", "\u00e9"),  # NFC composes
+    ("def f(x):\n    if x:  \n        return   x", "def f(x):\n    if x:\n        return x"),  # indentation kept
+    ("- a\n  - nested\n\t- tab", "- a\n  - nested\n\t- tab"),
 ])
 def test_clean_text(raw, clean):
     assert clean_text(raw) == clean
@@ -352,3 +355,147 @@ def test_privacy_spacy_model_takes_a_pipeline_folder_and_names_a_missing_one(tmp
         prepare([raw], tmp_path / "again", model=str(tiny_model_dir), num_proc=1, say=lambda m: None,
                 privacy={"spacy_model": "/nowhere/de_core_news_sm"})
     assert not (tmp_path / "again").exists()
+
+
+# --- answers anonymization empties, the card's warning, the owner's review file ----------------------
+
+
+def quiz_file(tmp_path, names: int = 2, others: int = 18):
+    """Quiz answers: `names` whose answer is a public figure's name (NER replaces it whole), one
+    ordinary word NER alone calls a person ("Brown"), and plain ones."""
+    people = [("Who was the 37th President of the United States?", "Richard Nixon"),
+              ("Who was the first woman to win a Nobel Prize?", "Marie Curie"),
+              ("Who created the alien rock star Ziggy Stardust?", "David Bowie")][:names]
+    plain = [(f"Quiz {i}: how many legs does a creature of kind {i} have?", f"It has {i % 4 * 2 + 2} legs, "
+              f"like most animals of group {i}.") for i in range(others)]
+    rows = [chat(q, a) for q, a in people + [("What is the rarest M&M color?", "Brown")] + plain]
+    path = tmp_path / "quiz.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def prepare_quiz(tmp_path, tiny_model_dir, out="prepared", names=2, others=18, **options):
+    options.setdefault("card", {"perplexity_sample": 0, "html": False})
+    return prepare([quiz_file(tmp_path, names, others)], tmp_path / out, model=str(tiny_model_dir), num_proc=1,
+                   say=lambda m: None, **options)
+
+
+def test_answers_left_as_only_placeholders_go_to_rejects_with_the_fix(tmp_path, tiny_model_dir):
+    card = prepare_quiz(tmp_path, tiny_model_dir).card
+    c, p = card["counts"], card["privacy"]
+    assert c["adds_up"] and c["read"] == 21 and c["kept"] == 19 and c["filtered"] == 2
+    assert card["filter_reasons"] == {"answer was only personal data (privacy.keep_emptied_answers: false)": 2}
+    assert card["rejects_by_stage"] == {"privacy": 2}
+    assert (p["answers"], p["answers_changed"], p["answers_emptied"], p["records_emptied"]) == (21, 2, 2, 2)
+    rejects = [json.loads(line) for line in (tmp_path / "prepared" / "rejects.jsonl").read_text().splitlines()]
+    assert {r["line"] for r in rejects} == {1, 2} and all(r["stage"] == "privacy" for r in rejects)
+    assert "<PERSON>" in rejects[0]["record"] and "Nixon" not in rejects[0]["record"]
+    for fix in ("privacy.allow", "--allow-from", "privacy.ner: false", "privacy.keep_emptied_answers: true"):
+        assert fix in rejects[0]["reason"]
+    kept = [m["content"] for s in ("train", "validation", "test") for ex in read_prepared(tmp_path / "prepared", s)
+            for m in ex.messages]
+    assert "Brown" in kept and not any("<PERSON>" in t for t in kept)  # the colour is no name
+
+
+def test_keep_emptied_answers_keeps_them(tmp_path, tiny_model_dir):
+    card = prepare_quiz(tmp_path, tiny_model_dir, privacy={"keep_emptied_answers": True}).card
+    assert card["counts"]["adds_up"] and card["counts"]["kept"] == 21 and card["filter_reasons"] == {}
+    assert card["privacy"]["answers_emptied"] == 2 and card["privacy"]["emptied_kept"]
+    assert "kept (privacy.keep_emptied_answers)" in card["verdict"]["privacy"]
+
+
+def test_the_card_warns_when_many_answers_were_changed(tmp_path, tiny_model_dir):
+    from tailor.data.card import card_markdown, privacy_warning, summary_lines
+
+    card = prepare_quiz(tmp_path, tiny_model_dir).card  # 2 of 21 answers: 10 %
+    warning = card["verdict"]["privacy"]
+    assert "2 of 21 answers (10%)" in warning and "privacy.allow" in warning and "privacy.ner: false" in warning
+    assert "privacy.strategy: pseudonym" in warning  # the fix where the names are customers'
+    assert f"**Personal data?** {warning}" in card_markdown(card)
+    assert "personal data? " + warning in summary_lines(card)
+    few = prepare_quiz(tmp_path, tiny_model_dir, out="few", names=1, others=30).card  # 1 of 32: 3 %
+    assert few["privacy"]["answers_changed"] == 1 and "privacy" not in few["verdict"]
+    assert privacy_warning({"answers": 100, "answers_changed": 5, "strategy": "placeholder"}) is None
+    assert privacy_warning({"answers": 100, "answers_changed": 6, "strategy": "placeholder"})
+
+
+def test_the_review_file_goes_where_asked_and_never_inside_the_folder(tmp_path, tiny_model_dir):
+    from tailor.errors import TailorError
+
+    review = tmp_path / "prepared.privacy-review.txt"
+    result = prepare_quiz(tmp_path, tiny_model_dir, review=review)
+    assert result.review == review
+    lines = review.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("# ") and any("FOR THE DATA'S OWNER ONLY" in line for line in lines)
+    assert [line for line in lines if not line.startswith("#")] == ["1\tPERSON\tMarie Curie",
+                                                                    "1\tPERSON\tRichard Nixon"]
+    assert not any(b"Nixon" in f.read_bytes() for f in result.out.rglob("*") if f.is_file())
+    assert prepare_quiz(tmp_path, tiny_model_dir, out="none").review is None  # the default: no file
+    # nothing replaced: no review, and the earlier one, which no longer describes the folder, is gone
+    assert prepare_quiz(tmp_path, tiny_model_dir, review=review, privacy={"ner": False}).review is None
+    assert not review.exists()
+    with pytest.raises(TailorError, match="inside the prepared folder"):
+        prepare_quiz(tmp_path, tiny_model_dir, out="inside", review=tmp_path / "inside" / "review.txt")
+    assert not (tmp_path / "inside").exists()
+
+
+def test_cli_prepare_writes_the_review_beside_out_and_allow_from_keeps_its_names(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    raw = quiz_file(tmp_path)
+    args = ["prepare", str(raw), "--model", str(tiny_model_dir), "--num-proc", "1",
+            "--set", "card.perplexity_sample=0", "--set", "card.html=false"]
+    first = CliRunner().invoke(app, args + ["--out", str(tmp_path / "p")])
+    assert first.exit_code == 0, first.output
+    review = tmp_path / "p.privacy-review.txt"
+    assert f"→ {review}: the names replaced, for you only" in first.stdout.replace("\n", " ")
+    # the owner deletes the line of a private person (here, for the test, Marie Curie) and keeps the rest
+    review.write_text(review.read_text(encoding="utf-8").replace("1\tPERSON\tMarie Curie\n", ""), encoding="utf-8")
+    second = CliRunner().invoke(app, args + ["--out", str(tmp_path / "q"), "--allow-from", str(review)])
+    assert second.exit_code == 0, second.output
+    texts = [m["content"] for s in ("train", "validation", "test") for ex in read_prepared(tmp_path / "q", s)
+             for m in ex.messages]
+    assert "Richard Nixon" in texts and "Marie Curie" not in texts
+    assert (tmp_path / "q.privacy-review.txt").read_text(encoding="utf-8").count("Marie Curie") == 1
+    # the review never overwrites a file --allow-from reads: the names deleted from it would come back
+    third = CliRunner().invoke(app, args + ["--out", str(tmp_path / "p"), "--allow-from", str(review)])
+    assert third.exit_code == 0 and "not writing the review file" in third.stderr
+    assert "Marie Curie" not in review.read_text(encoding="utf-8")
+    missing = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r"), "--allow-from", str(tmp_path / "no")])
+    assert missing.exit_code == 2 and "no such file" in missing.stderr
+
+
+def test_only_answers_the_model_is_trained_on_count():
+    from tailor.data.prepare import _trained_answers
+
+    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a", "weight": 0}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a"}]
+    assert _trained_answers(Example(messages=turns)) == [False, False, False, False, True]
+    pair = Example(messages=turns[:2], chosen=[turns[4]], rejected=[turns[4]])
+    assert _trained_answers(pair) == [False, False, True, True]
+    assert _trained_answers(Example(messages=[], text="a document")) == [False]
+
+
+def test_train_writes_the_review_beside_its_runs_and_allow_from_reads_it(tmp_path, tiny_model_dir, make_job):
+    """tailor train with data.prepare: the review goes to RUNS/NAME/, in no run folder; named in
+    data.privacy.allow_from (relative to the job file), its values are kept on the next run."""
+    from tailor.spec import load_job
+    from tailor.techniques import task
+
+    raw = quiz_file(tmp_path)
+    data = {"train": [str(raw)], "prepare": True, "card": {"perplexity_sample": 0, "html": False},
+            "split": {"validation": 2, "test": 0}}
+    first = task.run(load_job(make_job("quiz", data=data, training={"max_steps": 1})), show_progress=False)
+    review = tmp_path / "runs" / "quiz" / "privacy-review.txt"
+    assert "Richard Nixon" in review.read_text(encoding="utf-8")
+    assert not any(b"Nixon" in f.read_bytes() for f in Path(first).rglob("*") if f.is_file())
+    job = make_job("quiz", data={**data, "privacy": {"allow_from": ["runs/quiz/privacy-review.txt"]}},
+                   training={"max_steps": 1})
+    second = task.run(load_job(job), show_progress=False)
+    texts = [m["content"] for split in ("train", "validation") for ex in read_prepared(Path(second) / "data", split)
+             for m in ex.messages]
+    assert "Richard Nixon" in texts and "Marie Curie" in texts
+    assert "Richard Nixon" in review.read_text(encoding="utf-8")  # read, not written over

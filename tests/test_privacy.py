@@ -438,3 +438,118 @@ def test_each_prefilter_lets_its_own_shape_through(patterns_only, value, entity)
     one = patterns_only.anonymize(text)
     assert one[1] == {entity: 1}, one
     assert patterns_only.anonymize_batch([text]) == [one]
+
+
+# ---- names in short texts (names.py) --------------------------------------------------------------
+
+def found_names(anonymizer, records, check_names=True) -> list[list[str]]:
+    """The PERSON values found in the last text of each record."""
+    found = anonymizer.find_records(records, check_names=check_names)
+    return [[r[-1][s.start:s.end] for s in spans[-1] if s.entity == "PERSON"] for r, spans in zip(records, found)]
+
+
+def test_ordinary_words_ner_calls_people_in_short_answers_stay(with_ner):
+    # a colour, a film title, a chemical, a body part: NER alone tags each as a person
+    records = [["What is the rarest M&M color?", "Brown"], ["Which film was Lindsay Lohan's debut?", "Parent Trap"],
+               ["What gas do plants absorb?", "Carbon Dioxide"], ["Knee cap"], ["Glass"], ["Strawberry"]]
+    assert all(found_names(with_ner, records, check_names=False))
+    assert found_names(with_ner, records) == [[]] * len(records)
+    outputs = with_ner.anonymize_records(records)
+    assert [texts[-1] for texts in records] == [out[-1][0] for out in outputs]
+    assert [with_ner.anonymize(r[-1])[0] for r in records] == [r[-1] for r in records]  # both paths alike
+    assert [t for t, _ in with_ner.anonymize_batch([r[-1] for r in records])] == [r[-1] for r in records]
+
+
+def test_names_in_short_texts_stay_found_where_something_says_they_are_names(with_ner):
+    records = [["Who was the 37th President of the United States?", "Richard Nixon"],  # the question asks who
+               ["Thanks, Tom!"], ["Dear Mr. Becker,"], ["I'm Daniel Mensah."],       # a cue before the name
+               ["Grace Okafor"],                                                     # not an ordinary word
+               ["ask Will"]]                                                         # a capital mid-text
+    assert found_names(with_ner, records, check_names=False) == found_names(with_ner, records)
+    assert all(found_names(with_ner, records))
+
+
+def test_names_in_sentences_are_untouched_by_the_short_text_check(with_ner):
+    records = [["Please send the invoice to Tom Becker at the Leeds office."],
+               ["Brown rice takes longer to cook than white rice, said Grace Hill yesterday."]]
+    assert found_names(with_ner, records) == found_names(with_ner, records, check_names=False)
+    assert found_names(with_ner, records)[0] == ["Tom Becker"]
+
+
+def test_without_the_question_an_ordinary_full_name_alone_is_not_read_as_one(with_ner):
+    # the cost of the check, measured in docs/data.md: a bare answer of ordinary words is not a name
+    assert found_names(with_ner, [["Richard Nixon"]]) == [[]]
+    assert found_names(with_ner, [["Who resigned in 1974?", "Richard Nixon"]]) == [["Richard Nixon"]]
+    assert found_names(with_ner, [["What do you call someone who bakes bread?", "Baker"]]) == [[]]
+
+
+# Measured on tests/data/names_labelled.jsonl (bench/names_precision.py, docs/data.md): short texts
+# precision 0.609 -> 0.861, recall 0.750 -> 0.596 (private names 0.692 -> 0.654, public figures
+# 0.808 -> 0.538); sentences 0.750 / 0.811, unchanged. The floors leave room for a model update.
+LABELLED_FLOORS = {"short_precision": 0.80, "short_recall": 0.55, "sentences_precision": 0.70,
+                   "sentences_recall": 0.75}
+
+
+def test_names_precision_and_recall_on_the_labelled_set(with_ner):
+    import names_precision
+
+    items = names_precision.load()
+    assert len(items) >= 150 and {i["kind"] for i in items} == {"private", "public", "not a name"}
+    after = names_precision.measure(with_ner, items, check_names=True)
+    before = names_precision.measure(with_ner, items, check_names=False)
+    measured = {f"{group}_{metric}": names_precision.scores(after[(group, "all")])[k]
+                for group in ("short", "sentences") for k, metric in enumerate(("precision", "recall"))}
+    print(measured)
+    for key, floor in LABELLED_FLOORS.items():
+        assert measured[key] >= floor, (key, measured[key])
+    assert after[("sentences", "all")] == before[("sentences", "all")]  # sentences: NER as it is
+    private_short = [names_precision.scores(m[("short", "private")])[1] for m in (before, after)]
+    assert private_short[1] >= private_short[0] - 0.05, private_short  # at most one private name in 26
+
+
+def test_nothing_left_sees_answers_that_are_only_replaced_values():
+    from tailor.data.privacy import nothing_left
+
+    def left(text, *values):
+        spans = [_Span(text.index(v), text.index(v) + len(v), "PERSON", 1.0) for v in values]
+        return nothing_left(text, spans)
+
+    assert left("Brown", "Brown") and left("The Beatles.", "Beatles") and left("Mr. Potato Head", "Potato Head")
+    assert left("It’s Tom and Grace.", "Tom", "Grace")
+    assert not left("Cranberry and lime", "Cranberry") and not left("The Marvelous Mrs. Maisel", "Maisel")
+    assert not left("Brown") and not left("Thanks, Priya! Your lamp ships today.", "Priya")
+
+
+def test_the_review_file_reads_back_as_an_allow_list(tmp_path):
+    from collections import Counter
+
+    from tailor.data.privacy.review import read_allow_file, review_key, write_review
+
+    assert review_key("PERSON", "Anne  Frank’s") == ("PERSON", "Anne Frank")
+    assert review_key("EMAIL_ADDRESS", "jo@example.org") is None  # patterns are never public: not listed
+    path = tmp_path / "review.txt"
+    write_review(path, Counter({("PERSON", "Richard Nixon"): 3, ("PERSON", "Priya Nair"): 1, ("PERSON", "Dusk"): 2,
+                                ("PERSON", "dusk"): 1}), "trivia.jsonl")
+    text = path.read_text(encoding="utf-8")
+    assert "FOR THE DATA'S OWNER ONLY" in text and "--allow-from" in text
+    assert "3\tPERSON\tDusk\n3\tPERSON\tRichard Nixon\n1\tPERSON\tPriya Nair\n" in text  # case merged, most first
+    assert read_allow_file(path) == ["Dusk", "Richard Nixon", "Priya Nair"]
+    path.write_text(text.replace("1\tPERSON\tPriya Nair\n", "") + "Vermeer\n", encoding="utf-8")  # edited by hand
+    assert read_allow_file(path) == ["Dusk", "Richard Nixon", "Vermeer"]
+
+
+def test_names_in_code_are_identifiers_not_people(with_ner):
+    """NER reads identifiers in code as people ("class Node", "(arr)"); in a fenced block or an
+    inline `span` its findings are dropped, while pattern types there still count and names
+    outside the code are still found (and, repeated, replaced inside prose only)."""
+    code = ("Here is the list Priya Nair asked for:\n\n```python\nclass Node:\n    def __init__(self, data):\n"
+            "        self.owner = 'maria.keller@gmail.com'\n```\nSort it with `insertion_sort(arr)`. Thanks, Priya!")
+    [[question, answer]] = with_ner.anonymize_records([["My name is Priya Nair. Write a linked list.", code]])
+    assert question[0] == "My name is <PERSON>. Write a linked list."
+    text, counts = answer
+    assert "class Node:\n    def __init__(self, data):" in text and "`insertion_sort(arr)`" in text
+    assert "<EMAIL>" in text and "maria.keller" not in text  # a pattern type inside code still counts
+    assert "Priya" not in text and counts == {"PERSON": 2, "EMAIL_ADDRESS": 1}
+    # the one-text paths agree
+    assert with_ner.anonymize(code)[0] == with_ner.anonymize_batch([code])[0][0]
+    assert "class Node:" in with_ner.anonymize(code)[0]

@@ -79,7 +79,7 @@ def test_set_overrides_go_through_the_schema(tmp_path):
     assert load_job(path, ["data.privacy.spacy_model=de_core_news_sm"]).data.privacy.spacy_model == "de_core_news_sm"
     with pytest.raises(SpecError, match="training.learning_rte: unknown key; did you mean 'learning_rate'"):
         load_job(path, ["training.learning_rte=1e-4"])
-    with pytest.raises(SpecError, match="greater than 0"):
+    with pytest.raises(SpecError, match="training.learning_rate: must be a number above 0, or auto .*got -1"):
         load_job(path, ["training.learning_rate=-1"])
 
 

@@ -29,6 +29,7 @@ from tailor.advise.estimate import Arch, Estimate, Hardware, RunSize, estimate, 
 from tailor.advise.profile import DataProfile, from_counts, from_path
 from tailor.advise.runtime import JobTime, job_time
 from tailor.models.catalog import load_catalog
+from tailor.models.local import LocalModels, find_local, offline_reason
 from tailor.spec import EMBEDDED_DEFAULT
 
 EMBEDDED_NAMES = {"smollm2-135m-instruct": "embedded:smollm2-135m-instruct"}
@@ -46,6 +47,10 @@ class Advice:
     methods: list[Estimate]  # full, LoRA, QLoRA for the first model
     job: dict | None  # the starter job file, as a dict
     run_time: JobTime | None  # the starter job end to end on the chosen hardware
+    # Offline: the best model a download would bring, and whether it would then be the first choice.
+    with_network: Candidate | None = None
+    with_network_first: bool = False
+    offline: str | None = None  # why the machine that trains cannot download (None: it can)
 
     def lora_epochs(self) -> float:
         return epochs_for(self.data)
@@ -82,34 +87,60 @@ def profile_data(a: Answers, out: Path, say=print) -> DataProfile:
                        tasks=a.data.tasks, languages=a.languages, domain_text_tokens=a.data.domain_text_tokens)
 
 
-def advise(a: Answers, data: DataProfile, hw: Hardware, catalog=None) -> Advice:
+def local_models(a: Answers, catalog=None) -> LocalModels:
+    """The catalog models this machine has (found, or folders the answers name), and whether the
+    machine that trains can download: as the answers say, else checked when it is this one (a
+    rented GPU downloads for itself)."""
     catalog = catalog or load_catalog()
+    if a.offline is not None:
+        offline = "the machine that trains is offline (you said so)" if a.offline else None
+    elif a.compute.target == "local":
+        cause = offline_reason()
+        offline = f"this machine is offline ({cause})" if cause else None
+    else:
+        offline = None
+    return LocalModels(find_local(catalog, a.local_models), offline)
+
+
+def advise(a: Answers, data: DataProfile, hw: Hardware, catalog=None, local: LocalModels | None = None) -> Advice:
+    catalog = catalog or load_catalog()
+    local = local or local_models(a, catalog)
     epochs = epochs_for(data)
-    candidates = rank_models(a, data, hw, catalog, epochs)
+    candidates = rank_models(a, data, hw, catalog, epochs, local)
     top = first_eligible(candidates)
+    with_network, first = None, False
+    if local.offline:
+        online = rank_models(a, data, hw, catalog, epochs, replace(local, offline=None))
+        with_network = next((c for c in online if c.eligible and not c.local), None)
+        first = with_network is not None and with_network is online[0]
     # Time and money are judged on the cheapest model of the size the use case calls for: a budget
     # that only pays for a smaller one is too small.
     in_band = [c for c in candidates if c.in_band and c.meets_needs]
     plan = min(in_band, key=lambda c: c.lora.seconds) if in_band else top
     feasible = Feasibility(top.model.name if top else None, plan.lora.seconds if plan else None,
-                           plan.lora.usd if plan else None, hw.label, plan.model.name if plan else None)
+                           plan.lora.usd if plan else None, hw.label, plan.model.name if plan else None,
+                           local.offline)
     verdict = decide(a, data, feasible)
     technique = choose_technique(a, data)
     if top is None:
-        return Advice(a, data, hw, verdict, candidates, technique, [], [], None, None)
+        return Advice(a, data, hw, verdict, candidates, technique, [], [], None, None, with_network, first,
+                      local.offline)
     settings = hyperparameters(a, data, top.model, hw, technique.name, top.micro_batch)
     # The same workload rank_models gave the top model, with the other methods.
     arch = Arch.of(top.model)
-    w = replace(lora_workload(a, data, hw, seq_len_for(data, top.model.context_length), lora_rank(a, data)),
-                micro_batch=top.micro_batch)
+    w = replace(lora_workload(a, data, hw, seq_len_for(data, top.model.context_length),
+                              lora_rank(a, data, top.model.params)), micro_batch=top.micro_batch)
     size = RunSize(train_tokens=max(1, data.train_tokens), epochs=epochs)
     full, qlora = (estimate(arch, replace(w, method=m), size, hw, a.compute.count) for m in ("full", "qlora"))
     job = starter_job(a, data, top.model, technique.name, settings)
+    if top.here and top.here.kind == "folder":
+        job["model"]["base"] = top.here.path  # the folder the answers name: the job loads it from there
     from tailor.spec import Job
 
     run = job_time(Job.model_validate(job), data, arch, hw, a.compute.count)
     methods = [full, top.lora, qlora]
-    return Advice(a, data, hw, verdict, candidates, technique, settings, methods, job, run)
+    return Advice(a, data, hw, verdict, candidates, technique, settings, methods, job, run, with_network, first,
+                  local.offline)
 
 
 def starter_job(a: Answers, data: DataProfile, model, technique: str, settings: list[Setting]) -> dict:
@@ -123,7 +154,7 @@ def starter_job(a: Answers, data: DataProfile, model, technique: str, settings: 
                  "eval": {"gate": {"metric": "rouge_l", "min_gain": 0.02, "max_retention_drop": 0.10}}}
     for s in settings:
         section, key = s.key.split(".")
-        job.setdefault(section, {})[key] = s.value
+        job.setdefault(section, {})[key] = "auto" if s.auto else s.value
     if technique == "transfer" and data.domain_text_tokens:
         # The documents found in the data (they stay in the task's data too), or where yours are: edit.
         job["transfer"] = {"domain_text": documents_in(a.data.path) or ["data/documents.txt"]}
@@ -145,4 +176,4 @@ def documents_in(path: str | None) -> list[str]:
     return [str(f) for f, kind in data_files(Path(path)) if kind == "text"]
 
 
-__all__ = ["Advice", "Answers", "advise", "pick_hardware", "profile_data", "starter_job"]
+__all__ = ["Advice", "Answers", "advise", "local_models", "pick_hardware", "profile_data", "starter_job"]

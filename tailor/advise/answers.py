@@ -72,6 +72,11 @@ class Answers(BaseModel):
                                  "(ISO 639-1 codes).")
     data: DataAnswers = Field(default_factory=DataAnswers)
     compute: ComputeAnswers = Field(default_factory=ComputeAnswers)
+    offline: bool | None = Field(None, description="true: the machine that trains cannot download models: only those "
+                                 "already here are recommended; false: it can; null: find out when it is this machine "
+                                 "(HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set, or the hub not answering within 2 s).")
+    local_models: list[str] = Field([], description="Model folders on this machine (config.json, *.safetensors): each "
+                                    "counts as the catalog model of its shape, here without a download.")
     budget_usd: float | None = Field(None, ge=0, description="Money for compute, in US dollars (null: no limit given).")
     deadline_hours: float | None = Field(None, gt=0, description="Hours the training may take at most "
                                          "(null: no deadline).")
@@ -103,6 +108,8 @@ def load_answers(path: str | Path | None = None, overrides: dict | None = None) 
         data = raw.get("data")
         if isinstance(data, dict) and isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
             data["path"] = str(Path(path).parent / data["path"])  # relative to the answers file, as in job files
+        if isinstance(raw.get("local_models"), list):
+            raw["local_models"] = [str(Path(path).parent / p) if isinstance(p, str) else p for p in raw["local_models"]]
     for key, value in (overrides or {}).items():
         node = raw
         *parents, last = key.split(".")

@@ -2,20 +2,25 @@
 
 Models: every catalog entry is checked against the hard needs (a licence that allows the use,
 the languages, a context that holds the longest examples, memory on the chosen hardware with
-LoRA, the deadline and the budget); of those that pass, the ones in the size band the use case
-calls for come first, the largest first (more capacity, while it still meets every constraint),
-then the newest. Everything excluded says why.
+LoRA, the deadline and the budget, and, on a machine that cannot download, being here already);
+of those that pass, the ones in the size band the use case calls for come first. On a GPU the
+largest comes first (more capacity, while it still meets every constraint), then the newest. On a
+CPU time is what is scarce: the models that train within the deadline (or CPU_BUDGET_HOURS) come
+first, those already on the machine before those that need a download, each the largest first.
+Everything excluded says why.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 from tailor.advise.answers import Answers
 from tailor.advise.estimate import GB, Arch, Estimate, Hardware, RunSize, Workload, estimate, fmt_duration
 from tailor.advise.profile import DataProfile
 from tailor.models.catalog import CatalogModel, size_label
+from tailor.models.local import Found, LocalModels, download_gb, fmt_gb
+from tailor.train import auto
 
 # Parameter band (billions) each use case calls for: a tone is learnt by a small model; a
 # language or a field's knowledge needs capacity.
@@ -23,6 +28,10 @@ SIZE_BAND = {"voice": (0.1, 8), "moderation": (0.1, 8), "accuracy": (0.1, 8), "c
              "jargon": (0.5, 14), "localization": (1.5, 32), "general": (3, 72)}
 
 CPU_HOURS = 24  # without a deadline, a CPU run longer than a day is not worth recommending
+# Without a deadline, the models a CPU trains within an hour rank first. A first fine-tune is run
+# again and again (the data fixed, a setting changed): runs that fit a lunch break can be repeated
+# within a working day; longer ones belong on a GPU (tailor advise --gpu shows what one costs).
+CPU_BUDGET_HOURS = 1.0
 
 
 @dataclass
@@ -33,15 +42,31 @@ class Candidate:
     micro_batch: int = 1
     why: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
-    over_limits: bool = False  # excluded by the deadline or the budget only
+    over_limits: bool = False  # excluded by the deadline, the budget or a download this machine cannot make only
+    here: Found | None = None  # where it is on this machine; None: it needs a download
+    download_blocked: bool = False  # excluded only because it needs a download and the machine is offline
 
     @property
     def eligible(self) -> bool:
         return not self.excluded
 
     @property
+    def local(self) -> bool:
+        return self.here is not None
+
+    @property
+    def download_gb(self) -> float:
+        """The download it needs before training here (0: none)."""
+        return 0.0 if self.local else download_gb(self.model)
+
+    @property
+    def weights(self) -> str:
+        """Where its weights come from, for the report: "here (embedded)", "download ≈ 15 GB"."""
+        return f"here ({self.here.label})" if self.here else f"download ≈ {fmt_gb(self.download_gb)}"
+
+    @property
     def meets_needs(self) -> bool:
-        """Licence, languages, context and memory are fine (time or money may not be)."""
+        """Licence, languages, context and memory are fine (time, money or a download may not be)."""
         return self.eligible or self.over_limits
 
 
@@ -50,28 +75,76 @@ def lora_workload(a: Answers, data: DataProfile, hw: Hardware, seq_len: int, ran
                     example_tokens=min(data.mean_tokens, seq_len), label_fraction=data.label_fraction)
 
 
-def rank_models(a: Answers, data: DataProfile, hw: Hardware, catalog, epochs: float) -> list[Candidate]:
+def rank_models(a: Answers, data: DataProfile, hw: Hardware, catalog, epochs: float,
+                local: LocalModels = LocalModels()) -> list[Candidate]:
     low, high = SIZE_BAND[a.use_case]
     out = []
     for m in catalog:
         seq = seq_len_for(data, m.context_length)
-        w = lora_workload(a, data, hw, seq, lora_rank(a, data))
+        w = lora_workload(a, data, hw, seq, lora_rank(a, data, m.params))
         size = RunSize(train_tokens=max(1, data.train_tokens), epochs=epochs)
         # Fewer rows per micro-step (more accumulation) fit a larger model in the same memory.
         for micro in range(w.micro_batch, 0, -1):
             est = estimate(Arch.of(m), replace(w, micro_batch=micro), size, hw, a.compute.count)
             if est.fits:
                 break
-        c = Candidate(m, est, low <= m.billions <= high, micro_batch=micro)
-        _check(c, a, data, hw)
+        c = Candidate(m, est, low <= m.billions <= high, micro_batch=micro, here=local.found.get(m.name))
+        _check(c, a, data, hw, local.offline)
         out.append(c)
-    eligible = sorted((c for c in out if c.eligible),
-                      key=lambda c: (not c.in_band, -min(c.model.billions, high) if c.in_band else
-                                     abs(math.log(c.model.billions / low)), -int(c.model.released.replace("-", ""))))
+    eligible = [c for c in out if c.eligible]
+    if hw.kind == "cpu":
+        budget_s = cpu_budget_s(a)
+        eligible.sort(key=lambda c: _cpu_order(c, low, budget_s))
+        _say_why_on_cpu(eligible, [c for c in out if c.in_band and (c.eligible or c.download_blocked)], a, budget_s)
+    else:
+        eligible.sort(key=lambda c: _gpu_order(c, low, high))
     return eligible + sorted((c for c in out if not c.eligible), key=lambda c: c.model.params)
 
 
-def _check(c: Candidate, a: Answers, data: DataProfile, hw: Hardware) -> None:
+def cpu_budget_s(a: Answers) -> float:
+    """The training time a CPU run should keep within: the deadline, or CPU_BUDGET_HOURS."""
+    return (a.deadline_hours or CPU_BUDGET_HOURS) * 3600
+
+
+def _released(c: Candidate) -> int:
+    return int(c.model.released.replace("-", ""))
+
+
+def _gpu_order(c: Candidate, low: float, high: float) -> tuple:
+    """In the band, the largest first; outside it, the closest to the band; then the newest."""
+    b = c.model.billions
+    return (not c.in_band, -min(b, high) if c.in_band else abs(math.log(b / low)), -_released(c))
+
+
+def _cpu_order(c: Candidate, low: float, budget_s: float) -> tuple:
+    """In the band: those that train within the budget (here before a download, then the largest),
+    then those over it (here first, then the quickest). Outside the band, as on a GPU."""
+    if not c.in_band:
+        return (True, False, False, abs(math.log(c.model.billions / low)), -_released(c))
+    fits = c.lora.seconds <= budget_s
+    return (False, not fits, not c.local, -c.model.billions if fits else c.lora.seconds, -_released(c))
+
+
+def _say_why_on_cpu(ranked: list[Candidate], in_band: list[Candidate], a: Answers, budget_s: float) -> None:
+    """Each model's time and download first (the table shows the first reason); for the first model,
+    what the largest in the band would cost instead (a GPU's first choice), even when being offline
+    rules it out."""
+    limit = f"the {a.deadline_hours:g} h deadline" if a.deadline_hours else f"the {CPU_BUDGET_HOURS:g} h budget"
+    for c in ranked:
+        over = f", over {limit}" if c.lora.seconds > budget_s else ""
+        where = f"here already ({c.here.label})" if c.here else f"a download of ≈ {fmt_gb(c.download_gb)}"
+        c.why.insert(0, f"on this CPU: trains in {fmt_duration(c.lora.seconds)}{over}; {where}")
+    if not ranked or not ranked[0].in_band:
+        return
+    top, largest = ranked[0], max(in_band, key=lambda c: (c.model.params, -c.lora.seconds))
+    if largest.model.params <= top.model.params:
+        return
+    cost = f"would take {fmt_duration(largest.lora.seconds)}" + (
+        "" if largest.local else f" and a download of ≈ {fmt_gb(largest.download_gb)}")
+    top.why[0] = f"{top.why[0]}; {largest.model.name} ({size_label(largest.model.params)}) {cost}"
+
+
+def _check(c: Candidate, a: Answers, data: DataProfile, hw: Hardware, offline: str | None = None) -> None:
     m, low_high = c.model, SIZE_BAND[a.use_case]
     if a.commercial and not m.commercial_use:
         c.excluded.append(f"licence {m.license} does not allow commercial use")
@@ -92,6 +165,10 @@ def _check(c: Candidate, a: Answers, data: DataProfile, hw: Hardware) -> None:
                           "(set deadline_hours to allow longer)")
     if a.budget_usd is not None and c.lora.usd > a.budget_usd:
         c.excluded.append(f"costs ${c.lora.usd:,.2f}, above the ${a.budget_usd:,.2f} budget")
+    if offline and not c.local and not c.excluded:
+        # The starter job must load its model: one it cannot fetch would fail at the first step.
+        c.excluded.append(f"needs a download of ≈ {fmt_gb(c.download_gb)}; {offline}")
+        c.download_blocked = True
     c.over_limits = needs_met and bool(c.excluded)
     if c.excluded:
         return
@@ -157,12 +234,13 @@ def choose_technique(a: Answers, data: DataProfile) -> TechniqueChoice:
 @dataclass(frozen=True)
 class Setting:
     key: str  # the job-file key
-    value: object
+    value: object  # for the recommended model
     why: str
+    auto: bool = False  # the job says `auto`: the rule is applied again to the model that is trained
 
 
 def micro_batch(hw: Hardware) -> int:
-    return 2 if hw.kind == "cpu" else 4
+    return auto.batch_size("cpu" if hw.kind == "cpu" else "cuda").value
 
 
 def seq_len_for(data: DataProfile, context: int) -> int:
@@ -170,44 +248,51 @@ def seq_len_for(data: DataProfile, context: int) -> int:
     return min(context, 4096, max(256, 2 ** math.ceil(math.log2(max(1, data.p99_tokens)))))
 
 
-def lora_rank(a: Answers, data: DataProfile) -> int:
-    base = {"voice": 8, "moderation": 8, "accuracy": 8, "compliance": 16, "jargon": 16, "localization": 32,
-            "general": 16}[a.use_case]
+# Use cases whose rank is their own: knowledge or a language needs capacity whatever the model's
+# size. For a tone, a format or one narrow task the model's size decides (tailor/train/auto.py).
+RANK_BY_USE_CASE = {"compliance": 16, "jargon": 16, "localization": 32, "general": 16}
+
+
+def lora_rank(a: Answers, data: DataProfile, params: int = 0) -> int:
+    base = RANK_BY_USE_CASE.get(a.use_case)
+    if base is None:
+        return auto.lora_rank(params, data.examples).value if params else 8
     return base * 2 if data.examples >= 10_000 else base
 
 
 def epochs_for(data: DataProfile) -> float:
-    n = data.examples
-    return 4.0 if n < 300 else 3.0 if n < 2_000 else 2.0 if n < 20_000 else 1.0
+    return auto.epochs(data.examples).value
 
 
 def hyperparameters(a: Answers, data: DataProfile, m: CatalogModel, hw: Hardware, technique: str,
                     micro: int) -> list[Setting]:
-    b = m.billions
-    rank = lora_rank(a, data)
-    epochs = epochs_for(data)
-    lr = 5e-4 if b < 0.5 else 2e-4 if b <= 3 else 1e-4 if b <= 14 else 5e-5
+    """The starting settings for model m. Those that are rules of the model's size and the data are
+    written `auto` in the job: shown here for m, chosen again at the start of training for the model
+    actually trained (a `--set model.base=...` changes them too)."""
     seq = seq_len_for(data, m.context_length)
     rows = max(1, math.ceil(data.train_tokens / (seq * 0.95)))
-    rows_per_step = max(1, min(16, rows // 10))
-    accum = max(1, math.ceil(rows_per_step / micro))
+    if a.use_case in RANK_BY_USE_CASE:
+        rank = lora_rank(a, data, m.params)
+        rank_setting = Setting("adapter.rank", rank, f"{a.use_case} with {data.examples:,} examples: knowledge or "
+                               "a language needs more capacity" + ("; doubled for 10,000+ examples"
+                                                                   if data.examples >= 10_000 else ""))
+    else:
+        c = auto.lora_rank(m.params, data.examples)
+        rank, rank_setting = c.value, Setting(c.key, c.value, c.why, auto=True)
+    lr, epochs, accum = (auto.learning_rate(m.params, "lora", "preference" if technique == "preference" else "task"),
+                         auto.epochs(data.examples), auto.grad_accum(rows, micro))
     out = [
         Setting("adapter.kind", "lora", "LoRA trains ~1 % of the weights: a fraction of full fine-tuning's memory, "
                 "little forgetting, and an adapter of a few MB to serve"),
-        Setting("adapter.rank", rank, f"{a.use_case} with {data.examples:,} examples: "
-                + ("a style needs little capacity" if rank <= 8 else "knowledge or a language needs more capacity")
-                + ("; doubled for 10,000+ examples" if data.examples >= 10_000 else "")),
-        Setting("adapter.alpha", 2 * rank, "alpha = 2 x rank keeps the update's scale steady across ranks"),
-        Setting("training.learning_rate", lr, f"LoRA on a {size_label(m.params)} model: smaller models take larger "
-                "steps; halve it if the validation loss jumps"),
-        Setting("training.epochs", epochs, f"{data.examples:,} training examples: fewer examples need more passes; "
-                "early stopping keeps the best validation"),
+        rank_setting,
+        Setting("adapter.alpha", 2 * rank, "alpha = 2 x rank keeps the update's scale steady across ranks", auto=True),
+        Setting(lr.key, lr.value, lr.why, auto=True),
+        Setting(epochs.key, epochs.value, epochs.why, auto=True),
         Setting("training.max_seq_len", seq, f"holds 99 % of your examples ({data.p99_tokens:,} tokens)"),
-        Setting("training.batch_size", micro, "rows per micro-step: " + ("the most that fit the memory"
-                if micro < micro_batch(hw) else "a CPU gains nothing from more" if hw.kind == "cpu"
-                else "enough to keep a GPU busy")),
-        Setting("training.grad_accum", accum, f"{micro * accum} rows per optimizer step (batch_size x grad_accum): "
-                f"about 10 steps or more per epoch on {rows:,} packed rows"),
+        Setting("training.batch_size", micro, "rows per micro-step: the most that fit the memory")
+        if micro < micro_batch(hw) else Setting(*astuple(auto.batch_size("cpu" if hw.kind == "cpu" else "cuda")),
+                                                auto=True),
+        Setting(accum.key, accum.value, accum.why, auto=True),
         Setting("training.early_stopping_patience", 2, "stop after two validations without improvement; the best "
                 "checkpoint is kept"),
     ]

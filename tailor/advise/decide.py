@@ -69,6 +69,7 @@ class Feasibility:
     usd: float | None = None
     hardware: str = ""
     plan_model: str | None = None  # that model
+    offline: str | None = None  # why the machine that trains cannot download (None: it can)
 
 
 def decide(a: Answers, data: DataProfile, plan: Feasibility) -> Verdict:
@@ -169,6 +170,15 @@ def _base_already_good(a: Answers, data: DataProfile, v: Verdict) -> None:
 
 
 def _resources(a: Answers, plan: Feasibility, v: Verdict) -> None:
+    if plan.model is None and plan.offline and plan.plan_model:
+        v.reasons.append(Reason("against", "offline", f"no model that fits is here already, and {plan.offline}",
+                                blocking=True))
+        from tailor.models.catalog import find_model
+
+        v.instead.append(f"on a machine with network, `hf download {find_model(plan.plan_model).hub_id}`; copy "
+                         "its Hugging Face cache (~/.cache/huggingface/hub) here, or its folder (--model PATH)")
+        v.would_change.append("network access, or the model's files copied here")
+        return
     if plan.model is None:
         v.reasons.append(Reason("against", "no model fits", f"no catalog model meets the licence, language and "
                                 f"memory needs on {plan.hardware}", blocking=True))

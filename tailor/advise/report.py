@@ -12,6 +12,7 @@ from tailor.advise.answers import USE_CASES
 from tailor.advise.choose import TECHNIQUES
 from tailor.advise.estimate import GB, fmt_duration
 from tailor.models.catalog import size_label
+from tailor.models.local import fmt_gb
 
 SHOWN_MODELS, SHOWN_EXCLUDED = 5, 6
 
@@ -42,21 +43,22 @@ def markdown(adv: Advice) -> str:
         out += ["What would change this answer:", ""] + [f"- {x}" for x in v.would_change] + [""]
 
     out += ["## Your data", "", _data_line(adv), ""]
-    for key in ("sufficient", "relevant"):
+    for key in ("sufficient", "relevant", "privacy"):
         if d.card_verdicts.get(key):
             out += [f"- {d.card_verdicts[key]}"]
     out += [""] if d.card_verdicts else []
 
-    out += ["## Base models", "", "| # | model | size | licence | context | LoRA memory | training time | cost | why |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    out += ["## Base models", "", "| # | model | size | weights | licence | context | LoRA memory | training time | "
+            "cost | why |", "|---|---|---|---|---|---|---|---|---|---|"]
     eligible = [c for c in adv.candidates if c.eligible]
     for i, c in enumerate(eligible[:SHOWN_MODELS], 1):
         m, e = c.model, c.lora
-        out.append(f"| {i} | {m.name} (`{m.hub_id}`) | {size_label(m.params)} | {m.license} | {m.context_length:,} | "
-                   f"{e.memory.total / GB:.1f} GB | {fmt_duration(e.seconds)} | {money(e.usd, hw.usd_per_hour)} | "
-                   f"{'; '.join(c.why[:1])} |")
+        out.append(f"| {i} | {m.name} (`{m.hub_id}`) | {size_label(m.params)} | {c.weights} | {m.license} | "
+                   f"{m.context_length:,} | {e.memory.total / GB:.1f} GB | {fmt_duration(e.seconds)} | "
+                   f"{money(e.usd, hw.usd_per_hour)} | {'; '.join(c.why[:1])} |")
     if not eligible:
-        out.append("| – | none fits | | | | | | | |")
+        out.append("| – | none fits | | | | | | | | |")
+    out += _offline_lines(adv)
     excluded = [c for c in adv.candidates if not c.eligible]
     if excluded:
         out += ["", f"Not recommended ({len(excluded)} of {len(adv.candidates)}), for example:", ""]
@@ -95,6 +97,21 @@ def markdown(adv: Advice) -> str:
             "job.yaml (beside this file) holds the model, technique and settings above; every key is described by "
             "`tailor spec`."]
     return "\n".join(out)
+
+
+def _offline_lines(adv: Advice) -> list[str]:
+    """Offline, what a download would bring: the ranking above holds only models already here."""
+    if not adv.offline:
+        return []
+    line = f"{adv.offline[0].upper()}{adv.offline[1:]}: only models already here are recommended."
+    c = adv.with_network
+    if c is not None:
+        role = "the first choice" if adv.with_network_first else "the next choice"
+        line += (f" With network access, {c.model.name} ({size_label(c.model.params)}) would be {role}: a download "
+                 f"of ≈ {fmt_gb(c.download_gb)}, then {fmt_duration(c.lora.seconds)} of LoRA training on "
+                 f"{adv.hardware.label}. Get it where there is network with `hf download {c.model.hub_id}` and copy "
+                 "~/.cache/huggingface/hub here (or its folder: --model PATH).")
+    return ["", line]
 
 
 def _data_line(adv: Advice) -> str:
@@ -142,9 +159,31 @@ def write(adv: Advice, out: Path) -> dict[str, Path]:
     if adv.job is not None:
         files["job.yaml"] = out / "job.yaml"
         header = ("# Written by tailor advise: the advised model, technique and starting settings (advice.md says "
-                  "why).\n# Check data.train, then: tailor train job.yaml\n")
-        write_atomic(files["job.yaml"], header + yaml.safe_dump(adv.job, sort_keys=False))
+                  "why).\n# Settings set to auto are chosen at the start of training for the model actually trained.\n"
+                  f"# Check data.train, then: tailor train {files['job.yaml']}\n")
+        job = _paths_from(adv.job, out)
+        write_atomic(files["job.yaml"], header + yaml.safe_dump(job, sort_keys=False))
     return files
+
+
+def _paths_from(job: dict, out: Path) -> dict:
+    """The job with its data paths relative to `out`, where job.yaml is: a job's paths are read
+    relative to the job file, and the advisor was given them relative to the working directory."""
+    import copy
+    import os
+
+    def moved(p):
+        if not isinstance(p, str) or Path(p).is_absolute():
+            return p
+        return os.path.relpath(Path(p).resolve(), out.resolve())
+
+    job = copy.deepcopy(job)
+    job["data"]["train"] = [moved(p) for p in job["data"]["train"]]
+    if "transfer" in job:
+        job["transfer"]["domain_text"] = [moved(p) for p in job["transfer"]["domain_text"]]
+    for stage in job.get("stages", []):
+        stage["data"]["train"] = [moved(p) for p in stage["data"]["train"]]
+    return job
 
 
 def as_dict(adv: Advice) -> dict:
@@ -155,7 +194,11 @@ def as_dict(adv: Advice) -> dict:
         "instead": v.instead, "would_change": v.would_change,
         "answers": adv.answers.model_dump(), "hardware": adv.hardware.model_dump(),
         "models": [{"name": c.model.name, "hub_id": c.model.hub_id, "eligible": c.eligible, "why": c.why,
-                    "excluded": c.excluded, "lora": c.lora.as_dict()} for c in adv.candidates],
+                    "excluded": c.excluded, "local": c.local, "where": c.here.path if c.here else None,
+                    "download_gb": round(c.download_gb, 2), "lora": c.lora.as_dict()} for c in adv.candidates],
+        "offline": adv.offline,
+        "with_network": {"name": adv.with_network.model.name, "first": adv.with_network_first}
+        if adv.with_network else None,
         "technique": {"name": adv.technique.name, "why": adv.technique.why},
         "hyperparameters": [{"key": s.key, "value": s.value, "why": s.why} for s in adv.settings],
         "methods": [e.as_dict() for e in adv.methods],

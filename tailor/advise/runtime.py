@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from tailor.advise.estimate import (
     Arch,
@@ -94,10 +95,45 @@ def generate_s(arch: Arch, hw: Hardware, answers: int, new_tokens: int, batch: i
     return steps * decode_step_s(arch, hw, per_batch) * ENGINE_FACTOR + forward_s(arch, w, answers * prompt_tokens, hw)
 
 
+def with_auto(job, profile: DataProfile, arch: Arch, hw: Hardware, devices: int = 1):
+    """The job with its `auto` settings as training will choose them for this model and data
+    (tailor/train/auto.py); rows are estimated from the tokens."""
+    from tailor.train import auto
+
+    if auto.AUTO not in auto.values_of(job).values():
+        return job
+    rows = max(1, math.ceil(profile.train_tokens / (job.training.max_seq_len * 0.95)))
+    return auto.applied(job, auto.choose(job, params=arch.params, examples=profile.examples, rows=rows,
+                                         device="cpu" if hw.kind == "cpu" else "cuda", processes=devices))
+
+
+# The base model's greedy answers to the replay prompts end at about 60 % of replay.max_new_tokens
+# (SmolLM2-135M on 121 of them: 58 of 96 tokens); a prompt with its chat template is about 30 tokens.
+REPLAY_ANSWER_SHARE, REPLAY_PROMPT_TOKENS = 0.6, 30
+
+
+def replayed(job, profile: DataProfile) -> int:
+    """How many replayed answers the job's training adds (tailor/techniques/common.py with_replay)."""
+    from tailor.train import replay
+
+    spec = job.training.replay
+    on = spec.enabled if spec.enabled is not None else job.technique in ("task", "transfer")
+    if not on:
+        return 0
+    available = len(replay.read_prompts(spec.prompts)) if spec.prompts and all(
+        Path(p).is_file() for p in spec.prompts) else len(replay.builtin_prompts())
+    return replay.how_many(profile.examples, spec.share, available)
+
+
 def job_time(job, profile: DataProfile, arch: Arch, hw: Hardware, devices: int = 1,
              method: str | None = None) -> JobTime:
+    job = with_auto(job, profile, arch, hw, devices)
     t, e = job.training, job.eval
     w = workload_of(job, profile, method)
+    n_replay = replayed(job, profile)
+    if n_replay:  # the replayed answers train beside the data (tailor/train/replay)
+        extra = n_replay * (REPLAY_PROMPT_TOKENS + REPLAY_ANSWER_SHARE * t.replay.max_new_tokens)
+        profile = replace(profile, train_tokens=int(profile.train_tokens + extra))
     size = RunSize(train_tokens=profile.train_tokens, epochs=t.epochs, grad_accum=t.grad_accum)
     training = estimate(arch, w, size, hw, devices)
     if t.max_steps:
@@ -128,6 +164,8 @@ def job_time(job, profile: DataProfile, arch: Arch, hw: Hardware, devices: int =
             retention = generate_s(arch, hw, RETENTION_QUESTIONS, RETENTION_TOKENS, RETENTION_BATCH, 40, w)
         evaluation = 2 * one_model + retention + 2 * _load_s(arch, hw) + EVAL_FIXED_S
         first_time = retention
+    if n_replay:  # the base model answers the general prompts once per machine; later runs read them
+        first_time += generate_s(arch, hw, n_replay, t.replay.max_new_tokens, 16, REPLAY_PROMPT_TOKENS, w)
     prepare = profile.raw_records / PREPARE_RECORDS_PER_S + 2 if job.data.prepare else 0.0
     return JobTime(training, prepare, _load_s(arch, hw), validations * one_validation, checkpoints, evaluation,
                    first_time)

@@ -23,6 +23,11 @@ _WORD = re.compile(r"[a-z][a-z'-]{2,}")
 _PLACEHOLDER = re.compile(r"<[A-Z_]+>")
 TERM_SAMPLE = 10_000  # records scanned for distinctive terms
 LANGUAGE_SAMPLE = 2_000  # records whose language is detected: enough for the shares, 200 µs each
+# Above this share of answers changed by anonymization, the verdict warns: the model learns to write
+# the placeholder where those answers had a name. In trivia the names are the answers, mostly public
+# ones and words NER mistook for names (11 % of the ChatterBot trivia answers, 20 % before short
+# answers were checked); in the bundled support chat, agents greet customers by name (11 %).
+CHANGED_ANSWERS_WARNING = 0.05
 
 
 def write_card(folder: Path, ds, split_of: list[str], stats: dict, spec, model: str) -> dict:
@@ -64,6 +69,9 @@ def build_card(ds, split_of: list[str], stats: dict, spec, model: str) -> dict:
         "seconds": stats["seconds"],  # wall time per stage, the card's own excluded
     }
     card["verdict"] = verdict(card)
+    warning = privacy_warning(card["privacy"])
+    if warning:
+        card["verdict"]["privacy"] = warning
     return card
 
 
@@ -191,6 +199,33 @@ def verdict(card: dict) -> dict:
     return {"sufficient": sufficient, "relevant": " ".join(relevant)}
 
 
+def privacy_warning(p: dict) -> str | None:
+    """A sentence for the verdict when anonymization changed more than CHANGED_ANSWERS_WARNING of
+    the answers (assistant turns trained on): what the model will learn from them, and the fix for
+    public values (trivia: names of public figures, words taken for names) and for private ones
+    (support chat: customers' names); None otherwise."""
+    answers, changed = p.get("answers"), p.get("answers_changed", 0)
+    if not answers or changed / answers <= CHANGED_ANSWERS_WARNING:
+        return None
+    text = f"Personal data was found in {changed:,} of {answers:,} answers ({changed / answers:.0%})"
+    if p["strategy"] == "drop":
+        text += ", and their records dropped (privacy.strategy: drop)."
+    else:
+        learns = "fake names" if p["strategy"] == "pseudonym" else "to write '<PERSON>'"
+        text += f": the model learns {learns} where those answers had a name"
+        if p.get("answers_emptied"):
+            fate = "kept (privacy.keep_emptied_answers)" if p.get("emptied_kept") else "their records left out"
+            text += f"; {p['answers_emptied']:,} answers became nothing but placeholders, {fate}"
+        text += "."
+    text += (" If they are public (trivia and encyclopedic answers: public figures, titles, words taken for names), "
+             "keep them: edit the review file `tailor prepare` writes beside the prepared folder and prepare again "
+             "with --allow-from it, or list them in privacy.allow; or narrow privacy.entities; or set "
+             "privacy.ner: false for data with no private people in it.")
+    if p["strategy"] != "pseudonym":
+        text += " If they are private (your customers'), privacy.strategy: pseudonym puts consistent fake names there."
+    return text
+
+
 def summary_lines(card: dict) -> list[str]:
     """The few lines `tailor prepare` and the quickstart print."""
     c, s = card["counts"], card["splits"]
@@ -205,7 +240,9 @@ def summary_lines(card: dict) -> list[str]:
     p = card["privacy"]
     if p.get("entities") is not None:
         found = ", ".join(f"{k} {v}" for k, v in p["entities"].items()) or "none found"
-        lines.append(f"personal data ({p['strategy']}): {p['records_with_pii']:,} records; {found}")
+        answers = (f"; {p['answers_changed']:,} of {p['answers']:,} answers changed, {p['answers_emptied']:,} "
+                   "left as nothing but placeholders" if "answers" in p else "")
+        lines.append(f"personal data ({p['strategy']}): {p['records_with_pii']:,} records; {found}{answers}")
     t = card["tokens"]
     if t.get("count"):
         lines.append(f"tokens per record: median {t['p50']}, p90 {t['p90']}, max {t['max']}; "
@@ -215,6 +252,8 @@ def summary_lines(card: dict) -> list[str]:
                      f"{card['perplexity']['perplexity']}")
     lines.append("sufficient? " + card["verdict"]["sufficient"])
     lines.append("relevant? " + card["verdict"]["relevant"])
+    if card["verdict"].get("privacy"):
+        lines.append("personal data? " + card["verdict"]["privacy"])
     return lines
 
 
@@ -222,7 +261,8 @@ def card_markdown(card: dict) -> str:
     c = card["counts"]
     out = ["# Data card", "", f"Prepared {card['created']} for `{card['model']}`.", "",
            "## Verdict", "", f"- **Sufficient?** {card['verdict']['sufficient']}",
-           f"- **Relevant?** {card['verdict']['relevant']}", "",
+           f"- **Relevant?** {card['verdict']['relevant']}",
+           *([f"- **Personal data?** {card['verdict']['privacy']}"] if card["verdict"].get("privacy") else []), "",
            "## Counts", "", "| stage | records |", "|---|---:|", f"| read | {c['read']:,} |",
            f"| rejected (unreadable or invalid) | {c['rejected']:,} |",
            f"| filtered | {c['filtered']:,} |",
@@ -248,6 +288,11 @@ def card_markdown(card: dict) -> str:
         out += [f"Strategy `{p['strategy']}`, names {'on' if p['ner'] else 'off'}; "
                 f"{p['records_with_pii']:,} records had personal data. Per record details (types and counts, never "
                 "values): `pii_audit.jsonl`.", ""]
+        if "answers" in p:
+            fate = ("kept (`privacy.keep_emptied_answers`)" if p["emptied_kept"]
+                    else "left out: `rejects.jsonl`, stage privacy")
+            out += [f"Answers changed: {p['answers_changed']:,} of {p['answers']:,}; left as nothing but "
+                    f"placeholders: {p['answers_emptied']:,}, in {p['records_emptied']:,} records, {fate}.", ""]
         out += [f"- {k}: {v:,}" for k, v in p["entities"].items()] + [""]
     t = card["tokens"]
     if t.get("count"):
@@ -308,4 +353,5 @@ def card_html(card: dict) -> str:
             "</head><body><h1>Data card</h1>"
             f"<p><b>Sufficient?</b> {html.escape(v['sufficient'])}</p>"
             f"<p><b>Relevant?</b> {html.escape(v['relevant'])}</p>"
+            + (f"<p><b>Personal data?</b> {html.escape(v['privacy'])}</p>" if v.get("privacy") else "")
             + "".join(parts) + "</body></html>")

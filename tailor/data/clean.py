@@ -19,6 +19,7 @@ from tailor.data.example import Example
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
+_INDENT = re.compile(r"[ \t]*")
 _TAG = re.compile(r"<[a-zA-Z/!][^>]*>")
 
 
@@ -36,8 +37,15 @@ def clean_text(text: str, unicode: str = "NFC", fix_encoding: bool = True, strip
         text = unicodedata.normalize(unicode, text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
-    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    text = "\n".join(_clean_line(line) for line in text.split("\n"))
     return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+def _clean_line(line: str) -> str:
+    """Runs of spaces as one, none at the end; the indentation a line starts with stays as it is:
+    it is the structure of code, nested lists and quoted replies."""
+    indent = _INDENT.match(line).group()
+    return (indent + _SPACES.sub(" ", line[len(indent):])).rstrip()
 
 
 def _strip_html(text: str) -> str:

@@ -30,6 +30,7 @@ from tailor.data.dedup import NearDuplicates, exact_key, sharing_a_band, signatu
 from tailor.data.example import DataError, check_example
 from tailor.data.split import SPLITS, assign_splits, group_records, shared_prompts
 from tailor.data.store import column, features, from_row, record_id, to_row
+from tailor.errors import TailorError
 from tailor.files import replace_dir
 from tailor.spec import EMBEDDED_DEFAULT, DataSpec, SourceSpec
 
@@ -41,19 +42,25 @@ MAX_FAIL_PROBLEMS = 10
 class Prepared:
     out: Path
     card: dict
+    review: Path | None = None  # the names to review, where asked for and anything was replaced
 
 
 def prepare(inputs: list, out: str | Path, model: str = EMBEDDED_DEFAULT, config: DataSpec | dict | None = None,
-            num_proc: int | None = None, say=print, **options: Any) -> Prepared:
+            num_proc: int | None = None, say=print, review: str | Path | None = None, **options: Any) -> Prepared:
     """Prepare `inputs` (paths, or {path, format, task, task_column, columns}) into `out`.
 
     `config` is a DataSpec or its dict (the `data:` section of a job, or data.yaml); keyword
     options override its sections, e.g. `privacy={"strategy": "pseudonym"}`, `on_error="fail"`.
+    `review`: a file outside `out` (and outside any run folder) for the names and other NER values
+    anonymization replaced, with their counts, for the data's owner to turn into an allow-list
+    (privacy/review.py); written only when something was replaced (else an earlier one there is
+    removed: it no longer describes `out`). None: no such file.
     """
     import datasets
 
     datasets.disable_progress_bars()  # `say` reports each stage; bars from every map would drown it
     spec = _spec(config, options)
+    review = _check_review(review, Path(out))
     sources = [SourceSpec(path=str(s)) if isinstance(s, (str, Path)) else SourceSpec.model_validate(s)
                if isinstance(s, dict) else s for s in (inputs or spec.train)]
     if not sources:
@@ -65,7 +72,7 @@ def prepare(inputs: list, out: str | Path, model: str = EMBEDDED_DEFAULT, config
     shutil.rmtree(work, ignore_errors=True)  # what an interrupted run left: start it again
     work.mkdir(parents=True)
     try:
-        return _prepare(sources, out, work, model, spec, anonymizer, num_proc, say)
+        return _prepare(sources, out, work, model, spec, anonymizer, num_proc, say, review)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # a failed run leaves nothing half-written
         raise
@@ -74,8 +81,10 @@ def prepare(inputs: list, out: str | Path, model: str = EMBEDDED_DEFAULT, config
             anonymizer.close()  # its worker processes
 
 
-def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymizer, num_proc: int, say) -> Prepared:
+def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymizer, num_proc: int, say,
+             review: Path | None) -> Prepared:
     tokenizer, overhead = _tokenizer(model)
+    found_values: Counter = Counter()  # {(entity, value): count} for the owner's review; never written into `out`
     stats: dict[str, Any] = {"model": model, "sources": [s.model_dump(exclude_defaults=True) for s in sources]}
     clock = _Stopwatch(stats.setdefault("seconds", {}))
 
@@ -103,18 +112,19 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
 
         if anonymizer is not None:
             with clock("anonymize"):
-                ds, dropped, pii = _anonymize(ds.select(rows), anonymizer, spec.privacy.strategy == "drop",
-                                                 spec.privacy.ner, rejects, work, spec.dedup)
-            rows = sorted(set(range(len(ds))) - set(dropped))
+                ds, dropped, pii = _anonymize(ds.select(rows), anonymizer, spec.privacy, rejects, work, spec.dedup,
+                                              found_values)
+            rows = [i for i in range(len(ds)) if i not in dropped]
             stats["privacy"] = pii
-            if dropped:
-                stats["filter_reasons"]["personal data (privacy.strategy: drop)"] = len(dropped)
+            stats["filter_reasons"].update(Counter(dropped.values()))
             say(f"anonymized: {pii['records_with_pii']:,} records had personal data "
-                f"({', '.join(f'{k} {v:,}' for k, v in pii['entities'].items()) or 'none'})")
-            if pii["records_with_pii"] and not dropped:
+                f"({', '.join(f'{k} {v:,}' for k, v in pii['entities'].items()) or 'none'}); "
+                f"{pii['answers_changed']:,} of {pii['answers']:,} answers changed, {pii['answers_emptied']:,} "
+                f"left as nothing but placeholders")
+            if pii["records_with_pii"] and spec.privacy.strategy != "drop":
                 before = stats["duplicates"]["exact"]
                 with clock("deduplicate"):
-                    rows = _filter_and_exact(ds, spec, rejects, stats, "exact duplicate once anonymized")
+                    rows = _filter_and_exact(ds, spec, rejects, stats, "exact duplicate once anonymized", among=rows)
                 if stats["duplicates"]["exact"] > before:
                     say(f"{stats['duplicates']['exact'] - before:,} records became exact duplicates once anonymized")
         with clock("deduplicate"):
@@ -145,7 +155,25 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
         card = write_card(work, ds, split_of, stats, spec, model)
     shutil.rmtree(work / "cache", ignore_errors=True)
     replace_dir(work, out)
-    return Prepared(out=out, card=card)
+    if review is not None and found_values:
+        from tailor.data.privacy.review import write_review
+
+        write_review(review, found_values, ", ".join(str(s.path) for s in sources))
+    elif review is not None:
+        review.unlink(missing_ok=True)  # an earlier run's review no longer says what this folder replaced
+    return Prepared(out=out, card=card, review=review if review is not None and found_values else None)
+
+
+def _check_review(review: str | Path | None, out: Path) -> Path | None:
+    """The review file holds original personal data: never inside the dataset folder it describes."""
+    if review is None:
+        return None
+    review, folder = Path(review), out.resolve()
+    if review.resolve() == folder or folder in review.resolve().parents:
+        raise TailorError(f"review file {review} is inside the prepared folder {out}: it holds the original "
+                          "names, which must not travel with the data; put it beside the folder, e.g. "
+                          f"{out.parent / (out.name + '.privacy-review.txt')}")
+    return review
 
 
 @contextmanager
@@ -358,15 +386,19 @@ def _language(text: str) -> str:
 # --- filter and de-duplicate (in order: the first copy is the one kept) ---------------------------------
 
 
-def _filter_and_exact(ds, spec: DataSpec, rejects: _Rejects, stats: dict, reason: str) -> list[int]:
-    """The records kept: those with a problem are filtered out, then every exact copy of an earlier
-    record goes (with `reason`)."""
+def _filter_and_exact(ds, spec: DataSpec, rejects: _Rejects, stats: dict, reason: str,
+                      among: list[int] | None = None) -> list[int]:
+    """The records kept (of `among`, default all): those with a problem are filtered out, then every
+    exact copy of an earlier record goes (with `reason`)."""
     kept: list[int] = []
     first: dict[str, int] = {}
     ids = column(ds, "id")
+    considered = None if among is None else set(among)
     for start, part in _chunks(ds, ["problem", "exact", "source", "line"]):
         for j, (problem, key) in enumerate(zip(part["problem"], part["exact"])):
             i = start + j
+            if considered is not None and i not in considered:
+                continue
             source, line = part["source"][j], part["line"][j]
             if problem:
                 stats["filter_reasons"][problem.split(":")[0]] += 1
@@ -463,13 +495,22 @@ def _prompt_key(ex) -> str | None:
     return hashlib.blake2b(normalized(prompt).encode(), digest_size=16).hexdigest() if prompt else None
 
 
-def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: Path, dedup):
-    """Replace personal data in every text of the kept records; with `drop`, list the records that
-    had any. Writes pii_audit.jsonl: per record, which entity types were replaced and how often.
+def _anonymize(ds, anonymizer, privacy, rejects: _Rejects, work: Path, dedup, found_values: Counter):
+    """Replace personal data in every text of the kept records. Returns the records, those to drop
+    ({index: reason}: every record with personal data under privacy.strategy drop; else those with
+    an answer left as nothing but replaced values, unless privacy.keep_emptied_answers) and the
+    card's privacy counts; adds the NER values found to `found_values` (for the owner's review).
+    Writes pii_audit.jsonl: per record, which entity types were replaced and how often.
     A changed record's prompt key, exact key and MinHash signature are computed again: prompts that
     differed only in a name ("I'm Priya" / "I'm Tom") are the same prompt once anonymized, and the
     duplicate passes, the split and its leakage check must see what the model will see."""
+    from tailor.data.privacy import nothing_left
+    from tailor.data.privacy.review import review_key
+
+    drop = privacy.strategy == "drop"
     counts_per_record: list[dict] = []
+    emptied_per_record: list[int] = []  # answers left as nothing but replaced values
+    answers = {"answers": 0, "answers_changed": 0}
 
     def redact(batch: dict[str, list]) -> dict[str, list]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -477,13 +518,20 @@ def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: P
         texts = [texts_of(ex) for ex in examples]
         out = {k: [] for k in ("messages", "chosen", "rejected", "text", "prompt", "exact", "signature")}
         changed = []
-        for i, (ex, results) in enumerate(zip(examples, anonymizer.anonymize_records(texts))):
-            found: Counter = Counter()
-            new = []
-            for text, counts in results:
-                new.append(text)
-                found.update(counts)
-            counts_per_record.append(dict(found))
+        for i, (ex, found) in enumerate(zip(examples, anonymizer.find_records(texts))):
+            counts: Counter = Counter()
+            new, emptied = [], 0
+            for text, spans, trained in zip(texts[i], found, _trained_answers(ex)):
+                new_text, n = anonymizer.replace(text, spans)
+                new.append(new_text)
+                counts.update(n)
+                found_values.update(k for k in (review_key(s.entity, text[s.start:s.end]) for s in spans) if k)
+                if trained:
+                    answers["answers"] += 1
+                    answers["answers_changed"] += bool(spans)
+                    emptied += nothing_left(text, spans)
+            counts_per_record.append(dict(counts))
+            emptied_per_record.append(emptied)
             redacted = with_texts(ex, new)
             row = to_row(redacted)
             for k in ("messages", "chosen", "rejected", "text"):
@@ -503,7 +551,6 @@ def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: P
     ds = ds.map(redact, batched=True, batch_size=BATCH, new_fingerprint="anonymized", desc="anonymizing",
                 features=ds.features)
     ids = column(ds, "id")
-    dropped = [i for i, c in enumerate(counts_per_record) if c and drop]
     entities: Counter = Counter()
     with (work / "pii_audit.jsonl").open("w", encoding="utf-8") as audit:
         for i, counts in enumerate(counts_per_record):
@@ -511,14 +558,51 @@ def _anonymize(ds, anonymizer, drop: bool, ner: bool, rejects: _Rejects, work: P
                 entities.update(counts)
                 audit.write(json.dumps({"id": ids[i], "entities": dict(sorted(counts.items())),
                                         "action": "dropped" if drop else "replaced"}) + "\n")
-    for i in dropped:
-        row = ds[i]
-        rejects.add(row["source"], row["line"], "privacy",
-                    "personal data (" + ", ".join(f"{k} ×{v}" for k, v in sorted(counts_per_record[i].items()))
-                    + "); privacy.strategy is drop", json.dumps(_record_json(row), ensure_ascii=False))
-    pii = {"strategy": "drop" if drop else anonymizer.strategy, "ner": ner,
-           "records_with_pii": sum(bool(c) for c in counts_per_record), "entities": dict(entities.most_common())}
+    # rejects.jsonl gets the records as anonymized here (what NER found in each turn is gone for sure),
+    # and anonymized once more on the way, like every reject; under "drop" they are still as read.
+    dropped = _privacy_rejects(ds, counts_per_record, emptied_per_record, privacy, rejects)
+    pii = {"strategy": "drop" if drop else anonymizer.strategy, "ner": privacy.ner,
+           "records_with_pii": sum(bool(c) for c in counts_per_record), "entities": dict(entities.most_common()),
+           **answers, "answers_emptied": sum(emptied_per_record),
+           "records_emptied": sum(bool(e) for e in emptied_per_record),
+           "emptied_kept": privacy.keep_emptied_answers and not drop}
     return ds, dropped, pii
+
+
+DROPPED_FOR_PII = "personal data (privacy.strategy: drop)"
+EMPTIED_ANSWER = "answer was only personal data (privacy.keep_emptied_answers: false)"
+
+
+def _privacy_rejects(ds, counts_per_record: list[dict], emptied_per_record: list[int], privacy,
+                     rejects: _Rejects) -> dict[int, str]:
+    """The records the privacy stage drops, {index: the card's filter reason}, each written to
+    rejects.jsonl (anonymized, like every reject) with what happened and what to do."""
+    dropped = {}
+    for i, (counts, emptied) in enumerate(zip(counts_per_record, emptied_per_record)):
+        found = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
+        if privacy.strategy == "drop" and counts:
+            dropped[i], reason = DROPPED_FOR_PII, f"personal data ({found}); privacy.strategy is drop"
+        elif emptied and not privacy.keep_emptied_answers:
+            dropped[i] = EMPTIED_ANSWER
+            reason = (f"{emptied} answer(s) became nothing but placeholders once anonymized ({found}): a model "
+                      "trained on it learns to answer '<PERSON>'. If the values are public (names of public "
+                      "figures, titles, brands), add them to privacy.allow or prepare again with --allow-from "
+                      "the review file; for public-knowledge data set privacy.ner: false; to keep such records "
+                      "anyway set privacy.keep_emptied_answers: true")
+        else:
+            continue
+        row = ds[i]
+        rejects.add(row["source"], row["line"], "privacy", reason, json.dumps(_record_json(row), ensure_ascii=False))
+    return dropped
+
+
+def _trained_answers(ex) -> list[bool]:
+    """For each text of a record (texts_of order): whether it is an answer the model is trained on
+    (an assistant turn without weight 0)."""
+    if ex.kind == "text":
+        return [False]
+    turns = ex.messages + (ex.chosen or []) + (ex.rejected or [])
+    return [m["role"] == "assistant" and m.get("weight", 1) != 0 for m in turns]
 
 
 # --- split and write -------------------------------------------------------------------------------

@@ -67,6 +67,14 @@ def read_prepared(folder: str | Path, split: str) -> list[Example]:
     if not is_prepared(folder):
         raise DataError([f"{folder}: not a prepared dataset folder (no card.json and train/); "
                          f"run `tailor prepare INPUT… --out {folder}` first"])
-    if not (folder / split).is_dir():
+    if not (folder / split).is_dir() or _no_rows(folder / split):
         return []
     return [from_row(row) for row in load_from_disk(str(folder / split))]
+
+
+def _no_rows(split: Path) -> bool:
+    """An empty split (split.test: 0) is saved with no data files, and `datasets` cannot load that."""
+    import json
+
+    state = split / "state.json"
+    return state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files")

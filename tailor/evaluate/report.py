@@ -52,6 +52,12 @@ def gate_lines(summary: dict) -> list[str]:
     for c in gate["checks"]:
         mark = {True: "ok  ", False: "FAIL", None: "skip"}[c["passed"]]
         lines.append(f"  {mark} {c['name']}: {c['detail']}" + (f" (needs {c['threshold']})" if c["threshold"] else ""))
+    if gate.get("next"):
+        step = gate["next"]
+        lines.append(f"  likely cause: {step['cause']}")
+        lines.append(f"  next try: {step['why']}: " + " ".join(f"--set {k}={v:g}" if isinstance(v, float) else
+                                                                f"--set {k}={v}" for k, v in step["set"].items())
+                     + " (or tailor train JOB --until-gate-passes 3 follows these steps itself)")
     return lines
 
 

@@ -77,6 +77,10 @@ def evaluate(run: Run | str | Path, data: list | None = None, spec: EvalSpec | N
     by_task = _task_scores(tests, outputs)
     kept = _retention_summary(probes) if spec.retention else None
     gate = verdict(results["base"], results["tuned"], kept, spec.gate)
+    if not gate["passed"]:
+        step = next_try(run, gate)
+        if step is not None:
+            gate["next"] = step.as_dict()
     summary = {
         "run": str(run.path), "data": {"sources": sources, "examples": len(tests)},
         "decoding": {"greedy": True, "max_new_tokens": spec.max_new_tokens},
@@ -93,6 +97,18 @@ def evaluate(run: Run | str | Path, data: list | None = None, spec: EvalSpec | N
     run.write_eval(summary, examples, _retention_rows(probes) if probes else None)
     write_report(run)
     return summary
+
+
+def next_try(run: Run, gate: dict, start_lr: float | None = None):
+    """The ladder's next settings for a run whose gate failed (tailor/evaluate/ladder.py)."""
+    from tailor.evaluate.ladder import next_step
+
+    manifest = run.manifest() if run.has_manifest else None
+    examples = None
+    if manifest is not None and manifest.encoding:
+        examples = manifest.encoding.get("train_examples", 0) - ((manifest.replay or {}).get("examples") or 0)
+    summary = run.summary() or {}
+    return next_step(gate, run.raw_job() or {}, summary.get("steps"), examples, start_lr)
 
 
 def preferred_style(replies: list[str], tests: list[dict]) -> dict:

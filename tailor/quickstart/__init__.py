@@ -236,6 +236,11 @@ def _technique_lines(run) -> list[str]:
     """What the technique did, from the run folder: stages and their gate, tasks drawn, rewards."""
     summary = run.summary()
     lines = []
+    replayed = run.manifest().replay if run.has_manifest else None
+    if replayed:
+        lines.append(f"forgetting protection: {replayed['examples']} of the base model's own answers to general "
+                     f"prompts were trained on beside the shop's conversations ({replayed['share']:.0%} of the mix; "
+                     "training.replay)")
     if run.staged:
         for s in run.stages_record()["stages"]:
             losses = ", ".join(f"{n} {v:.3f}" for n, v in s["losses"].items() if v is not None)

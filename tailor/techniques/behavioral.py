@@ -36,7 +36,9 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
                                                            training={"epochs": b.demonstration_epochs}),
                             partial(task.run, demonstrations=b.sft_on_chosen),
                             frozenset({"chat", "text", "preference"} if b.sft_on_chosen else {"chat", "text"})))
-    lr = b.preference_learning_rate or job.training.learning_rate / 20
+    # `auto` stays auto: the preference stage then chooses a twentieth of the supervised rate itself.
+    lr = b.preference_learning_rate or (job.training.learning_rate / 20 if job.training.learning_rate != "auto"
+                                        else "auto")
     stages.append(Stage("preferences", job.as_stage("preferences", "preference",
                                                     training={"epochs": b.preference_epochs, "learning_rate": lr}),
                         preference.run, frozenset({"preference"})))

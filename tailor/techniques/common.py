@@ -31,6 +31,7 @@ from tailor.track.trackers import eval_numbers, open_trackers
 from tailor.train.adapters import AdapterConfig, AdapterError, apply_adapter, trainable_names
 from tailor.train.attention import NAME as PACKED_ATTENTION
 from tailor.train.attention import set_attention
+from tailor.train.auto import AUTO
 from tailor.train.compiled import compile_blocks
 from tailor.train.encode import encode_chat, encode_text
 from tailor.train.layer_change import layer_change, metrics_row
@@ -60,6 +61,8 @@ class Recipe:
     resolved: ResolvedModel | None = None  # base_model
     tokenizer: Any = None
     dtype: torch.dtype | None = None
+    chosen: list = field(default_factory=list)  # the `auto` settings resolved: auto_settings
+    replayed: int = 0  # replayed general answers in the training data: with_replay
 
     @property
     def is_main(self) -> bool:
@@ -117,7 +120,8 @@ def check_same_job(run: Run, job: Job) -> None:
         return
     now = yaml.safe_load(dump_job(job))
     changed = [f"{sec}.{k}" for sec, vals in now.items() if isinstance(vals, dict) and sec not in AFTER_TRAINING
-               for k, v in vals.items() if (before.get(sec) or {}).get(k) != v and k not in SPEED_ONLY]
+               for k, v in vals.items() if (before.get(sec) or {}).get(k) != v and k not in SPEED_ONLY
+               and v != AUTO]  # job.yaml holds what `auto` chose; the same data and model choose it again
     changed += [k for k, v in now.items() if not isinstance(v, dict) and before.get(k) != v and k not in AFTER_TRAINING]
     if changed:
         raise ResumeError(f"--resume: {run.path} was started with a different job ({', '.join(changed)} changed); "
@@ -191,8 +195,20 @@ def prepare_once(r: Recipe) -> None:
     folder = r.run.data_dir
     if r.is_main and not is_prepared(folder):
         r.say(f"preparing {len(r.job.data.train)} input(s) → {folder}")
-        prepare(r.job.data.train, folder, model=r.job.model.base, config=r.job.data, say=r.say)
+        result = prepare(r.job.data.train, folder, model=r.job.model.base, config=r.job.data, say=r.say,
+                         review=review_file(r.job))
+        if result.review:
+            r.say(f"the values anonymization replaced, for you to review: {result.review} (personal data: do not "
+                  "share it); delete the private people's lines, then name it in data.privacy.allow_from")
     r.accelerator.wait_for_everyone()
+
+
+def review_file(job: Job) -> Path | None:
+    """Where a run's preparing lists the names it replaced: beside the job's runs, in no run folder
+    (the values are personal data, and run folders get copied and shared); None when the job reads
+    that very file as an allow-list (writing it would bring back the lines its owner deleted)."""
+    path = (Path(job.output.dir) / job.name / "privacy-review.txt").resolve()
+    return None if any(Path(p).resolve() == path for p in job.data.privacy.allow_from) else path
 
 
 def only_kinds(examples: list, kinds: set[str], technique: str, fix: str) -> None:
@@ -331,9 +347,82 @@ def trainable_checksum(model) -> str:
 def settings(r: Recipe) -> TrainSettings:
     return TrainSettings(
         **r.job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile", "val_generate",
-                                             "val_generate_tokens"}),
+                                             "val_generate_tokens", "replay"}),
         bf16_autocast=r.bf16,
     )
+
+
+# --- settings left to Tailor, and forgetting protection ------------------------------------------
+
+def auto_settings(r: Recipe, n_examples: int, n_rows: int) -> None:
+    """Resolve the job's `auto` settings for the model actually trained and this data, into r.job
+    (so the run's job.yaml says what ran) and r.chosen (the manifest says why); said on screen."""
+    from tailor.train import auto
+
+    if AUTO not in auto.values_of(r.job).values():
+        return
+    # The user's examples: the rules are of their data (replayed answers ride along, tailor/train/replay).
+    choices = auto.choose(r.job, params=base_parameters(r.resolved.path), examples=n_examples - r.replayed,
+                          rows=n_rows, device=r.accelerator.device.type, processes=r.accelerator.num_processes)
+    for c in choices:
+        r.say(f"auto {c.key} = {c.value:g}: {c.why}")
+    r.job = auto.applied(r.job, choices)
+    r.chosen = [c.as_dict() for c in choices]
+
+
+def base_parameters(path: str) -> int:
+    """The base model's parameter count from its config alone: built on the meta device, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def with_replay(r: Recipe, train_raw: list) -> list:
+    """train_raw and, where training.replay is on, the base model's own answers to general prompts
+    (tailor/train/replay): their share of the mix is replay.share. The answers are made once per
+    base model, by the main process, and cached."""
+    from tailor.train import replay
+
+    spec = r.job.training.replay
+    on = spec.enabled if spec.enabled is not None else r.job.technique in ("task", "transfer")
+    if r.job.technique == "multitask" and on:
+        if any(ex.task == replay.TASK for ex in train_raw):
+            raise DataError([f"training.replay: the replayed answers are task {replay.TASK!r} in multitask "
+                             "training, and your data has a task of that name; rename it, or set "
+                             "training.replay.enabled: false"])
+    n_task = sum(ex.kind == "chat" for ex in train_raw)
+    prompts = replay.read_prompts(spec.prompts) if on else []
+    n = replay.how_many(n_task, spec.share, len(prompts))
+    if not n:
+        return train_raw
+    task_prompts = [m["content"] for ex in train_raw if ex.kind == "chat" for m in ex.messages if m["role"] == "user"]
+    picked = replay.chosen(prompts, n, r.job.training.seed, like=task_prompts)
+    dtype = str(r.dtype).removeprefix("torch.")
+
+    def generate(missing: list[str]) -> list[str]:
+        from tailor.models.generate import answer
+
+        r.say(f"replay: the base model answers {len(missing)} general prompt(s) once (cached for later runs)")
+        base = load_model(r.resolved.path, r.dtype, r.accelerator.device, r.job.model.trust_remote_code)
+        try:
+            return answer(base, r.tokenizer, [[{"role": "user", "content": p}] for p in missing],
+                          max_new_tokens=spec.max_new_tokens, batch_size=16)
+        finally:
+            del base
+
+    if r.is_main:
+        replay.answers(picked, r.resolved.path, generate, spec.max_new_tokens, dtype)
+    r.accelerator.wait_for_everyone()
+    records = replay.records(replay.answers(picked, r.resolved.path, generate, spec.max_new_tokens, dtype),
+                             task=replay.TASK if r.job.technique == "multitask" else None)
+    r.replayed = len(records)
+    r.say(f"replay: {len(records)} of the base model's answers to general prompts join {n_task} training "
+          f"conversations ({len(records) / (len(records) + n_task):.0%}; training.replay)"
+          + (f"; {n - len(records)} empty answer(s) left out" if len(records) < n else ""))
+    return train_raw + records
 
 
 def record_start(r: Recipe, model, stats: dict, n_train: int, n_val: int, unit: str = "examples", **extra) -> None:
@@ -358,6 +447,8 @@ def record_start(r: Recipe, model, stats: dict, n_train: int, n_val: int, unit: 
         start=StartInfo(from_=str(r.start_from.path) if r.start_from else None,
                         trainable_sha256=trainable_checksum(model)),
         processes=r.accelerator.num_processes, versions=versions(), hardware=hardware_summary(),
+        **({"auto": r.chosen} if r.chosen else {}),
+        **({"replay": {"examples": r.replayed, "share": job.training.replay.share}} if r.replayed else {}),
         **extra,
     ))
     r.say(f"[bold]{job.name}[/] ({job.technique}): {n_train} train / {n_val} validation {unit} in {stats['rows']} "

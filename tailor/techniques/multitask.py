@@ -41,6 +41,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
 
     # 2. Each task encoded and packed on its own.
     common.base_model(r)
+    train_raw = common.with_replay(r, train_raw)  # a task of its own, "general", when training.replay is on
     max_len = job.training.max_seq_len
     tasks = sorted({ex.task for ex in train_raw})
     encoded = {split: {t: [e for ex in raw if ex.task == t for e in common.encode(r.tokenizer, ex, max_len)]
@@ -53,6 +54,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     stats["rows"] = len(rows)
     stats["padding_share"] = 1 - stats["train_tokens"] / max(1, len(rows) * max_len)
     common.say_truncated(stats, max_len, r.say)
+    common.auto_settings(r, len(train_set), len(rows))
 
     # 3. How often each task is drawn.
     sizes = {t: len(task_rows[t]) for t in tasks}

@@ -53,6 +53,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     # a pair longer than max_len has a row of its own, as long as the pair
     room = sum(max(max_len, sum(len(train_set[i]) for i in row)) for row in rows)
     stats["padding_share"] = 1 - stats["train_tokens"] / max(1, room)
+    common.auto_settings(r, stats["train_pairs"], len(rows))
 
     # 3. The model, and the reference: the same model as it starts, scored once.
     model = common.model_to_train(r)

@@ -38,8 +38,10 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
         return r.run.path
     common.open_run_trackers(r)
 
-    # 2. The base model's tokenizer turns the records into examples packed into rows.
+    # 2. The base model's tokenizer turns the records into examples packed into rows; its own answers
+    # to general prompts join them (training.replay), so that the task does not cost its general skills.
     common.base_model(r)
+    train_raw = common.with_replay(r, train_raw)
     max_len = job.training.max_seq_len
     train_set = [e for ex in train_raw for e in common.encode(r.tokenizer, ex, max_len)]
     val_set = [e for ex in val_raw for e in common.encode(r.tokenizer, ex, max_len)]
@@ -51,6 +53,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     stats["rows"] = len(rows)
     stats["padding_share"] = 1 - stats["train_tokens"] / max(1, len(rows) * max_len)
     common.say_truncated(stats, max_len, r.say)
+    common.auto_settings(r, len(train_set), len(rows))  # `auto` settings, for this model and this data
 
     # 3. The model with its adapter (or an earlier stage's).
     model = common.model_to_train(r)

@@ -38,15 +38,21 @@ They were read by one thing: Presidio's context words ("phone" just before a num
 score by 0.35). We switch that off so that a value is found or not on its own: with NER off there
 are no lemmas, so context could never count there, and chat users rarely label what they type.
 
+NER's PERSON findings in short texts (an answer of a few words: "Brown", "Parent Trap") stand only
+where the text or the question before it says they are names (names.py): without context, the
+small model takes ordinary capitalized words for people.
+
 The modules: entities (the types, their recognizers and tags), engine (Presidio, imported on first
-use), finding (one text or a batch), phones (phone numbers, last), spans (merging overlapping
-findings), replacing (masks and pseudonyms), workers (a worker process's setup).
+use), finding (one text or a batch), names (names in short texts), phones (phone numbers, last),
+spans (merging overlapping findings), replacing (masks and pseudonyms), workers (a worker
+process's setup).
 """
 
 from __future__ import annotations
 
 import functools
 import multiprocessing
+import re
 import weakref
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -54,6 +60,7 @@ from typing import TYPE_CHECKING
 from tailor.data.privacy.engine import PrivacyError, _engine
 from tailor.data.privacy.entities import DEFAULT_ENTITIES, ENTITIES, ID_ENTITIES, NER_ENTITIES, TAGS
 from tailor.data.privacy.finding import _find, _find_batch, _Finder, _name_words, _with_repeated_names
+from tailor.data.privacy.names import _plausible_names
 from tailor.data.privacy.replacing import _mask, _Pseudonyms
 from tailor.data.privacy.spans import _Span
 from tailor.data.privacy.workers import _start_worker, keep_freed_memory
@@ -62,7 +69,7 @@ if TYPE_CHECKING:
     from tailor.spec import PrivacySpec
 
 __all__ = ["DEFAULT_ENTITIES", "ENTITIES", "ID_ENTITIES", "NER_ENTITIES", "STRATEGIES", "TAGS", "Anonymizer",
-           "PrivacyError", "keep_freed_memory"]
+           "PrivacyError", "keep_freed_memory", "nothing_left"]
 
 STRATEGIES = ("placeholder", "mask", "pseudonym", "drop")
 
@@ -116,31 +123,47 @@ class Anonymizer:
                              f"written of dropped records); got {drop_as!r}")
         strategy = drop_as if spec.strategy == "drop" else spec.strategy
         model = {"spacy_model": spec.spacy_model} if spec.spacy_model else {}  # None: Anonymizer's default
-        return cls(entities=spec.entities, strategy=strategy, allow=spec.allow, ner=spec.ner,
+        from tailor.data.privacy.review import read_allow_file
+
+        allow = list(dict.fromkeys([*spec.allow, *(v for f in spec.allow_from for v in read_allow_file(f))]))
+        return cls(entities=spec.entities, strategy=strategy, allow=allow, ner=spec.ner,
                    score_threshold=spec.score_threshold, seed=seed, processes=processes, **model)
 
     def anonymize(self, text: str) -> tuple[str, dict[str, int]]:
         """One text through Presidio's analyzer as is: the slow reference path."""
         _check_texts([text])
-        return self._replace(text, _find(self._finder, text, self.entities))
+        return self.replace(text, _plausible_names(text, _find(self._finder, text, self.entities)))
 
     def anonymize_batch(self, texts: list[str]) -> list[tuple[str, dict[str, int]]]:
         """For each text: the anonymized text and {entity type: count replaced}; the same output as
         anonymize() on each text in turn, faster (nlp.pipe, pre-filter, processes)."""
         texts = _check_texts(texts)
         spans_of = self._spans_of(texts)
-        return [self._replace(text, spans_of[text]) for text in texts]
+        return [self.replace(text, _plausible_names(text, spans_of[text])) for text in texts]
 
     def anonymize_records(self, records: list[list[str]]) -> list[list[tuple[str, dict[str, int]]]]:
         """anonymize_batch for records made of several texts (the turns of a conversation): a name
         found in one text is also replaced where the record's other texts repeat it, which NER
-        often misses on its own ("I'm Priya Nair" … "Thanks, Priya!")."""
+        often misses on its own ("I'm Priya Nair" … "Thanks, Priya!"), and a short text that
+        answers a question asking for a person keeps its names (names.py)."""
+        return [[self.replace(t, spans) for t, spans in zip(texts, found)]
+                for texts, found in zip(records, self.find_records(records))]
+
+    def find_records(self, records: list[list[str]], check_names: bool = True) -> list[list[list[_Span]]]:
+        """What anonymize_records replaces: per record, per text, the spans (start, end, entity,
+        score), sorted and disjoint; `replace` turns a text and its spans into its output. Callers
+        that need more than the output (the values found, for their owner's review; whether
+        anything but them is left of a text) read them here. check_names=False: NER's PERSON
+        findings in short texts stand as NER made them (the baseline bench/names_precision.py
+        measures against)."""
         spans_of = self._spans_of(_check_texts([t for texts in records for t in texts]))
         out = []
         for texts in records:
-            names = {w for t in texts for s in spans_of[t] if s.entity == "PERSON"
+            found = [_plausible_names(t, spans_of[t], texts[i - 1] if i else None) if check_names else spans_of[t]
+                     for i, t in enumerate(texts)]
+            names = {w for t, spans in zip(texts, found) for s in spans if s.entity == "PERSON"
                      for w in _name_words(t[s.start:s.end])}
-            out.append([self._replace(t, _with_repeated_names(self._finder, t, spans_of[t], names)) for t in texts])
+            out.append([_with_repeated_names(self._finder, t, spans, names) for t, spans in zip(texts, found)])
         return out
 
     def _spans_of(self, texts: list[str]) -> dict[str, list[_Span]]:
@@ -175,7 +198,9 @@ class Anonymizer:
         parts = self._workers.imap(functools.partial(_find_batch, self._finder), chunks)
         return [spans for part in parts for spans in part]
 
-    def _replace(self, text: str, spans: list[_Span]) -> tuple[str, dict[str, int]]:
+    def replace(self, text: str, spans: list[_Span]) -> tuple[str, dict[str, int]]:
+        """`text` with `spans` (find_records') replaced by this Anonymizer's strategy, and
+        {entity type: count replaced}."""
         if not spans:  # most texts: nothing to count
             return text, {}
         counts = dict(Counter(span.entity for span in spans))
@@ -194,6 +219,24 @@ class Anonymizer:
         if self.strategy == "mask":
             return _mask(entity, value)
         return self._pseudonyms(entity, value)
+
+
+# What may be left of a text around its replaced values and still say nothing of its own.
+_FILLER = frozenset("a an the and or mr mrs ms miss mx dr prof sir it it's its is was by".split())
+
+
+def nothing_left(text: str, spans: list[_Span]) -> bool:
+    """Whether nothing of `text` is left but the values `spans` replace and a few small words:
+    "<PERSON>", "The <PERSON>.", "Mr. <PERSON>", "It's <PERSON> and <PERSON>"."""
+    if not spans:
+        return False
+    rest, done = [], 0
+    for span in spans:
+        rest.append(text[done:span.start])
+        done = span.end
+    rest.append(text[done:])
+    words = re.findall(r"[^\W_]+(?:['’][^\W_]+)?", " ".join(rest).lower().replace("’", "'"))
+    return all(w in _FILLER for w in words)
 
 
 def _check_entities(entities, ner: bool) -> tuple[str, ...]:

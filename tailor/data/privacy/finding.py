@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 from tailor.data.privacy.engine import _engine
-from tailor.data.privacy.entities import _PATTERN_RECOGNIZERS
+from tailor.data.privacy.entities import _PATTERN_RECOGNIZERS, NER_ENTITIES
 from tailor.data.privacy.phones import _phones
 from tailor.data.privacy.spans import _merge_overlaps, _Span
 
@@ -53,8 +53,21 @@ def _kept(finder: _Finder, text: str, results, allowed: list[tuple[int, int]]) -
     """Presidio's results as spans, minus empty ones and those on the allow-list or overlapping
     where an allowed phrase occurs (`allowed`: _allowed_ranges)."""
     spans = (_trimmed(text, r.start, r.end, r.entity_type, r.score) for r in results)
+    code = _code_ranges(text)
     return [s for s in spans if s.end > s.start and _keep(finder, s.entity, text[s.start:s.end])
-            and not any(a < s.end and s.start < b for a, b in allowed)]
+            and not any(a < s.end and s.start < b for a, b in allowed)
+            and not (s.entity in NER_ENTITIES and any(a < s.end and s.start < b for a, b in code))]
+
+
+# Markdown code: a fenced block (``` or ~~~, to its closing fence or the end of the text) or an inline
+# `span`. NER reads identifiers there as people ("class Node", "def insertion_sort(arr)", "#!/bin/bash"
+# all became <PERSON> in a public set of coding answers), and a name in code is an identifier, not
+# a person: NER's findings in code are dropped. Pattern types (an e-mail, a key, a card) still count.
+_CODE = re.compile(r"(```|~~~)[\s\S]*?(?:\1|\Z)|`[^`\n]+`")
+
+
+def _code_ranges(text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in _CODE.finditer(text)] if ("`" in text or "~~~" in text) else []
 
 
 def _name_words(value: str) -> set[str]:
@@ -65,11 +78,11 @@ def _with_repeated_names(finder: _Finder, text: str, spans: list[_Span], names: 
     """`spans` plus every whole-word occurrence of `names` not already covered nor allowed."""
     if not names or "PERSON" not in finder.entities:
         return spans
-    allowed = _allowed_ranges(finder, text)
+    allowed, code = _allowed_ranges(finder, text), _code_ranges(text)
     extra = [_Span(m.start(), m.end(), "PERSON", 1.0) for m in re.finditer(r"[^\W\d_]{2,}", text)
              if m.group().casefold() in names and m.group().casefold() not in finder.allow
              and not any(s.start < m.end() and m.start() < s.end for s in spans)
-             and not any(a < m.end() and m.start() < b for a, b in allowed)]
+             and not any(a < m.end() and m.start() < b for a, b in allowed + code)]
     return _merge_overlaps(spans + extra) if extra else spans
 
 
