@@ -34,3 +34,22 @@ def test_generate_throughput_bench_runs_on_a_tiny_model(tiny_model_dir):
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"one-at-a-time_float32=\d+\.\d batched_float32=\d+\.\d "
                         r"one-at-a-time_bfloat16=\d+\.\d batched_bfloat16=\d+\.\d", last), last
+
+
+def test_outcome_bench_writes_held_out_sets_from_the_public_corpus(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("outcome", ROOT / "bench" / "outcome.py")
+    outcome = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(outcome)
+
+    for name, (n_train, n_test) in {"trivia": (222, 39), "coding": (82, 14)}.items():
+        train, test = outcome.write_set(name, tmp_path / name)
+        rows = {split: [json.loads(line) for line in f.read_text().splitlines()] for split, f in
+                (("train", train), ("test", test))}
+        assert (len(rows["train"]), len(rows["test"])) == (n_train, n_test)
+        assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows["train"] + rows["test"])
+        held_out = {r["messages"][0]["content"] for r in rows["test"]}
+        assert not held_out & {r["messages"][0]["content"] for r in rows["train"]}  # the split holds out
+        assert outcome.write_set(name, tmp_path / "again")[0].read_text() == train.read_text()  # seeded
