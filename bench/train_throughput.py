@@ -140,7 +140,9 @@ def run_tailor(args, train, held_out, workdir: Path) -> dict:
         "adapter": {"kind": "lora", "rank": LORA["r"], "alpha": LORA["lora_alpha"], "dropout": 0.0},
         "training": {"learning_rate": args.lr, "epochs": 1, "max_steps": args.max_steps, "batch_size": args.rows,
                      "max_seq_len": args.max_len, "scheduler": "cosine", "warmup_ratio": 0.0, "log_every": 1,
-                     "save_every": 0, "threads": args.threads, "seed": 0, "compile": args.compile},
+                     "save_every": 0, "threads": args.threads, "seed": 0, "compile": args.compile,
+                     # The peers train on the same examples only: no replayed general answers.
+                     "replay": {"enabled": False}},
         "output": {"dir": str(workdir / "runs")},
     }
     (workdir / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
