@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_data import make_examples  # noqa: E402
 
 VARIANTS = ("tailor", "trainer", "trl")
+# Also measurable, not in the default comparison: Tailor with training.gradient_checkpointing.
+EXTRA_VARIANTS = ("tailor-gc",)
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
@@ -46,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--examples", type=int, default=160, help="training examples (one epoch)")
     p.add_argument("--eval-examples", type=int, default=24, help="held-out examples for the final loss")
     p.add_argument("--passes", type=int, default=1, help="passes over all variants, in alternating order")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of " + ",".join(VARIANTS + EXTRA_VARIANTS))
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--rows", type=int, default=2, help="packed rows per step (tailor, trl)")
@@ -124,7 +127,7 @@ class StepClock:
 # --- the variants ----------------------------------------------------------------------------------
 
 
-def run_tailor(args, train, held_out, workdir: Path) -> dict:
+def run_tailor(args, train, held_out, workdir: Path, checkpointing: bool = False) -> dict:
     import yaml
 
     from tailor.models.generate import load_run
@@ -142,7 +145,7 @@ def run_tailor(args, train, held_out, workdir: Path) -> dict:
                      "max_seq_len": args.max_len, "scheduler": "cosine", "warmup_ratio": 0.0, "log_every": 1,
                      "save_every": 0, "threads": args.threads, "seed": 0, "compile": args.compile,
                      # The peers train on the same examples only: no replayed general answers.
-                     "replay": {"enabled": False}},
+                     "replay": {"enabled": False}, "gradient_checkpointing": checkpointing},
         "output": {"dir": str(workdir / "runs")},
     }
     (workdir / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
@@ -235,7 +238,8 @@ def run_trl(args, train, held_out, workdir: Path) -> dict:
             "heldout_loss": heldout_loss(trainer.model, tokenizer, held_out, args.max_len)}
 
 
-RUNNERS = {"tailor": run_tailor, "trainer": run_trainer, "trl": run_trl}
+RUNNERS = {"tailor": run_tailor, "trainer": run_trainer, "trl": run_trl,
+           "tailor-gc": lambda *a: run_tailor(*a, checkpointing=True)}
 
 
 def run_variant(args) -> None:
@@ -282,9 +286,9 @@ def main(argv=None) -> None:
     if args.variant:
         return run_variant(args)
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(VARIANTS + EXTRA_VARIANTS)
     if unknown:
-        sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     print(f"# {args.examples} examples, LoRA r16 all-linear, max length {args.max_len}, lr {args.lr}, "
           f"{args.threads} threads, {args.passes} pass(es); model {args.model}; "
           f"tailor {'with' if args.compile else 'without'} training.compile", flush=True)

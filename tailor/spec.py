@@ -369,6 +369,10 @@ class TrainingSpec(Section):
         50, ge=0, description="Checkpoint every N steps (0: only at the end). Checkpoints make --resume possible."
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    gradient_checkpointing: bool = Field(
+        False, description="Keep only each decoder block's input for the backward pass and compute the rest "
+        "again there: activation memory falls from every block's to one block's plus the inputs, for about a "
+        "third more compute per step. For long rows or a big model on a small device; the losses are the same.")
     compile: bool = Field(
         False,
         description="torch.compile each block's MLP and norms: about +10% tokens/s and -10% memory on CPU, "

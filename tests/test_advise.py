@@ -597,3 +597,18 @@ def test_the_hub_probe_is_a_connection_with_a_timeout(monkeypatch):
     assert reachable.__wrapped__("127.0.0.1", port)
     server.close()
     assert not reachable.__wrapped__("127.0.0.1", port)
+
+
+def test_the_estimate_follows_gradient_checkpointing():
+    from tailor.advise.estimate import Arch, RunSize, estimate
+    from tailor.advise.runtime import workload_of
+
+    profile = from_counts(200, 300)
+    job = Job.model_validate({"data": {"train": ["x.jsonl"]}, "training": {"max_seq_len": 1024, "batch_size": 2}})
+    with_it = job.model_copy(update={"training": job.training.model_copy(update={"gradient_checkpointing": True})})
+    kept, recomputed = workload_of(job, profile), workload_of(with_it, profile)
+    assert not kept.checkpointing and recomputed.checkpointing
+    arch, hw = Arch.of(find_model("SmolLM2-135M-Instruct")), pick_hardware(load_answers(None, {
+        "data.examples": 200, "compute.target": "l4"}))
+    a, b = (estimate(arch, w, RunSize(train_tokens=60_000, epochs=1), hw) for w in (kept, recomputed))
+    assert b.memory.activations < a.memory.activations / 3 and b.seconds > a.seconds

@@ -214,3 +214,37 @@ def test_compiled_blocks_give_the_same_losses(make_job):
     eager = train_losses(run(make_job("eager")))
     compiled = train_losses(run(make_job("compiled", training={"compile": True})))
     assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_losses_and_weights(make_job, kind):
+    """Recomputing each block's activations in the backward pass changes what is kept, not what is
+    computed: the same losses, and after three steps the same weights (so the same gradients)."""
+    adapter = {"kind": kind}
+    kept = run(make_job(f"kept-{kind}", adapter=adapter, training={"save_every": 3}))
+    again = run(make_job(f"recomputed-{kind}", adapter=adapter,
+                         training={"save_every": 3, "gradient_checkpointing": True}))
+    assert train_losses(again) == pytest.approx(train_losses(kept), abs=1e-6)
+    wa, wb = final_weights(kept), final_weights(again)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+    if kind == "lora":
+        assert train_losses(kept) == pytest.approx(GOLDEN, rel=1e-4)
+
+
+def test_gradient_checkpointing_is_on_in_the_model_and_a_resume_may_change_it(make_job):
+    from tailor.techniques import common
+
+    assert "gradient_checkpointing" in common.SPEED_ONLY  # what is kept for the backward pass, not what is computed
+    for on in (True, False):
+        r = common.start(load_job(make_job(f"gc-{on}", training={"gradient_checkpointing": on})), None)
+        common.base_model(r)
+        model = common.model_to_train(r)
+        assert model.base_model.model.is_activation_checkpointing is on
+    first = run(make_job("gc-resume", training={"max_steps": 2, "save_every": 1}))
+    shutil.rmtree(Run(first).adapter_dir)  # as if killed after its last checkpoint
+    Run(first).done_file.unlink()
+    resumed = run(make_job("gc-resume", training={"max_steps": 2, "save_every": 1, "gradient_checkpointing": True}),
+                  resume=True)
+    assert resumed == first and Run(first).done

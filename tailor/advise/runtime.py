@@ -62,7 +62,8 @@ def workload_of(job, profile: DataProfile, method: str | None = None) -> Workloa
     a, t = job.adapter, job.training
     return Workload(method=method or a.kind, seq_len=t.max_seq_len, micro_batch=t.batch_size, lora_rank=a.rank,
                     lora_dropout=a.dropout, lora_top_blocks=a.lora_top_blocks, train_top_blocks=a.train_top_blocks,
-                    train_head=a.train_head, label_fraction=profile.label_fraction,
+                    train_head=a.train_head, checkpointing=t.gradient_checkpointing,
+                    label_fraction=profile.label_fraction,
                     example_tokens=min(profile.mean_tokens, t.max_seq_len))
 
 

@@ -38,7 +38,7 @@ from tailor.train.layer_change import layer_change, metrics_row
 from tailor.train.loop import TrainSettings
 
 # Settings that change how fast a run goes, not what it computes: a resume may change them.
-SPEED_ONLY = {"threads", "compile"}
+SPEED_ONLY = {"threads", "compile", "gradient_checkpointing"}
 # Sections read after the weights are saved: a resume may change them too.
 AFTER_TRAINING = {"eval", "tracking"}
 
@@ -283,6 +283,10 @@ def model_to_train(r: Recipe):
     path = str(start_from.model_dir) if start_from is not None and cfg.kind != "lora" else r.resolved.path
     model = load_model(path, r.dtype, r.accelerator.device, job.model.trust_remote_code)
     model.config.use_cache = False
+    if job.training.gradient_checkpointing:
+        # transformers' own, per decoder block; non-reentrant, so the frozen base's blocks need no
+        # input that requires grad (PEFT's enable_input_require_grads) and packed rows pass through.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if start_from is not None and cfg.kind == "lora":
         from peft import PeftModel
 
@@ -347,7 +351,7 @@ def trainable_checksum(model) -> str:
 def settings(r: Recipe) -> TrainSettings:
     return TrainSettings(
         **r.job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile", "val_generate",
-                                             "val_generate_tokens", "replay"}),
+                                             "val_generate_tokens", "replay", "gradient_checkpointing"}),
         bf16_autocast=r.bf16,
     )
 
