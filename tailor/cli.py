@@ -78,7 +78,6 @@ def prepare(
     """Clean, de-duplicate, anonymize and split raw data into a prepared dataset folder with a data card."""
     from tailor.data.card import summary_lines
     from tailor.data.prepare import prepare as run_prepare
-    from tailor.data.privacy.review import read_allow_file
     from tailor.spec import EMBEDDED_DEFAULT, SourceSpec, load_data_config
 
     data, job_model = load_data_config(config, set_)
@@ -86,9 +85,8 @@ def prepare(
         sources = [SourceSpec(path=str(p), format=format_, task=task) for p in inputs or []]
     except ValueError as exc:
         _fail(ValueError(f"--format {format_}: {exc}"))
-    for path in allow_from:
-        data.privacy.allow = list(dict.fromkeys(data.privacy.allow + read_allow_file(path)))
-    review = _review_file(review, out, allow_from + [Path(p) for p in data.privacy.allow_from])
+    data.privacy.allow_from = [*data.privacy.allow_from, *map(str, allow_from)]
+    review = review or out.parent / f"{out.name}.privacy-review.txt"
     _quiet_libraries()
     result = run_prepare(sources, out, model=model or job_model or EMBEDDED_DEFAULT, config=data,
                          num_proc=num_proc, say=lambda m: err.print(escape(m), highlight=False), review=review)
@@ -98,18 +96,6 @@ def prepare(
     if result.review:
         _print_out(f"→ {result.review}: the names replaced, for you only (do not share it); to keep the public "
                    f"ones, delete the private people's lines and prepare again with --allow-from {result.review}")
-
-
-def _review_file(review: Optional[Path], out: Path, allow_from: list[Path]) -> Optional[Path]:
-    """The review file: --review, or OUT.privacy-review.txt beside OUT. Never one that --allow-from
-    reads: it would be overwritten with the names its owner deleted from it, and the next run that
-    reads it would keep them."""
-    review = review or out.parent / f"{out.name}.privacy-review.txt"
-    if any(review.resolve() == a.resolve() for a in allow_from):
-        err.print(f"not writing the review file {review}: --allow-from reads it (pass --review ANOTHER_FILE to get "
-                  "a new one)", highlight=False)
-        return None
-    return review
 
 
 @app.command()

@@ -60,7 +60,7 @@ def prepare(inputs: list, out: str | Path, model: str = EMBEDDED_DEFAULT, config
 
     datasets.disable_progress_bars()  # `say` reports each stage; bars from every map would drown it
     spec = _spec(config, options)
-    review = _check_review(review, Path(out))
+    review = _check_review(review, Path(out), spec.privacy.allow_from, say)
     sources = [SourceSpec(path=str(s)) if isinstance(s, (str, Path)) else SourceSpec.model_validate(s)
                if isinstance(s, dict) else s for s in (inputs or spec.train)]
     if not sources:
@@ -164,8 +164,10 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
     return Prepared(out=out, card=card, review=review if review is not None and found_values else None)
 
 
-def _check_review(review: str | Path | None, out: Path) -> Path | None:
-    """The review file holds original personal data: never inside the dataset folder it describes."""
+def _check_review(review: str | Path | None, out: Path, allow_from: list[str], say) -> Path | None:
+    """The review file holds original personal data: never inside the dataset folder it describes.
+    Nor one that privacy.allow_from reads (None then): written again, it would bring back the names
+    its owner deleted from it, and the next run that reads it would keep them."""
     if review is None:
         return None
     review, folder = Path(review), out.resolve()
@@ -173,6 +175,10 @@ def _check_review(review: str | Path | None, out: Path) -> Path | None:
         raise TailorError(f"review file {review} is inside the prepared folder {out}: it holds the original "
                           "names, which must not travel with the data; put it beside the folder, e.g. "
                           f"{out.parent / (out.name + '.privacy-review.txt')}")
+    if any(review.resolve() == Path(a).resolve() for a in allow_from):
+        say(f"not writing the review file {review}: --allow-from (privacy.allow_from) reads it (pass --review "
+            "ANOTHER_FILE to get a new one)")
+        return None
     return review
 
 

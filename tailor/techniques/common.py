@@ -195,20 +195,15 @@ def prepare_once(r: Recipe) -> None:
     folder = r.run.data_dir
     if r.is_main and not is_prepared(folder):
         r.say(f"preparing {len(r.job.data.train)} input(s) → {folder}")
+        # The names replaced, for the data's owner: beside the job's runs, in no run folder (the
+        # values are personal data, and run folders get copied and shared).
+        review = Path(r.job.output.dir) / r.job.name / "privacy-review.txt"
         result = prepare(r.job.data.train, folder, model=r.job.model.base, config=r.job.data, say=r.say,
-                         review=review_file(r.job))
+                         review=review)
         if result.review:
             r.say(f"the values anonymization replaced, for you to review: {result.review} (personal data: do not "
                   "share it); delete the private people's lines, then name it in data.privacy.allow_from")
     r.accelerator.wait_for_everyone()
-
-
-def review_file(job: Job) -> Path | None:
-    """Where a run's preparing lists the names it replaced: beside the job's runs, in no run folder
-    (the values are personal data, and run folders get copied and shared); None when the job reads
-    that very file as an allow-list (writing it would bring back the lines its owner deleted)."""
-    path = (Path(job.output.dir) / job.name / "privacy-review.txt").resolve()
-    return None if any(Path(p).resolve() == path for p in job.data.privacy.allow_from) else path
 
 
 def only_kinds(examples: list, kinds: set[str], technique: str, fix: str) -> None:
