@@ -118,8 +118,7 @@ def replayed(job, profile: DataProfile) -> int:
     from tailor.train import replay
 
     spec = job.training.replay
-    on = spec.enabled if spec.enabled is not None else job.technique in ("task", "transfer")
-    if not on:
+    if not replay.is_on(spec.enabled, job.technique):
         return 0
     available = len(replay.read_prompts(spec.prompts)) if spec.prompts and all(
         Path(p).is_file() for p in spec.prompts) else len(replay.builtin_prompts())

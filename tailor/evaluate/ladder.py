@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tailor.train.replay import ON_BY_DEFAULT, is_on
+
 FORGETTING = ("general-question drop", "general-text perplexity rise")
 NO_GAIN_PREFIX = "gain on "
 MAX_REPLAY_SHARE = 0.5
@@ -50,8 +52,9 @@ def next_step(gate: dict, job: dict, steps: int | None, examples: int | None, st
     lr, epochs = float(training.get("learning_rate", 2e-4)), float(training.get("epochs", 3.0))
     replay = training.get("replay") or {}
     share = float(replay.get("share", 0.2))
-    can_replay = job.get("technique", "task") in ("task", "transfer")
-    replays = can_replay and replay.get("enabled") is not False
+    technique = job.get("technique", "task")
+    can_replay = technique in ON_BY_DEFAULT
+    replays = can_replay and is_on(replay.get("enabled"), technique)
     data = f"{examples:,} training examples" if examples else "this data"
     if any(name in FORGETTING for name in failed) and can_replay and not replays:
         return NextStep(f"the model forgot general skills, and replay was off: nothing reminded it of them while "

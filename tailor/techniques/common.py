@@ -386,7 +386,7 @@ def with_replay(r: Recipe, train_raw: list) -> list:
     from tailor.train import replay
 
     spec = r.job.training.replay
-    on = spec.enabled if spec.enabled is not None else r.job.technique in ("task", "transfer")
+    on = replay.is_on(spec.enabled, r.job.technique)
     if r.job.technique == "multitask" and on:
         if any(ex.task == replay.TASK for ex in train_raw):
             raise DataError([f"training.replay: the replayed answers are task {replay.TASK!r} in multitask "
@@ -412,11 +412,12 @@ def with_replay(r: Recipe, train_raw: list) -> list:
         finally:
             del base
 
-    if r.is_main:
-        replay.answers(picked, r.resolved.path, generate, spec.max_new_tokens, dtype)
+    # The main process makes what the cache lacks; the others read the cache once it has.
+    answered = replay.answers(picked, r.resolved.path, generate, spec.max_new_tokens, dtype) if r.is_main else None
     r.accelerator.wait_for_everyone()
-    records = replay.records(replay.answers(picked, r.resolved.path, generate, spec.max_new_tokens, dtype),
-                             task=replay.TASK if r.job.technique == "multitask" else None)
+    if answered is None:
+        answered = replay.answers(picked, r.resolved.path, generate, spec.max_new_tokens, dtype)
+    records = replay.records(answered, task=replay.TASK if r.job.technique == "multitask" else None)
     r.replayed = len(records)
     r.say(f"replay: {len(records)} of the base model's answers to general prompts join {n_task} training "
           f"conversations ({len(records) / (len(records) + n_task):.0%}; training.replay)"

@@ -29,6 +29,12 @@ from tailor.data.example import DataError, Example
 VERSION = 1  # bump when the generation changes: cached answers are then made again
 SOURCE = "replay"  # the meta["source"] of a replayed record
 TASK = "general"  # a replayed record's task in multitask training
+ON_BY_DEFAULT = ("task", "transfer")  # the techniques that replay unless training.replay.enabled says otherwise
+
+
+def is_on(enabled: bool | None, technique: str) -> bool:
+    """Whether training.replay applies: as `enabled` says, else by the technique."""
+    return enabled if enabled is not None else technique in ON_BY_DEFAULT
 
 
 def builtin_prompts() -> list[str]:
@@ -70,8 +76,9 @@ def chosen(prompts: list[str], n: int, seed: int, like: list[str] = ()) -> list[
     Tuning overwrites the model's behaviour where the task's prompts lead it: on trivia questions,
     a short answer replaces the sentence it used to reason in, and general questions asked the same
     way get the same terse, often wrong, answer. The general prompts nearest to the task are where
-    the old behaviour most needs reminding (on the trivia set: 4 points lost on the general
-    questions instead of 17 with prompts drawn at random; docs/evaluation.md)."""
+    the old behaviour most needs reminding (while designing it on the trivia set: 2 points lost on
+    the general questions with the nearest prompts, 4 with the same prompts drawn at random;
+    docs/evaluation.md)."""
     order = list(prompts)
     random.Random(seed).shuffle(order)
     if like:
