@@ -13,7 +13,7 @@ Everything excluded says why.
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from tailor.advise.answers import Answers
 from tailor.advise.estimate import GB, Arch, Estimate, Hardware, RunSize, Workload, estimate, fmt_duration
@@ -238,6 +238,11 @@ class Setting:
     why: str
     auto: bool = False  # the job says `auto`: the rule is applied again to the model that is trained
 
+    @classmethod
+    def auto_from(cls, c: auto.Choice) -> Setting:
+        """A rule's choice for the advised model, written `auto` in the job."""
+        return cls(c.key, c.value, c.why, auto=True)
+
 
 def micro_batch(hw: Hardware) -> int:
     return auto.batch_size("cpu" if hw.kind == "cpu" else "cuda").value
@@ -277,22 +282,21 @@ def hyperparameters(a: Answers, data: DataProfile, m: CatalogModel, hw: Hardware
                                "a language needs more capacity" + ("; doubled for 10,000+ examples"
                                                                    if data.examples >= 10_000 else ""))
     else:
-        c = auto.lora_rank(m.params, data.examples)
-        rank, rank_setting = c.value, Setting(c.key, c.value, c.why, auto=True)
+        rank_setting = Setting.auto_from(auto.lora_rank(m.params, data.examples))
+        rank = rank_setting.value
     lr, epochs, accum = (auto.learning_rate(m.params, "lora", "preference" if technique == "preference" else "task"),
                          auto.epochs(data.examples), auto.grad_accum(rows, micro))
     out = [
         Setting("adapter.kind", "lora", "LoRA trains ~1 % of the weights: a fraction of full fine-tuning's memory, "
                 "little forgetting, and an adapter of a few MB to serve"),
         rank_setting,
-        Setting("adapter.alpha", 2 * rank, "alpha = 2 x rank keeps the update's scale steady across ranks", auto=True),
-        Setting(lr.key, lr.value, lr.why, auto=True),
-        Setting(epochs.key, epochs.value, epochs.why, auto=True),
+        Setting.auto_from(auto.lora_alpha(rank)),
+        Setting.auto_from(lr),
+        Setting.auto_from(epochs),
         Setting("training.max_seq_len", seq, f"holds 99 % of your examples ({data.p99_tokens:,} tokens)"),
         Setting("training.batch_size", micro, "rows per micro-step: the most that fit the memory")
-        if micro < micro_batch(hw) else Setting(*astuple(auto.batch_size("cpu" if hw.kind == "cpu" else "cuda")),
-                                                auto=True),
-        Setting(accum.key, accum.value, accum.why, auto=True),
+        if micro < micro_batch(hw) else Setting.auto_from(auto.batch_size("cpu" if hw.kind == "cpu" else "cuda")),
+        Setting.auto_from(accum),
         Setting("training.early_stopping_patience", 2, "stop after two validations without improvement; the best "
                 "checkpoint is kept"),
     ]

@@ -38,7 +38,12 @@ class NextStep:
         return {"cause": self.cause, "set": self.settings, "why": self.why}
 
     def overrides(self) -> list[str]:
-        return [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.settings.items()]
+        return overrides(self.settings)
+
+
+def overrides(settings: dict[str, object]) -> list[str]:
+    """Settings as `tailor train --set` takes them: key=value."""
+    return [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()]
 
 
 def next_step(gate: dict, job: dict, steps: int | None, examples: int | None, start_lr: float | None = None) -> \

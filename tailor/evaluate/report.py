@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from tailor.evaluate.ladder import overrides
 from tailor.files import read_json
 from tailor.runs import Run
 
@@ -55,8 +56,7 @@ def gate_lines(summary: dict) -> list[str]:
     if gate.get("next"):
         step = gate["next"]
         lines.append(f"  likely cause: {step['cause']}")
-        lines.append(f"  next try: {step['why']}: " + " ".join(f"--set {k}={v:g}" if isinstance(v, float) else
-                                                                f"--set {k}={v}" for k, v in step["set"].items())
+        lines.append(f"  next try: {step['why']}: " + " ".join(f"--set {o}" for o in overrides(step["set"]))
                      + " (or tailor train JOB --until-gate-passes 3 follows these steps itself)")
     return lines
 
