@@ -323,8 +323,8 @@ class Run:
     # --- the result -----------------------------------------------------------------------------
 
     def result_dir_for(self, kind: str) -> Path:
-        """Where a run of adapter.kind `kind` keeps its result: adapter/ for LoRA, model/ otherwise."""
-        return self.adapter_dir if kind == "lora" else self.model_dir
+        """Where a run of adapter.kind `kind` keeps its result: adapter/ for LoRA and QLoRA, model/ otherwise."""
+        return self.adapter_dir if kind in ("lora", "qlora") else self.model_dir
 
     @property
     def result(self) -> Path | None:

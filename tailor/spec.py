@@ -187,12 +187,18 @@ class DataSpec(Section):
 
 
 class AdapterSpec(Section):
-    kind: Literal["lora", "full", "freeze"] = Field(
+    kind: Literal["lora", "qlora", "full", "freeze"] = Field(
         "lora",
         description="What trains. lora: small low-rank matrices beside frozen weights (least memory, "
-        "adapter of a few MB). full: every weight (most memory: weights + gradients + 2 Adam states in "
-        "float32). freeze: only the top train_top_blocks blocks (and optionally head and final norm).",
+        "adapter of a few MB). qlora: LoRA on a base whose linear layers are stored in 4-bit NF4 "
+        "(bitsandbytes): those weights take about a quarter of their bf16 memory, at some speed and a small "
+        "loss in precision; the adapter is a LoRA adapter like any other. full: every weight (most memory: "
+        "weights + gradients + 2 Adam states in float32). freeze: only the top train_top_blocks blocks (and "
+        "optionally head and final norm).",
     )
+    double_quant: bool = Field(
+        False, description="qlora: also quantize the 4-bit weights' scales (about 0.4 bit per weight less: "
+        "~3 GB on a 65B model, nothing worth having below 1B), for a little more compute.")
     rank: PositiveInt | Auto = Field(
         16, description="LoRA rank r. Higher: more capacity, more memory and time. auto: chosen at the start of "
         "training from the model's size and the data (16 below 1B parameters, 8 from 1B; doubled from 10,000 "
@@ -400,6 +406,27 @@ METRICS = ("rouge_l", "chrf", "bleu", "exact_match", "token_accuracy", "label_ac
            "preferred_style")
 
 
+class DistributedSpec(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="How several processes (torchrun, accelerate launch) share the work. ddp: each holds the "
+        "whole model and a share of each batch (fastest while the model, its gradients and optimizer fit one "
+        "device). fsdp: PyTorch FSDP2, the weights, gradients and optimizer states sharded per decoder block "
+        "across the processes (memory per device falls with their number). deepspeed: DeepSpeed ZeRO through "
+        "accelerate (stage 2 shards gradients and optimizer states; 3 also the weights). One process: no effect.")
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free each block's gathered weights after its forward and gather them again for "
+        "the backward (ZeRO-3-like, least memory); false: keep them until the backward (ZeRO-2-like, one "
+        "all-gather less per block and step).")
+    cpu_offload: bool = Field(
+        False, description="fsdp: keep the sharded weights, gradients and optimizer states in CPU memory; "
+        "deepspeed: the optimizer states (and at stage 3 the weights). Least GPU memory, much slower.")
+    zero_stage: Literal[2, 3] = Field(
+        3, description="deepspeed: ZeRO stage. 2: gradients and optimizer states sharded; 3: the weights too.")
+    deepspeed_config: str | None = Field(
+        None, description="deepspeed: your own DeepSpeed JSON (relative to the job file) instead of the one "
+        "Tailor writes from zero_stage and cpu_offload; batch sizes and precision still come from the job.")
+
+
 class GateSpec(Section):
     metric: Literal[METRICS] = Field(
         "rouge_l", description="The task metric the gain is measured on (tuned minus base, 0-1). label_accuracy "
@@ -468,6 +495,8 @@ class Job(Section):
     data: DataSpec = Field(default_factory=DataSpec, description="Training and validation data.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Which weights train and how.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training parameters.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Several processes or machines: how they share the model.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of the tuned model against its base.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
     transfer: TransferSpec = Field(default_factory=TransferSpec, description="technique transfer.")
@@ -511,9 +540,20 @@ class Job(Section):
         if self.technique == "transfer" and self.adapter.kind == "full":
             problems.append("adapter.kind: technique transfer keeps the lower blocks as they are; use kind freeze "
                             "(with train_top_blocks) or lora (with lora_top_blocks)")
-        if self.technique == "transfer" and self.adapter.kind == "lora" and self.adapter.lora_top_blocks is None:
+        if (self.technique == "transfer" and self.adapter.kind in ("lora", "qlora")
+                and self.adapter.lora_top_blocks is None):
             problems.append("adapter.lora_top_blocks: technique transfer with LoRA puts adapters in the top blocks "
                             "only; say how many (e.g. 8)")
+        if self.adapter.kind == "qlora" and self.distributed.strategy != "ddp":
+            problems.append(f"distributed.strategy: {self.distributed.strategy} shards full-precision weights; a qlora "
+                            "base is already 4-bit and each process holds it whole: use strategy ddp, or adapter.kind "
+                            "lora to shard")
+        if self.distributed.strategy != "ddp" and self.training.val_generate:
+            problems.append(f"training.val_generate: answering during training needs the whole model in one process, "
+                            f"and strategy {self.distributed.strategy} shards it; set it to 0 (tailor eval answers "
+                            "the test set after training)")
+        if self.distributed.deepspeed_config and self.distributed.strategy != "deepspeed":
+            problems.append("distributed.deepspeed_config: set distributed.strategy: deepspeed to use it")
         if self.multitask.sampling == "weights" and not self.multitask.weights:
             problems.append("multitask.weights: sampling weights needs a weight per task ({support: 2, routing: 1})")
         if any(w < 0 for w in self.multitask.weights.values()) or (
@@ -667,6 +707,8 @@ def resolve_paths(job: Job, base_dir: Path) -> Job:
             data.privacy.spacy_model = resolve(data.privacy.spacy_model)
         data.privacy.allow_from = [resolve(p) for p in data.privacy.allow_from]
     job.training.replay.prompts = [resolve(p) for p in job.training.replay.prompts]
+    if job.distributed.deepspeed_config:
+        job.distributed.deepspeed_config = resolve(job.distributed.deepspeed_config)
     job.eval.data = [resolve_source(p) for p in job.eval.data]
     job.transfer.domain_text = [resolve_source(p) for p in job.transfer.domain_text]
     if job.model.from_run:

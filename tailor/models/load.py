@@ -126,3 +126,43 @@ def load_model(path: str, dtype: torch.dtype, device: str | torch.device = "cpu"
         path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
     )
     return model.to(device)
+
+
+def load_model_4bit(path: str, dtype: torch.dtype, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+                    double_quant: bool = False, training: bool = True):
+    """The model with every linear layer of its blocks in 4-bit NF4 (bitsandbytes' Linear4bit), the
+    rest (embeddings, norms, the head) in `dtype`; the 4-bit matmuls compute in `dtype`.
+
+    bitsandbytes and not torchao's NF4: on this machine's Zen 4 CPU bitsandbytes' Linear4bit ran a
+    forward and backward 1.2x faster (bench/qlora_backends.py), and transformers and PEFT take it
+    as it is (BitsAndBytesConfig, LoRA on Linear4bit), where torchao's NF4 needs its own LoRA layer."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _quiet_bitsandbytes()
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                bnb_4bit_use_double_quant=double_quant)
+    device = torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
+        quantization_config=config, device_map={"": device.index if device.type == "cuda" else device.type},
+    )
+    if training:
+        # On an AVX512-BF16 CPU, the first forward in eval mode (a validation) repacks each 4-bit
+        # weight in place for a kernel that has no backward; the training steps after it would then
+        # get no gradient through the frozen layers, silently. Keep the layout that trains.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _quiet_bitsandbytes() -> None:
+    """bitsandbytes tries to fetch a faster CPU kernel from the Hugging Face hub and warns when it
+    cannot (always, offline); it then uses its own, which is what runs here."""
+    import logging
+
+    class NoHubKernel(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "kernels-community" not in record.getMessage()
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(NoHubKernel())

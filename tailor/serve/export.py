@@ -17,6 +17,11 @@ folder is float32 by default, so the merged model is the adapter's arithmetic ex
 bfloat16 (half the size) it holds base + LoRA rounded to bfloat16, and where two tokens are
 nearly tied the merged model may pick the other one: on the quickstart's run, 1 of 8 prompts
 differed from token 24 of 48 on.
+
+A QLoRA run trained its adapter beside a 4-bit base; the merged folder (like serving) puts it on
+the full-precision base. The check also generates with the base in 4-bit, as trained, and reports
+how many answer tokens agree with the adapter's (`quantized`): what the 4-bit rounding changes,
+not an export error.
 """
 
 from __future__ import annotations
@@ -94,8 +99,9 @@ def parity(run_dir: str | Path, folder: str | Path, prompts: list[list[dict]] | 
     merged_tokenizer = AutoTokenizer.from_pretrained(str(folder))
     engine = Engine(adapter, tokenizer)
     engine.eos_ids = set(end_ids)  # as `tailor serve` reads them: the run's tokenizer and its base's config
+    quantized = _quantized_run(run)
 
-    results = []
+    results, agreement = [], []
     for messages in prompts:
         ids = engine.chat_prompt(messages)
         merged_ids = merged_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -107,9 +113,41 @@ def parity(run_dir: str | Path, folder: str | Path, prompts: list[list[dict]] | 
         engine.run([request])
         answers["server"] = request.token_ids
         results.append(_compare(messages, ids, merged_ids, answers, tokenizer, rounded))
+        if quantized is not None:
+            trained = _generate(quantized, ids, end_ids, tokenizer.pad_token_id, max_new_tokens)
+            agreement.append(token_agreement(trained, answers["adapter"]))
+            results[-1]["quantized_tokens"] = len(trained)
+            results[-1]["quantized_agreement"] = agreement[-1]
     mismatched = [r for r in results if not r["agree"]]
     return {"prompts": len(results), "agree": len(results) - len(mismatched), "max_new_tokens": max_new_tokens,
+            **({"quantized": {"token_agreement": sum(agreement) / len(agreement),
+                              "same_answers": sum(a == 1.0 for a in agreement)}} if agreement else {}),
             "results": results}
+
+
+def token_agreement(a: list[int], b: list[int]) -> float:
+    """Share of positions where two greedy answers hold the same token, over the longer answer
+    (1.0: the same answer; an answer that ends early disagrees at every position after its end)."""
+    longest = max(len(a), len(b))
+    return sum(x == y for x, y in zip(a, b)) / longest if longest else 1.0
+
+
+def _quantized_run(run: Run):
+    """A QLoRA run as it trained: its base in 4-bit NF4 and its adapter (float32 compute), or None
+    for other runs. The merged folder holds base + adapter in full precision, which is not the
+    4-bit model the adapter learned beside: the parity check says how far apart their answers are."""
+    from peft import PeftModel
+
+    from tailor.models import load_model_4bit
+
+    manifest = run.manifest()
+    if manifest.adapter is None or manifest.adapter.kind != "qlora":
+        return None
+    job = run.job()
+    base = resolve_model(manifest.model.source)
+    model = load_model_4bit(base.path, torch.float32, "cuda" if torch.cuda.is_available() else "cpu",
+                            double_quant=job.adapter.double_quant, training=False)
+    return PeftModel.from_pretrained(model, str(run.adapter_dir)).eval()
 
 
 def write_parity(folder: Path, result: dict) -> Path:

@@ -23,7 +23,7 @@ from tailor.data.chat import prepared_folders
 from tailor.errors import TailorError
 from tailor.evaluate.report import write_report
 from tailor.files import path_sha256
-from tailor.models import ResolvedModel, best_dtype, load_model, load_tokenizer, resolve_model
+from tailor.models import ResolvedModel, best_dtype, load_model, load_model_4bit, load_tokenizer, resolve_model
 from tailor.models.hardware import hardware_summary
 from tailor.runs import AdapterInfo, DataInfo, FileInfo, Manifest, ModelInfo, Run, StartInfo, versions
 from tailor.spec import Job, dump_job
@@ -33,6 +33,7 @@ from tailor.train.attention import NAME as PACKED_ATTENTION
 from tailor.train.attention import set_attention
 from tailor.train.auto import AUTO
 from tailor.train.compiled import compile_blocks
+from tailor.train.distributed import Sharding, full_state, is_sharded
 from tailor.train.encode import encode_chat, encode_text
 from tailor.train.layer_change import layer_change, metrics_row
 from tailor.train.loop import TrainSettings
@@ -265,24 +266,29 @@ def base_model(r: Recipe) -> None:
     r.dtype = best_dtype(r.job.model.dtype, r.accelerator.device)
 
 
-def model_to_train(r: Recipe):
+def model_to_train(r: Recipe, device=None):
     """The base model with the job's adapter, ready for packed training; continuing the adapter or
-    weights of r.start_from (an earlier stage, or model.from_run) when there is one."""
+    weights of r.start_from (an earlier stage, or model.from_run) when there is one. device: where
+    it loads (default: the process's accelerator)."""
     job, start_from = r.job, r.start_from
+    device = device or r.accelerator.device
     torch.manual_seed(job.training.seed)
     random.seed(job.training.seed)
     cfg = AdapterConfig(**job.adapter.model_dump())
     if start_from is not None:
         _check_continuable(start_from, cfg.kind)
     # A LoRA stage continues its adapter on the base; the others continue the weights saved in model/.
-    path = str(start_from.model_dir) if start_from is not None and cfg.kind != "lora" else r.resolved.path
-    model = load_model(path, r.dtype, r.accelerator.device, job.model.trust_remote_code)
+    path = str(start_from.model_dir) if start_from is not None and not cfg.is_lora else r.resolved.path
+    if cfg.kind == "qlora":
+        model = load_model_4bit(path, r.dtype, device, job.model.trust_remote_code, cfg.double_quant)
+    else:
+        model = load_model(path, r.dtype, device, job.model.trust_remote_code)
     model.config.use_cache = False
     if job.training.gradient_checkpointing:
         # transformers' own, per decoder block; non-reentrant, so the frozen base's blocks need no
         # input that requires grad (PEFT's enable_input_require_grads) and packed rows pass through.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if start_from is not None and cfg.kind == "lora":
+    if start_from is not None and cfg.is_lora:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(start_from.adapter_dir), is_trainable=True)
@@ -344,10 +350,12 @@ def trainable_checksum(model) -> str:
 
 
 def settings(r: Recipe) -> TrainSettings:
+    d = r.job.distributed
     return TrainSettings(
         **r.job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile", "val_generate",
                                              "val_generate_tokens", "replay", "gradient_checkpointing"}),
         bf16_autocast=r.bf16,
+        sharding=Sharding(d.strategy, d.reshard_after_forward, d.cpu_offload, r.bf16),
     )
 
 
@@ -432,7 +440,7 @@ def record_start(r: Recipe, model, stats: dict, n_train: int, n_val: int, unit: 
         return
     job, run, dtype = r.job, r.run, str(r.dtype).removeprefix("torch.")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = parameter_count(model)
     run.write_job(job)
     run.write_manifest(Manifest(
         name=job.name, technique=job.technique, run_dir=str(run.path),
@@ -443,7 +451,7 @@ def record_start(r: Recipe, model, stats: dict, n_train: int, n_val: int, unit: 
                       prepared=str(run.data_dir) if job.data.prepare else None),
         encoding=stats, seed=job.training.seed,
         adapter=AdapterInfo(kind=job.adapter.kind, trainable_parameters=n_trainable, total_parameters=n_total,
-                            trainable=trainable_names(model) if job.adapter.kind != "lora" else None),
+                            trainable=trainable_names(model) if job.adapter.kind not in ("lora", "qlora") else None),
         start=StartInfo(from_=str(r.start_from.path) if r.start_from else None,
                         trainable_sha256=trainable_checksum(model)),
         processes=r.accelerator.num_processes, versions=versions(), hardware=hardware_summary(),
@@ -453,8 +461,16 @@ def record_start(r: Recipe, model, stats: dict, n_train: int, n_val: int, unit: 
     ))
     r.say(f"[bold]{job.name}[/] ({job.technique}): {n_train} train / {n_val} validation {unit} in {stats['rows']} "
           f"rows ({stats['padding_share']:.0%} padding), {job.adapter.kind} training {n_trainable:,} of {n_total:,} "
-          f"parameters in {dtype} on {r.accelerator.num_processes} process(es)")
+          f"parameters in {dtype} on {r.accelerator.num_processes} process(es)"
+          + (f" ({job.distributed.strategy})" if job.distributed.strategy != "ddp" else ""))
     r.say(f"run folder: {run.path}")
+
+
+def parameter_count(model) -> int:
+    """Every weight the model stands for: a 4-bit tensor (QLoRA) packs two weights per byte, and
+    its quantization state knows the shape it was quantized from."""
+    return sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+               for p in model.parameters())
 
 
 def file_entry(src) -> FileInfo:
@@ -469,6 +485,8 @@ def finish(r: Recipe, model, summary: dict) -> None:
     """Save the result where serving and evaluation expect it, with how much each layer changed,
     the summary and the report; then mark the run DONE."""
     set_attention(model, "sdpa")  # the saved model runs anywhere, without Tailor
+    if is_sharded(model) or any(is_sharded(m) for m in model.modules()):
+        model = unsharded(r, model)
     if not r.is_main:
         return
     run = r.run
@@ -491,6 +509,22 @@ def finish(r: Recipe, model, summary: dict) -> None:
           + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "")
           + (f", {summary['tokens_per_s_median']:.0f} tokens/s" if summary["tokens_per_s_median"] else "")
           + f" → {run.path}")
+
+
+def unsharded(r: Recipe, model):
+    """An FSDP-trained model as one process would have it: the trained weights gathered on the main
+    process and put into a fresh copy of the model on its CPU (the others get None). So the result
+    folder, the layer change and the checksum are made exactly as for a one-process run."""
+    trained = full_state(model)  # every process takes part in the gathering
+    if not r.is_main:
+        return None
+    plain = model_to_train(r, device="cpu")
+    set_attention(plain, "sdpa")
+    missing = {n for n, p in plain.named_parameters() if p.requires_grad} - set(trained)
+    if missing:
+        raise RuntimeError(f"the gathered weights lack {sorted(missing)[:3]}: report this as a Tailor bug")
+    plain.load_state_dict(trained, strict=False)
+    return plain
 
 
 def evaluate_and_close(r: Recipe, steps: int) -> dict | None:

@@ -19,7 +19,7 @@ class AdapterError(TailorError, ValueError):
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    kind: str = "lora"  # lora | full | freeze
+    kind: str = "lora"  # lora | qlora | full | freeze
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -28,6 +28,12 @@ class AdapterConfig:
     train_top_blocks: int = 2
     train_head: bool = False
     train_norm: bool = True
+    double_quant: bool = False  # qlora: read when the base loads, not here
+
+    @property
+    def is_lora(self) -> bool:
+        """LoRA on the base as it is, or on its 4-bit form: either way the result is a PEFT adapter."""
+        return self.kind in ("lora", "qlora")
 
 
 def base_of(model: nn.Module) -> nn.Module:
@@ -48,7 +54,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, continued: bool = False)
     """Return the model to train, with requires_grad set on exactly the parameters that train.
     Trainable weights are kept in float32 (the frozen ones stay in the compute dtype).
     continued: `model` already carries the (trainable) LoRA adapter of an earlier run."""
-    if cfg.kind == "lora":
+    if cfg.is_lora:
         from peft import LoraConfig, get_peft_model
 
         if not continued:
@@ -68,7 +74,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, continued: bool = False)
     elif cfg.kind == "freeze":
         _freeze_all_but_top(model, cfg)
     else:
-        raise AdapterError(f"adapter.kind: unknown kind {cfg.kind!r}; use lora, full or freeze")
+        raise AdapterError(f"adapter.kind: unknown kind {cfg.kind!r}; use lora, qlora, full or freeze")
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -26,6 +26,7 @@ from tailor.train.adapters import base_of, block_index
 def layer_change(model: nn.Module, base_path: str | Path | None = None) -> dict:
     """{"blocks": [{"block", "relative_change"}...], "other": {name: relative_change}}."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
 
     changed: dict = defaultdict(float)  # group -> Σ‖ΔW‖²
     size: dict = defaultdict(float)  # group -> Σ‖W‖²
@@ -33,7 +34,8 @@ def layer_change(model: nn.Module, base_path: str | Path | None = None) -> dict:
     with torch.no_grad():
         if lora:
             for name, module in lora:
-                weight = module.get_base_layer().weight.float()
+                # A QLoRA base holds 4-bit codes: ‖W‖ is of the weights they stand for.
+                weight = dequantize_module_weight(module.get_base_layer()).float()
                 delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
                 group = _group(name)
                 changed[group] += float(delta.pow(2).sum())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from tailor.train.checkpoint import (
     mark_best,
     save_checkpoint,
 )
+from tailor.train.distributed import Sharding, grad_norm, gradient_sync, shard
 from tailor.train.encode import Encoded
 from tailor.train.loss import CausalLMLoss
 from tailor.train.packing import collate, epoch_order
@@ -55,6 +55,7 @@ class TrainSettings:
     early_stopping_metric: str = "val_loss"
     early_stopping_min_delta: float = 0.0
     bf16_autocast: bool = False
+    sharding: Sharding = Sharding()
 
 
 @dataclass
@@ -118,13 +119,14 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     row_units = row_units or [sum(examples[i].n_labels for i in row) for row in rows]
 
     # --- set up ---------------------------------------------------------------------------------
+    plain_objective = objective or CausalLMLoss(model)
+    stat_names = plain_objective.stat_names
+    # DDP wraps the objective; FSDP2 shards it in place (so the optimizer comes after, on the shards).
+    objective = shard(plain_objective, model, s.sharding, accelerator)
     groups = param_groups(model, s.learning_rate, s.layer_lr_decay, s.weight_decay)
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=s.learning_rate, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
     scheduler = make_scheduler(optimizer, s.scheduler, plan.total_steps, int(s.warmup_ratio * plan.total_steps))
-    plain_objective = objective or CausalLMLoss(model)
-    stat_names = plain_objective.stat_names
-    objective = accelerator.prepare_model(plain_objective)  # DDP-wrapped when world > 1
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=s.bf16_autocast)
     metrics = run.metrics_log(enabled=is_main, trackers=trackers)
     ckpt_dir = run.checkpoints_dir
@@ -191,18 +193,17 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
                 mine = chunk[rank * s.batch_size:(rank + 1) * s.batch_size]
                 weight = 1.0 if mine else 0.0  # a rank left without rows still joins the all-reduce
                 b = batch_of(mine or chunk[:1])
-                sync = a == len(chunks) - 1
-                with accelerator.no_sync(objective) if not sync else nullcontext():
+                with gradient_sync(objective, a == len(chunks) - 1, accelerator):
                     with torch.autocast(**autocast):
                         loss_sum, stats, _ = objective(**b, weight=weight)
-                    # DDP averages gradients over ranks; scaling by world restores the sum, and dividing
+                    # DDP and FSDP average gradients over ranks; scaling by world restores the sum, and dividing
                     # by the step's label tokens gives the per-token mean of the whole global batch.
                     (loss_sum * world / step_labels).backward()
                 real_tokens = sum(len(examples[i]) for r in mine for i in rows[r])
                 totals += torch.cat([torch.tensor([loss_sum.item(), real_tokens], dtype=torch.float64),
                                      torch.atleast_1d(stats).detach().double().cpu() * weight]).to(device)
             max_norm = s.max_grad_norm if s.max_grad_norm else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+            norm = grad_norm(trainable, max_norm)
             lr = optimizer.param_groups[-1]["lr"]
             optimizer.step()
             scheduler.step()
@@ -214,7 +215,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
             window["labels"] += step_labels
             window["tokens"] += int(totals[1].item())
             window["time"] += dt
-            window["grad_norm"] = max(window["grad_norm"], grad_norm)
+            window["grad_norm"] = max(window["grad_norm"], norm)
             window["steps"] += 1
             window["stats"] += totals[2:].cpu()
             if step > start:  # the first step pays for warm-up allocations
@@ -247,7 +248,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
             if (s.save_every and done % s.save_every == 0) or done == plan.total_steps or improved or stop:
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler,
                                 {"step": done, "total_steps": plan.total_steps, "early_stopping": early.state()},
-                                rank, is_main, s.keep_checkpoints)
+                                rank, is_main, s.keep_checkpoints, sharded=s.sharding.sharded)
             if improved and is_main:
                 mark_best(ckpt_dir, done, early.metric, early.best)
             if stop:
