@@ -90,22 +90,28 @@ def test_preference_training_on_two_processes_equals_one(make_job, tmp_path):
     assert train_losses(run_dir) == pytest.approx(train_losses(single), abs=1e-5)
 
 
-# --- FSDP2: every process holds a shard of every weight -------------------------------------------
+# --- FSDP2 and DeepSpeed ZeRO-3: every process holds a shard of every weight ---------------------
 # Tolerance: 2 processes add their gradients in another order than one does; float32 on the tiny
 # model keeps the difference below 1e-5 in the losses.
 
+SHARDS = {"fsdp": "sharded/.metadata", "deepspeed": "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
-def test_fsdp_on_two_processes_equals_one_and_saves_the_same_folder(make_job, tmp_path, kind):
-    path = make_job(f"fsdp-{kind}", adapter={"kind": kind}, distributed={"strategy": "fsdp"},
+
+@pytest.mark.parametrize("strategy,kind", [("fsdp", "lora"), ("fsdp", "full"), ("deepspeed", "lora"),
+                                           ("deepspeed", "full")])
+def test_sharded_on_two_processes_equals_one_resumes_exactly_and_saves_the_same_folder(make_job, tmp_path,
+                                                                                         strategy, kind):
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")  # pip install "tailor-llm[deepspeed]" (the test extra has it)
+    path = make_job(f"{strategy}-{kind}", adapter={"kind": kind}, distributed={"strategy": strategy, "zero_stage": 3},
                     training={"max_steps": 4, "save_every": 2, "grad_accum": 2})
     single = run_technique(load_job(path, ["training.batch_size=4", "distributed.strategy=ddp"]), show_progress=False)
-    result, run_dir = train_on_two_processes(path, tmp_path / "fsdp-runs", 2)
-    assert "on 2 process(es) (fsdp)" in result.stderr
+    result, run_dir = train_on_two_processes(path, tmp_path / "ranks", 2)
+    assert f"on 2 process(es) ({strategy})" in result.stderr
     assert train_losses(run_dir) == pytest.approx(train_losses(single), abs=1e-5)
     assert_same_result(run_dir, single)
     checkpoint = Run(run_dir).checkpoints_dir / "step-0000004"
-    assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "trainable.safetensors").exists()
+    assert (checkpoint / SHARDS[strategy]).is_file() and not (checkpoint / "trainable.safetensors").exists()
     if kind == "full":
         return
     # Killed after the checkpoint of step 2: resumed from the shards, the same losses and weights.
@@ -115,7 +121,7 @@ def test_fsdp_on_two_processes_equals_one_and_saves_the_same_folder(make_job, tm
     shutil.rmtree(checkpoint)
     shutil.rmtree(Run(run_dir).require_result())
     Run(run_dir).done_file.unlink()
-    _, resumed = train_on_two_processes(path, tmp_path / "fsdp-runs", 2, "--resume")
+    _, resumed = train_on_two_processes(path, tmp_path / "ranks", 2, "--resume")
     assert resumed == run_dir and Run(run_dir).summary()["resumed_from_step"] == 2
     assert train_losses(run_dir) == pytest.approx(reference, abs=1e-6)
     assert_same_result(run_dir, single)

@@ -9,6 +9,7 @@ its tokenizer and the compute dtype. What differs between techniques stays in th
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import random
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from tailor.train.attention import NAME as PACKED_ATTENTION
 from tailor.train.attention import set_attention
 from tailor.train.auto import AUTO
 from tailor.train.compiled import compile_blocks
-from tailor.train.distributed import Sharding, full_state, is_sharded
+from tailor.train.distributed import Sharding, full_state
 from tailor.train.encode import encode_chat, encode_text
 from tailor.train.layer_change import layer_change, metrics_row
 from tailor.train.loop import TrainSettings
@@ -79,6 +80,9 @@ def start(job: Job, console: Console | None) -> Recipe:
     from accelerate import Accelerator
 
     console = console or Console(stderr=True)
+    if job.distributed.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise TailorError("distributed.strategy deepspeed: DeepSpeed is not installed; pip install "
+                          "\"tailor-llm[deepspeed]\", or use strategy fsdp (PyTorch's own)")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     say = console.print if accelerator.is_main_process else (lambda *a, **k: None)
     torch.set_num_threads(job.training.threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
@@ -355,7 +359,8 @@ def settings(r: Recipe) -> TrainSettings:
         **r.job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile", "val_generate",
                                              "val_generate_tokens", "replay", "gradient_checkpointing"}),
         bf16_autocast=r.bf16,
-        sharding=Sharding(d.strategy, d.reshard_after_forward, d.cpu_offload, r.bf16),
+        sharding=Sharding(d.strategy, d.reshard_after_forward, d.cpu_offload, d.zero_stage, d.deepspeed_config,
+                          r.bf16),
     )
 
 
@@ -485,7 +490,7 @@ def finish(r: Recipe, model, summary: dict) -> None:
     """Save the result where serving and evaluation expect it, with how much each layer changed,
     the summary and the report; then mark the run DONE."""
     set_attention(model, "sdpa")  # the saved model runs anywhere, without Tailor
-    if is_sharded(model) or any(is_sharded(m) for m in model.modules()):
+    if r.job.distributed.strategy != "ddp":
         model = unsharded(r, model)
     if not r.is_main:
         return
@@ -512,10 +517,10 @@ def finish(r: Recipe, model, summary: dict) -> None:
 
 
 def unsharded(r: Recipe, model):
-    """An FSDP-trained model as one process would have it: the trained weights gathered on the main
+    """A model trained sharded (FSDP, DeepSpeed) as one process would have it: the trained weights gathered on the main
     process and put into a fresh copy of the model on its CPU (the others get None). So the result
     folder, the layer change and the checksum are made exactly as for a one-process run."""
-    trained = full_state(model)  # every process takes part in the gathering
+    trained = full_state(model, r.job.distributed.strategy)  # every process takes part in the gathering
     if not r.is_main:
         return None
     plain = model_to_train(r, device="cpu")

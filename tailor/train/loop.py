@@ -22,11 +22,10 @@ from tailor.train.checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
-    load_weights,
     mark_best,
     save_checkpoint,
 )
-from tailor.train.distributed import Sharding, grad_norm, gradient_sync, shard
+from tailor.train.distributed import Sharding, parallel_for
 from tailor.train.encode import Encoded
 from tailor.train.loss import CausalLMLoss
 from tailor.train.packing import collate, epoch_order
@@ -121,11 +120,15 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     # --- set up ---------------------------------------------------------------------------------
     plain_objective = objective or CausalLMLoss(model)
     stat_names = plain_objective.stat_names
-    # DDP wraps the objective; FSDP2 shards it in place (so the optimizer comes after, on the shards).
-    objective = shard(plain_objective, model, s.sharding, accelerator)
-    groups = param_groups(model, s.learning_rate, s.layer_lr_decay, s.weight_decay)
+    groups = []
+
+    def make_optimizer():  # after sharding: FSDP2 and DeepSpeed replace or partition the parameters
+        groups.extend(param_groups(model, s.learning_rate, s.layer_lr_decay, s.weight_decay))
+        return torch.optim.AdamW(groups, lr=s.learning_rate, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
+
+    parallel = parallel_for(s.sharding, accelerator, s)
+    objective, optimizer = parallel.prepare(plain_objective, model, make_optimizer)
     trainable = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=s.learning_rate, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
     scheduler = make_scheduler(optimizer, s.scheduler, plan.total_steps, int(s.warmup_ratio * plan.total_steps))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=s.bf16_autocast)
     metrics = run.metrics_log(enabled=is_main, trackers=trackers)
@@ -134,7 +137,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     start, last_train, last_eval = 0, None, None
     early = EarlyStopping(s.early_stopping_metric, s.early_stopping_patience, s.early_stopping_min_delta)
     if resume and list_checkpoints(ckpt_dir):
-        state = load_checkpoint(list_checkpoints(ckpt_dir)[-1], model, optimizer, scheduler, rank)
+        state = load_checkpoint(list_checkpoints(ckpt_dir)[-1], model, optimizer, scheduler, parallel, rank)
         start = state["step"]
         early.load(state.get("early_stopping"))
         metrics.truncate_after(start)
@@ -193,21 +196,19 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
                 mine = chunk[rank * s.batch_size:(rank + 1) * s.batch_size]
                 weight = 1.0 if mine else 0.0  # a rank left without rows still joins the all-reduce
                 b = batch_of(mine or chunk[:1])
-                with gradient_sync(objective, a == len(chunks) - 1, accelerator):
+                with parallel.accumulate(objective, last=a == len(chunks) - 1):
                     with torch.autocast(**autocast):
                         loss_sum, stats, _ = objective(**b, weight=weight)
-                    # DDP and FSDP average gradients over ranks; scaling by world restores the sum, and dividing
-                    # by the step's label tokens gives the per-token mean of the whole global batch.
-                    (loss_sum * world / step_labels).backward()
+                    # The strategies average gradients over ranks; scaling by world restores the sum, and
+                    # dividing by the step's label tokens gives the per-token mean of the whole global batch.
+                    parallel.backward(loss_sum * world / step_labels)
                 real_tokens = sum(len(examples[i]) for r in mine for i in rows[r])
                 totals += torch.cat([torch.tensor([loss_sum.item(), real_tokens], dtype=torch.float64),
                                      torch.atleast_1d(stats).detach().double().cpu() * weight]).to(device)
             max_norm = s.max_grad_norm if s.max_grad_norm else float("inf")
-            norm = grad_norm(trainable, max_norm)
             lr = optimizer.param_groups[-1]["lr"]
-            optimizer.step()
+            norm = parallel.step(optimizer, trainable, max_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
             totals = accelerator.reduce(totals, "sum")
             dt = time.perf_counter() - t0
@@ -248,7 +249,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
             if (s.save_every and done % s.save_every == 0) or done == plan.total_steps or improved or stop:
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler,
                                 {"step": done, "total_steps": plan.total_steps, "early_stopping": early.state()},
-                                rank, is_main, s.keep_checkpoints, sharded=s.sharding.sharded)
+                                parallel, rank, is_main, s.keep_checkpoints)
             if improved and is_main:
                 mark_best(ckpt_dir, done, early.metric, early.best)
             if stop:
@@ -256,7 +257,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
 
     stopped_at = done if start < plan.total_steps and done < plan.total_steps else None
     if early.enabled and early.best_step is not None and early.best_step != (stopped_at or plan.total_steps):
-        load_weights(checkpoint_path(ckpt_dir, early.best_step), model)  # the result is the best validation's
+        parallel.load(checkpoint_path(ckpt_dir, early.best_step), model, None)  # the result: the best validation's
         last_eval = next((r for r in run.metrics()
                           if r.get("type") == "eval" and r["step"] == early.best_step), last_eval)
     return {
