@@ -145,11 +145,15 @@ class Run:
     metrics_file = _Entry("metrics.jsonl", "one row per logging step (`train`), per validation (`eval`), and "
                                            "the layer change at the end")
     checkpoints_dir = _Entry("checkpoints/", "`step-NNNNNNN/`: trainable weights, optimizer, scheduler, RNG "
-                                             "states; `best.json` names the best with early stopping")
+                                             "states (the first two as shards in `sharded/` under FSDP, "
+                                             "`deepspeed/` under DeepSpeed); `best.json` names the best with "
+                                             "early stopping")
+    deepspeed_file = _Entry("deepspeed.json", "with `distributed.strategy: deepspeed`: the DeepSpeed config the run "
+                            "used (Tailor's, from the section, or yours with the job's batch sizes and precision)")
     tensorboard_dir = _Entry("tensorboard/", "with `tracking: [tensorboard]`: the event files")
     mlflow_id_file = _Entry("mlflow_run_id", "with `tracking: [mlflow]`: the MLflow run this run logs to")
     layer_change_file = _Entry("layer_change.json", "how much each block's weights changed (‖ΔW‖/‖W‖)")
-    adapter_dir = _Entry("adapter/", "the result of a LoRA run: a PEFT adapter with the tokenizer")
+    adapter_dir = _Entry("adapter/", "the result of a LoRA or QLoRA run: a PEFT adapter with the tokenizer")
     model_dir = _Entry("model/", "the result of a freeze or full run: a transformers model folder")
     summary_file = _Entry("summary.json", "how training went: steps, final losses, speed, early stopping, the "
                                           "trainable weights' checksum at the end")

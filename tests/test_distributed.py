@@ -112,6 +112,7 @@ def test_sharded_on_two_processes_equals_one_resumes_exactly_and_saves_the_same_
     assert_same_result(run_dir, single)
     checkpoint = Run(run_dir).checkpoints_dir / "step-0000004"
     assert (checkpoint / SHARDS[strategy]).is_file() and not (checkpoint / "trainable.safetensors").exists()
+    assert Run(run_dir).deepspeed_file.is_file() == (strategy == "deepspeed")
     if kind == "full":
         return
     # Killed after the checkpoint of step 2: resumed from the shards, the same losses and weights.
@@ -147,3 +148,29 @@ def test_two_nodes_of_one_process_each_equal_two_processes(make_job, tmp_path):
     logs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-2000:] for _, err in logs)
     assert train_losses(only_run(out)) == pytest.approx(train_losses(single), abs=1e-5)
+
+
+def test_the_deepspeed_config_comes_from_the_section_or_your_file_with_the_jobs_batches(tmp_path):
+    import json
+
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from tailor.train.distributed import Sharding, deepspeed_config
+    from tailor.train.loop import TrainSettings
+
+    settings = TrainSettings(batch_size=2, grad_accum=4, max_grad_norm=1.0)
+    # world 1: DeepSpeedConfig checks train_batch_size against the processes it sees (none started here)
+    written = deepspeed_config(Sharding("deepspeed", zero_stage=3, cpu_offload=True, bf16=True), settings, world=1)
+    assert written["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    parsed = DeepSpeedConfig(written)  # DeepSpeed's own validation
+    assert (parsed.zero_optimization_stage, parsed.train_batch_size, parsed.bfloat16_config.enabled) == (3, 8, True)
+    assert parsed.zero_config.offload_optimizer.device == "cpu" and parsed.gradient_clipping == 1.0
+
+    yours = tmp_path / "zero2.json"
+    yours.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e7},
+                                 "train_micro_batch_size_per_gpu": 64, "bf16": {"enabled": True}}))
+    mine = deepspeed_config(Sharding("deepspeed", deepspeed_config=str(yours)), settings, world=1)
+    parsed = DeepSpeedConfig(mine)
+    assert parsed.zero_optimization_stage == 2 and parsed.zero_config.reduce_bucket_size == 5e7
+    assert (parsed.train_micro_batch_size_per_gpu, parsed.bfloat16_config.enabled) == (2, False)  # the job's

@@ -33,8 +33,6 @@ from torch import nn
 
 from tailor.train.adapters import base_of
 
-DEEPSPEED_FILE = "deepspeed.json"
-
 
 @dataclass(frozen=True)
 class Sharding:
@@ -48,9 +46,10 @@ class Sharding:
     bf16: bool = False  # the compute dtype
 
 
-def parallel_for(sharding: Sharding, accelerator, settings) -> "DDP":
+def parallel_for(sharding: Sharding, accelerator, settings, run=None) -> "DDP":
+    """run: the run folder, where DeepSpeed's config is written."""
     kind = {"ddp": DDP, "fsdp": FSDP, "deepspeed": DeepSpeed}[sharding.strategy]
-    return kind(sharding, accelerator, settings)
+    return kind(sharding, accelerator, settings, run)
 
 
 class DDP:
@@ -59,8 +58,8 @@ class DDP:
 
     sharded = False
 
-    def __init__(self, sharding: Sharding, accelerator, settings):
-        self.sharding, self.accelerator, self.settings = sharding, accelerator, settings
+    def __init__(self, sharding: Sharding, accelerator, settings, run=None):
+        self.sharding, self.accelerator, self.settings, self.run = sharding, accelerator, settings, run
 
     def prepare(self, objective: nn.Module, model: nn.Module, make_optimizer):
         return self.accelerator.prepare_model(objective), make_optimizer()
@@ -169,6 +168,10 @@ class DeepSpeed(DDP):
         os.environ.setdefault("LOCAL_RANK", str(self.accelerator.local_process_index))  # set by torchrun, not by us
         optimizer = make_optimizer()
         config = deepspeed_config(self.sharding, self.settings, torch.distributed.get_world_size())
+        if self.run is not None and self.accelerator.is_main_process:
+            from tailor.files import write_json
+
+            write_json(self.run.deepspeed_file, config)
         self.engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
         # ZeRO wraps the optimizer and steps the one given; the schedule sets that one's learning rates
         return self.engine, optimizer

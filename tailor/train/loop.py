@@ -126,7 +126,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
         groups.extend(param_groups(model, s.learning_rate, s.layer_lr_decay, s.weight_decay))
         return torch.optim.AdamW(groups, lr=s.learning_rate, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
 
-    parallel = parallel_for(s.sharding, accelerator, s)
+    parallel = parallel_for(s.sharding, accelerator, s, run)
     objective, optimizer = parallel.prepare(plain_objective, model, make_optimizer)
     trainable = [p for g in groups for p in g["params"]]
     scheduler = make_scheduler(optimizer, s.scheduler, plan.total_steps, int(s.warmup_ratio * plan.total_steps))
