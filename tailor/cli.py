@@ -235,7 +235,11 @@ def advise(
     examples: Optional[int] = typer.Option(None, "--examples", help="Without --data: how many examples you have."),
     languages: Optional[str] = typer.Option(None, "--languages", help="Comma-separated ISO codes, e.g. en,de."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Target GPU (see --list-hardware) instead of this machine."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="How many of them."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="How many of them (on each machine)."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="How many machines with --gpus each, launched "
+                                        "together (torchrun)."),
+    method: Optional[str] = typer.Option(None, "--method", help="What trains: auto (LoRA, QLoRA where LoRA does "
+                                         "not fit), lora, qlora, full or freeze."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Compute budget in US dollars."),
     deadline: Optional[float] = typer.Option(None, "--deadline", help="Hours the training may take at most."),
     expertise: Optional[str] = typer.Option(None, "--expertise", help="none, some or expert."),
@@ -277,7 +281,8 @@ def advise(
 
         calibrate(say=lambda line: err.print(escape(line), highlight=False))
     flags = {"use_case": use_case, "data.path": data, "data.examples": examples, "compute.target": gpu,
-             "compute.count": gpus, "budget_usd": budget, "deadline_hours": deadline, "expertise": expertise,
+             "compute.count": gpus, "compute.nodes": nodes, "method": method, "budget_usd": budget,
+             "deadline_hours": deadline, "expertise": expertise,
              "stage": stage, "languages": languages.split(",") if languages else None, "offline": offline,
              "local_models": model or None}
     flags = {k: v for k, v in flags.items() if v is not None}

@@ -2,8 +2,9 @@
 
 advise(answers) reads the data (profiled through tailor prepare, or counts), measures or looks up
 the hardware, ranks the catalog's models, picks the technique and starting hyperparameters,
-estimates memory, time and money for full fine-tuning, LoRA and QLoRA, and decides whether
-fine-tuning is worth it at all. tailor/advise/report.py writes it as Markdown and a starter job.
+estimates memory, time and money for full fine-tuning, LoRA and QLoRA (each the way it fits the
+devices: gradient checkpointing, sharding, a 4-bit base), and decides whether fine-tuning is worth
+it at all. tailor/advise/report.py writes it as Markdown and a starter job that fits.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from tailor.advise.choose import (
     TechniqueChoice,
     choose_technique,
     epochs_for,
+    fit,
     hyperparameters,
     lora_rank,
     lora_workload,
     rank_models,
     seq_len_for,
+    ways,
 )
 from tailor.advise.decide import Feasibility, Verdict, decide
-from tailor.advise.estimate import Arch, Estimate, Hardware, RunSize, estimate, hardware_table
+from tailor.advise.estimate import Arch, Estimate, Hardware, RunSize, hardware_table
 from tailor.advise.profile import DataProfile, from_counts, from_path
 from tailor.advise.runtime import JobTime, job_time
 from tailor.models.catalog import load_catalog
@@ -44,7 +47,7 @@ class Advice:
     candidates: list[Candidate]
     technique: TechniqueChoice
     settings: list[Setting]
-    methods: list[Estimate]  # full, LoRA, QLoRA for the first model
+    methods: list[Estimate]  # full, LoRA, QLoRA for the first model: each as it is, and the way it fits
     job: dict | None  # the starter job file, as a dict
     run_time: JobTime | None  # the starter job end to end on the chosen hardware
     # Offline: the best model a download would bring, and whether it would then be the first choice.
@@ -116,31 +119,39 @@ def advise(a: Answers, data: DataProfile, hw: Hardware, catalog=None, local: Loc
     # Time and money are judged on the cheapest model of the size the use case calls for: a budget
     # that only pays for a smaller one is too small.
     in_band = [c for c in candidates if c.in_band and c.meets_needs]
-    plan = min(in_band, key=lambda c: c.lora.seconds) if in_band else top
-    feasible = Feasibility(top.model.name if top else None, plan.lora.seconds if plan else None,
-                           plan.lora.usd if plan else None, hw.label, plan.model.name if plan else None,
-                           local.offline)
+    cheapest = min(in_band, key=lambda c: c.plan.seconds) if in_band else top
+    feasible = Feasibility(top.model.name if top else None, cheapest.plan.seconds if cheapest else None,
+                           cheapest.plan.usd if cheapest else None, hw.label,
+                           cheapest.model.name if cheapest else None, local.offline)
     verdict = decide(a, data, feasible)
     technique = choose_technique(a, data)
     if top is None:
         return Advice(a, data, hw, verdict, candidates, technique, [], [], None, None, with_network, first,
                       local.offline)
-    settings = hyperparameters(a, data, top.model, hw, technique.name, top.micro_batch)
-    # The same workload rank_models gave the top model, with the other methods.
+    settings = hyperparameters(a, data, top.model, hw, technique.name, top.tried)
     arch = Arch.of(top.model)
-    w = replace(lora_workload(a, data, hw, seq_len_for(data, top.model.context_length),
-                              lora_rank(a, data, top.model.params)), micro_batch=top.micro_batch)
-    size = RunSize(train_tokens=max(1, data.train_tokens), epochs=epochs)
-    full, qlora = (estimate(arch, replace(w, method=m), size, hw, a.compute.count) for m in ("full", "qlora"))
     job = starter_job(a, data, top.model, technique.name, settings)
     if top.here and top.here.kind == "folder":
         job["model"]["base"] = top.here.path  # the folder the answers name: the job loads it from there
     from tailor.spec import Job
 
-    run = job_time(Job.model_validate(job), data, arch, hw, a.compute.count)
-    methods = [full, top.lora, qlora]
+    run = job_time(Job.model_validate(job), data, arch, hw, a.compute.devices)
+    methods = method_table(a, data, top.model, hw, epochs)
     return Advice(a, data, hw, verdict, candidates, technique, settings, methods, job, run, with_network, first,
                   local.offline)
+
+
+def method_table(a: Answers, data: DataProfile, model, hw: Hardware, epochs: float) -> list[Estimate]:
+    """Full fine-tuning, LoRA and QLoRA of the first model on the answers' devices: each as it is
+    (one row per micro-step, when it does not fit), then the first way of it that fits (or the last
+    tried)."""
+    w = lora_workload(a, data, hw, seq_len_for(data, model.context_length), lora_rank(a, data, model.params))
+    size = RunSize(train_tokens=max(1, data.train_tokens), epochs=epochs)
+    out = []
+    for method in ("full", "lora", "qlora"):
+        tried = fit(Arch.of(model), w, size, hw, a.compute.devices, ways(method, a.compute.devices))
+        out += tried[:1] + tried[-1:] if len(tried) > 1 else tried
+    return out
 
 
 def starter_job(a: Answers, data: DataProfile, model, technique: str, settings: list[Setting]) -> dict:

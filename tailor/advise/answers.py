@@ -17,6 +17,7 @@ from tailor.spec import SpecError
 UseCase = Literal["jargon", "localization", "voice", "compliance", "moderation", "accuracy", "general"]
 Stage = Literal["exploration", "market-test", "pilot", "production"]
 Expertise = Literal["none", "some", "expert"]
+MethodAnswer = Literal["auto", "lora", "qlora", "full", "freeze"]
 
 USE_CASES = {
     "jargon": "domain jargon: the model must understand and use an industry's terms (legal, medical, finance, "
@@ -59,7 +60,14 @@ class ComputeAnswers(BaseModel):
 
     target: str = Field("local", description="'local' (this machine, measured) or a GPU from the hardware table "
                         "(t4, l4, a10g, rtx-4090, l40s, a100-40gb, a100-80gb, h100-80gb, h200, b200).")
-    count: int = Field(1, ge=1, description="How many of them (data parallel).")
+    count: int = Field(1, ge=1, description="How many of them on each machine.")
+    nodes: int = Field(1, ge=1, description="How many machines (each with `count` of them), launched together "
+                       "with torchrun.")
+
+    @property
+    def devices(self) -> int:
+        """Every device of every machine: the processes a run has."""
+        return self.count * self.nodes
 
 
 class Answers(BaseModel):
@@ -84,6 +92,10 @@ class Answers(BaseModel):
     stage: Stage = Field("production", description="Project stage: " + "; ".join(
         f"{k} = {v}" for k, v in STAGES.items()))
     commercial: bool = Field(True, description="The model will be used commercially (its licence must allow that).")
+    method: MethodAnswer = Field(
+        "auto", description="What trains. auto: LoRA, with a 4-bit base (QLoRA) where LoRA does not fit the "
+        "devices; lora, qlora, full (every weight: sharded across several devices where one cannot hold it) or "
+        "freeze (the top blocks).")
 
     @model_validator(mode="after")
     def _data_given(self):

@@ -76,13 +76,14 @@ def local_hardware(threads: int | None = None, path: Path | None = None) -> Hard
     rough guess marked uncalibrated (calibrated is None)."""
     import torch
 
-    from tailor.models.hardware import cpu_has_fast_bf16
+    from tailor.models.hardware import cpu_flags, cpu_has_fast_bf16
 
     threads = threads or torch.get_num_threads()
     stored = load_calibration(threads, path)
     label = f"this machine ({os.cpu_count()} CPU cores, {memory_gb():.0f} GB)"
+    avx512 = {"avx512f", "avx512bw"} <= cpu_flags()  # bitsandbytes' fast 4-bit CPU kernels
     if stored:
-        return Hardware(name="local-cpu", label=label, kind="cpu", memory_gb=memory_gb(),
+        return Hardware(name="local-cpu", label=label, kind="cpu", memory_gb=memory_gb(), avx512=avx512,
                         peak_tflops=stored["peak_tflops"], bandwidth_gbs=stored["bandwidth_gbs"], usd_per_hour=0.0,
                         bf16=stored["bf16"], utilisation=stored["utilisation"], calibrated=stored["measured_at"],
                         decode_step_s=stored.get("decode_step_s"), runtime_gb=stored.get("runtime_gb"),
@@ -93,7 +94,7 @@ def local_hardware(threads: int | None = None, path: Path | None = None) -> Hard
     bf16 = cpu_has_fast_bf16()
     peak = threads * 2.5e9 * (64 if bf16 else 32) / 1e12
     return Hardware(name="local-cpu", label=label, kind="cpu", memory_gb=memory_gb(), peak_tflops=peak,
-                    bandwidth_gbs=10.0 * threads, usd_per_hour=0.0, bf16=bf16,
+                    bandwidth_gbs=10.0 * threads, usd_per_hour=0.0, bf16=bf16, avx512=avx512,
                     utilisation={"full": 0.3, "lora": 0.3, "freeze": 0.3})
 
 

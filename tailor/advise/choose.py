@@ -1,9 +1,11 @@
 """Which base model, which technique, which starting hyperparameters — each with its reason.
 
 Models: every catalog entry is checked against the hard needs (a licence that allows the use,
-the languages, a context that holds the longest examples, memory on the chosen hardware with
-LoRA, the deadline and the budget, and, on a machine that cannot download, being here already);
-of those that pass, the ones in the size band the use case calls for come first. On a GPU the
+the languages, a context that holds the longest examples, memory on the chosen hardware, the
+deadline and the budget, and, on a machine that cannot download, being here already); of those
+that pass, the ones in the size band the use case calls for come first. Memory is met by the
+first way of training that fits (ways(): LoRA as it is, then with gradient checkpointing, sharded
+across several devices, with a 4-bit base), and that way is what the starter job runs. On a GPU the
 largest comes first (more capacity, while it still meets every constraint), then the newest. On a
 CPU time is what is scarce: the models that train within the deadline (or CPU_BUDGET_HOURS) come
 first, those already on the machine before those that need a download, each the largest first.
@@ -16,7 +18,18 @@ import math
 from dataclasses import dataclass, field, replace
 
 from tailor.advise.answers import Answers
-from tailor.advise.estimate import GB, Arch, Estimate, Hardware, RunSize, Workload, estimate, fmt_duration
+from tailor.advise.estimate import (
+    GB,
+    USABLE_MEMORY,
+    Arch,
+    Estimate,
+    Hardware,
+    RunSize,
+    Workload,
+    estimate,
+    fmt_duration,
+    memory,
+)
 from tailor.advise.profile import DataProfile
 from tailor.models.catalog import CatalogModel, size_label
 from tailor.models.local import Found, LocalModels, download_gb, fmt_gb
@@ -37,14 +50,18 @@ CPU_BUDGET_HOURS = 1.0
 @dataclass
 class Candidate:
     model: CatalogModel
-    lora: Estimate
+    tried: list[Estimate]  # the ways of training tried, in order; the last fits, unless none did
     in_band: bool
-    micro_batch: int = 1
     why: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     over_limits: bool = False  # excluded by the deadline, the budget or a download this machine cannot make only
     here: Found | None = None  # where it is on this machine; None: it needs a download
     download_blocked: bool = False  # excluded only because it needs a download and the machine is offline
+
+    @property
+    def plan(self) -> Estimate:
+        """How it trains: the first way that fits (or, if none does, the last tried)."""
+        return self.tried[-1]
 
     @property
     def eligible(self) -> bool:
@@ -75,20 +92,64 @@ def lora_workload(a: Answers, data: DataProfile, hw: Hardware, seq_len: int, ran
                     example_tokens=min(data.mean_tokens, seq_len), label_fraction=data.label_fraction)
 
 
+# ---- how a model fits the devices -----------------------------------------------------------------
+
+def ways(method: str, devices: int) -> list[dict]:
+    """The ways of training with `method` (an answer: auto, lora, qlora, full, freeze), in the order
+    they are tried: each gives up more than the one before, so it is only worth it where those
+    before do not fit. Gradient checkpointing computes each block again (a third more compute, the
+    same result); FSDP divides the model among the devices (communication); QLoRA stores the frozen
+    weights in 4-bit (a little precision and slower matmuls; each process holds the whole 4-bit
+    base, so it runs DDP); CPU offload moves the shares to host memory (far slower). Sharding needs
+    several devices: one process has nothing to share with."""
+    if method == "auto":  # LoRA while some way of it fits without offloading, then a 4-bit base
+        lora = ways("lora", devices)
+        return [w for w in lora if not w.get("cpu_offload")] + ways("qlora", devices) + \
+            [w for w in lora if w.get("cpu_offload")]
+    if method == "qlora":
+        return [{"method": "qlora"}, {"method": "qlora", "checkpointing": True}]
+    out = [{}, {"checkpointing": True}]
+    if devices > 1:
+        out += [{"strategy": "fsdp"}, {"strategy": "fsdp", "checkpointing": True},
+                {"strategy": "deepspeed", "zero_stage": 3, "cpu_offload": True, "checkpointing": True}]
+    return [{"method": method, **w} for w in out]
+
+
+def fit(arch: Arch, w: Workload, size: RunSize, hw: Hardware, devices: int, tries: list[dict]) -> list[Estimate]:
+    """Each way of `tries` in turn, each with fewer rows per micro-step (more accumulation: the same
+    compute) until it fits. Returns, for each way that did not fit, its estimate at one row (the
+    least it needs), and then the first that fits, if one does."""
+    tried = []
+    for way in tries:
+        for micro in range(w.micro_batch, 0, -1):
+            est = estimate(arch, replace(w, micro_batch=micro, **way), size, hw, devices)
+            if est.fits:
+                return tried + [est]
+        tried.append(est)
+    return tried
+
+
+def fit_model(a: Answers, data: DataProfile, m: CatalogModel, hw: Hardware, epochs: float) -> list[Estimate]:
+    """The ways tried for model m with the answers' method (fit())."""
+    w = lora_workload(a, data, hw, seq_len_for(data, m.context_length), lora_rank(a, data, m.params))
+    size = RunSize(train_tokens=max(1, data.train_tokens), epochs=epochs)
+    return fit(Arch.of(m), w, size, hw, a.compute.devices, ways(a.method, a.compute.devices))
+
+
+METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA", "full": "full fine-tuning", "freeze": "the top blocks (freeze)"}
+
+
+def way_of(e: Estimate) -> str:
+    """'QLoRA with gradient checkpointing', 'full fine-tuning with FSDP over 4 devices'."""
+    return METHOD_NAMES[e.method] + (f" with {e.setup}" if e.setup else "")
+
+
 def rank_models(a: Answers, data: DataProfile, hw: Hardware, catalog, epochs: float,
                 local: LocalModels = LocalModels()) -> list[Candidate]:
     low, high = SIZE_BAND[a.use_case]
     out = []
     for m in catalog:
-        seq = seq_len_for(data, m.context_length)
-        w = lora_workload(a, data, hw, seq, lora_rank(a, data, m.params))
-        size = RunSize(train_tokens=max(1, data.train_tokens), epochs=epochs)
-        # Fewer rows per micro-step (more accumulation) fit a larger model in the same memory.
-        for micro in range(w.micro_batch, 0, -1):
-            est = estimate(Arch.of(m), replace(w, micro_batch=micro), size, hw, a.compute.count)
-            if est.fits:
-                break
-        c = Candidate(m, est, low <= m.billions <= high, micro_batch=micro, here=local.found.get(m.name))
+        c = Candidate(m, fit_model(a, data, m, hw, epochs), low <= m.billions <= high, here=local.found.get(m.name))
         _check(c, a, data, hw, local.offline)
         out.append(c)
     eligible = [c for c in out if c.eligible]
@@ -111,9 +172,12 @@ def _released(c: Candidate) -> int:
 
 
 def _gpu_order(c: Candidate, low: float, high: float) -> tuple:
-    """In the band, the largest first; outside it, the closest to the band; then the newest."""
+    """In the band, those that fit without 4-bit weights first (QLoRA costs time and a little
+    quality: it makes a model fit, it does not make it the better choice), the largest first;
+    outside it, the closest to the band; then the newest."""
     b = c.model.billions
-    return (not c.in_band, -min(b, high) if c.in_band else abs(math.log(b / low)), -_released(c))
+    return (not c.in_band, c.plan.workload.method == "qlora",
+            -min(b, high) if c.in_band else abs(math.log(b / low)), -_released(c))
 
 
 def _cpu_order(c: Candidate, low: float, budget_s: float) -> tuple:
@@ -121,8 +185,8 @@ def _cpu_order(c: Candidate, low: float, budget_s: float) -> tuple:
     then those over it (here first, then the quickest). Outside the band, as on a GPU."""
     if not c.in_band:
         return (True, False, False, abs(math.log(c.model.billions / low)), -_released(c))
-    fits = c.lora.seconds <= budget_s
-    return (False, not fits, not c.local, -c.model.billions if fits else c.lora.seconds, -_released(c))
+    fits = c.plan.seconds <= budget_s
+    return (False, not fits, not c.local, -c.model.billions if fits else c.plan.seconds, -_released(c))
 
 
 def _say_why_on_cpu(ranked: list[Candidate], in_band: list[Candidate], a: Answers, budget_s: float) -> None:
@@ -131,15 +195,15 @@ def _say_why_on_cpu(ranked: list[Candidate], in_band: list[Candidate], a: Answer
     rules it out."""
     limit = f"the {a.deadline_hours:g} h deadline" if a.deadline_hours else f"the {CPU_BUDGET_HOURS:g} h budget"
     for c in ranked:
-        over = f", over {limit}" if c.lora.seconds > budget_s else ""
+        over = f", over {limit}" if c.plan.seconds > budget_s else ""
         where = f"here already ({c.here.label})" if c.here else f"a download of ≈ {fmt_gb(c.download_gb)}"
-        c.why.insert(0, f"on this CPU: trains in {fmt_duration(c.lora.seconds)}{over}; {where}")
+        c.why.insert(0, f"on this CPU: trains in {fmt_duration(c.plan.seconds)}{over}; {where}")
     if not ranked or not ranked[0].in_band:
         return
-    top, largest = ranked[0], max(in_band, key=lambda c: (c.model.params, -c.lora.seconds))
+    top, largest = ranked[0], max(in_band, key=lambda c: (c.model.params, -c.plan.seconds))
     if largest.model.params <= top.model.params:
         return
-    cost = f"would take {fmt_duration(largest.lora.seconds)}" + (
+    cost = f"would take {fmt_duration(largest.plan.seconds)}" + (
         "" if largest.local else f" and a download of ≈ {fmt_gb(largest.download_gb)}")
     top.why[0] = f"{top.why[0]}; {largest.model.name} ({size_label(largest.model.params)}) {cost}"
 
@@ -154,17 +218,21 @@ def _check(c: Candidate, a: Answers, data: DataProfile, hw: Hardware, offline: s
     if m.context_length < data.p99_tokens:
         c.excluded.append(f"context {m.context_length:,} tokens is shorter than your long examples "
                           f"({data.p99_tokens:,})")
-    need = c.lora.memory.total / GB
-    if not c.lora.fits:
-        c.excluded.append(f"needs {need:.1f} GB with LoRA; {hw.label} has {hw.memory_gb:.0f} GB")
+    plan, per = c.plan, " per device" if c.plan.devices > 1 else ""
+    need = plan.memory.total / GB
+    if not plan.fits:
+        first = c.tried[0]
+        c.excluded.append(f"needs {first.memory.total / GB:.1f} GB{per} with {way_of(first)}"
+                          + (f", {need:.1f} GB even with {way_of(plan)}" if plan is not first else "")
+                          + f"; {hw.label} has {hw.memory_gb:.0f} GB")
     needs_met = not c.excluded
-    if a.deadline_hours is not None and c.lora.seconds > a.deadline_hours * 3600:
-        c.excluded.append(f"training takes {fmt_duration(c.lora.seconds)}, past the {a.deadline_hours:g} h deadline")
-    elif a.deadline_hours is None and hw.kind == "cpu" and c.lora.seconds > CPU_HOURS * 3600:
-        c.excluded.append(f"training takes {fmt_duration(c.lora.seconds)} on this CPU, more than a day "
+    if a.deadline_hours is not None and plan.seconds > a.deadline_hours * 3600:
+        c.excluded.append(f"training takes {fmt_duration(plan.seconds)}, past the {a.deadline_hours:g} h deadline")
+    elif a.deadline_hours is None and hw.kind == "cpu" and plan.seconds > CPU_HOURS * 3600:
+        c.excluded.append(f"training takes {fmt_duration(plan.seconds)} on this CPU, more than a day "
                           "(set deadline_hours to allow longer)")
-    if a.budget_usd is not None and c.lora.usd > a.budget_usd:
-        c.excluded.append(f"costs ${c.lora.usd:,.2f}, above the ${a.budget_usd:,.2f} budget")
+    if a.budget_usd is not None and plan.usd > a.budget_usd:
+        c.excluded.append(f"costs ${plan.usd:,.2f}, above the ${a.budget_usd:,.2f} budget")
     if offline and not c.local and not c.excluded:
         # The starter job must load its model: one it cannot fetch would fail at the first step.
         c.excluded.append(f"needs a download of ≈ {fmt_gb(c.download_gb)}; {offline}")
@@ -177,8 +245,8 @@ def _check(c: Candidate, a: Answers, data: DataProfile, hw: Hardware, offline: s
         c.why.append(f"{size} is in the {low_high[0]:g}-{low_high[1]:g}B band for {a.use_case}")
     else:
         c.why.append(f"{size} is outside the {low_high[0]:g}-{low_high[1]:g}B band for {a.use_case}")
-    c.why.append(f"LoRA fits: {need:.1f} of {hw.memory_gb:.0f} GB; {fmt_duration(c.lora.seconds)}"
-                 + (f", ${c.lora.usd:,.2f}" if hw.usd_per_hour else ""))
+    c.why.append(f"{way_of(plan)} fits: {need:.1f} of {hw.memory_gb:.0f} GB{per}; {fmt_duration(plan.seconds)}"
+                 + (f", ${plan.usd:,.2f}" if hw.usd_per_hour else ""))
     c.why.append(f"{m.license}" + (f" ({m.license_note})" if m.license_note else "")
                  + (", gated: accept the licence on the hub first" if m.gated else ""))
     if a.languages != ["en"]:
@@ -220,8 +288,9 @@ def choose_technique(a: Answers, data: DataProfile) -> TechniqueChoice:
     if data.n_tasks > 1:
         return TechniqueChoice("multitask", f"{data.n_tasks} related tasks trained together in one model",
                                ("one task-specific model per task, if one task matters most",))
-    # The profile's count: the answers' own, or the plain-text records found in the data.
-    if data.domain_text_tokens and a.use_case in ("jargon", "localization", "compliance"):
+    # The profile's count: the answers' own, or the plain-text records found in the data. Transfer
+    # keeps the lower blocks as they are, which full fine-tuning does not.
+    if data.domain_text_tokens and a.use_case in ("jargon", "localization", "compliance") and a.method != "full":
         return TechniqueChoice("transfer", f"{data.domain_text_tokens:,} tokens of your documents teach the "
                                "vocabulary first; only the upper layers then adapt to the task",
                                ("task, if the documents add little beyond the examples",))
@@ -270,12 +339,50 @@ def epochs_for(data: DataProfile) -> float:
 
 
 def hyperparameters(a: Answers, data: DataProfile, m: CatalogModel, hw: Hardware, technique: str,
-                    micro: int) -> list[Setting]:
-    """The starting settings for model m. Those that are rules of the model's size and the data are
-    written `auto` in the job: shown here for m, chosen again at the start of training for the model
-    actually trained (a `--set model.base=...` changes them too)."""
+                    tried: list[Estimate]) -> list[Setting]:
+    """The starting settings for model m, trained the way tried[-1] says (fit()). Those that are
+    rules of the model's size and the data are written `auto` in the job: shown here for m, chosen
+    again at the start of training for the model actually trained (a `--set model.base=...` changes
+    them too)."""
+    plan = tried[-1]
+    kind, micro = plan.method, plan.workload.micro_batch
     seq = seq_len_for(data, m.context_length)
     rows = max(1, math.ceil(data.train_tokens / (seq * 0.95)))
+    out = [Setting("adapter.kind", kind, _kind_why(a, tried, hw))]
+    if kind in ("lora", "qlora"):
+        out += _lora_settings(a, data, m)
+    out += fitting_settings(Arch.of(m), hw, tried)
+    lr = auto.learning_rate(m.params, "lora" if kind == "qlora" else kind,
+                            "preference" if technique == "preference" else "task")
+    out += [
+        Setting.auto_from(lr),
+        Setting.auto_from(auto.epochs(data.examples)),
+        Setting("training.max_seq_len", seq, f"holds 99 % of your examples ({data.p99_tokens:,} tokens)"),
+        Setting("training.batch_size", micro, "rows per micro-step: the most that fit the memory")
+        if micro < micro_batch(hw) else Setting.auto_from(auto.batch_size("cpu" if hw.kind == "cpu" else "cuda")),
+        Setting.auto_from(auto.grad_accum(rows, micro, plan.devices)),
+        Setting("training.early_stopping_patience", 2, "stop after two validations without improvement; the best "
+                "checkpoint is kept"),
+    ]
+    decay = 0.9 if technique in ("transfer", "sequential") and m.layers >= 24 else 1.0
+    out.append(Setting("training.layer_lr_decay", decay, "each lower block learns 0.9x as fast as the one above: the "
+                       "general features near the input change least" if decay < 1 else
+                       "one learning rate for every block" + (": LoRA's updates are small already"
+                                                             if kind in ("lora", "qlora") else "")))
+    if technique == "transfer":
+        top = max(1, m.layers // 2)
+        key = "adapter.train_top_blocks" if kind == "freeze" else "adapter.lora_top_blocks"
+        out.append(Setting(key, top, f"transfer learning: the lower {m.layers - top} of {m.layers} blocks (general "
+                           f"features) stay frozen; the upper {top} adapt"))
+    elif kind in ("lora", "qlora"):
+        out.append(Setting("adapter.target_modules", "all-linear", "every projection of every block: the best "
+                           "quality per trained weight"))
+    if technique == "behavioral":
+        out.append(Setting("preference.beta", 0.1, "how far preferences may pull the model from its demonstrations"))
+    return out
+
+
+def _lora_settings(a: Answers, data: DataProfile, m: CatalogModel) -> list[Setting]:
     if a.use_case in RANK_BY_USE_CASE:
         rank = lora_rank(a, data, m.params)
         rank_setting = Setting("adapter.rank", rank, f"{a.use_case} with {data.examples:,} examples: knowledge or "
@@ -283,34 +390,66 @@ def hyperparameters(a: Answers, data: DataProfile, m: CatalogModel, hw: Hardware
                                                                    if data.examples >= 10_000 else ""))
     else:
         rank_setting = Setting.auto_from(auto.lora_rank(m.params, data.examples))
-        rank = rank_setting.value
-    lr, epochs, accum = (auto.learning_rate(m.params, "lora", "preference" if technique == "preference" else "task"),
-                         auto.epochs(data.examples), auto.grad_accum(rows, micro))
-    out = [
-        Setting("adapter.kind", "lora", "LoRA trains ~1 % of the weights: a fraction of full fine-tuning's memory, "
-                "little forgetting, and an adapter of a few MB to serve"),
-        rank_setting,
-        Setting.auto_from(auto.lora_alpha(rank)),
-        Setting.auto_from(lr),
-        Setting.auto_from(epochs),
-        Setting("training.max_seq_len", seq, f"holds 99 % of your examples ({data.p99_tokens:,} tokens)"),
-        Setting("training.batch_size", micro, "rows per micro-step: the most that fit the memory")
-        if micro < micro_batch(hw) else Setting.auto_from(auto.batch_size("cpu" if hw.kind == "cpu" else "cuda")),
-        Setting.auto_from(accum),
-        Setting("training.early_stopping_patience", 2, "stop after two validations without improvement; the best "
-                "checkpoint is kept"),
-    ]
-    decay = 0.9 if technique in ("transfer", "sequential") and m.layers >= 24 else 1.0
-    out.append(Setting("training.layer_lr_decay", decay, "each lower block learns 0.9x as fast as the one above: the "
-                       "general features near the input change least" if decay < 1 else
-                       "one learning rate for every block: LoRA's updates are small already"))
-    if technique == "transfer":
-        top = max(1, m.layers // 2)
-        out.append(Setting("adapter.lora_top_blocks", top, f"transfer learning: the lower {m.layers - top} of "
-                           f"{m.layers} blocks (general features) stay frozen; the upper {top} adapt"))
-    else:
-        out.append(Setting("adapter.target_modules", "all-linear", "every projection of every block: the best "
-                           "quality per trained weight"))
-    if technique == "behavioral":
-        out.append(Setting("preference.beta", 0.1, "how far preferences may pull the model from its demonstrations"))
+    return [rank_setting, Setting.auto_from(auto.lora_alpha(rank_setting.value))]
+
+
+def _kind_why(a: Answers, tried: list[Estimate], hw: Hardware) -> str:
+    plan = tried[-1]
+    if a.method == plan.method:
+        return f"as you asked (method {a.method}): " + {
+            "lora": "small low-rank matrices beside the frozen weights",
+            "qlora": "LoRA on a base whose linear layers are stored in 4-bit NF4 (bitsandbytes)",
+            "full": "every weight trains; the most memory (weights, gradients and two AdamW states in float32)",
+            "freeze": "only the top blocks train"}[a.method]
+    if plan.method == "qlora":
+        lora = [e for e in tried if e.method == "lora"]
+        per = " per device" if plan.devices > 1 else ""
+        return (f"LoRA needs ≈ {_gb(lora[0])}{per}" + (f" (≈ {_gb(lora[-1])} with {lora[-1].setup})"
+                                                       if len(lora) > 1 else "")
+                + f" on {hw.label}, {hw.memory_gb * USABLE_MEMORY:.1f} GB of which a run can use; QLoRA ≈ "
+                f"{_gb(plan)}: the frozen weights in 4-bit NF4 (bitsandbytes), for some speed and a little "
+                "precision; the adapter is a LoRA adapter like any other")
+    return ("LoRA trains ~1 % of the weights: a fraction of full fine-tuning's memory, little forgetting, and an "
+            "adapter of a few MB to serve")
+
+
+def fitting_settings(arch: Arch, hw: Hardware, tried: list[Estimate]) -> list[Setting]:
+    """The settings that make the plan fit the device (fit()), each with the memory per device it
+    saves: double quantization of a 4-bit base, gradient checkpointing, the distributed strategy."""
+    plan = tried[-1]
+    w, n, out = plan.workload, plan.devices, []
+    per = " per device" if n > 1 else ""
+
+    def without(**change) -> str:  # the plan's memory per device with a setting changed back
+        m = memory(arch, replace(w, **change), hw.kind, hw.activation_factor, hw.runtime_gb, n)
+        return f"{m.total / GB:.1f} GB"
+
+    if w.method == "qlora":
+        out.append(Setting("adapter.double_quant", True, f"the 4-bit weights' scales quantized too: "
+                           f"≈ {without(double_quant=False)} → {_gb(plan)}{per}"))
+    if w.checkpointing:
+        out.append(Setting("training.gradient_checkpointing", True, "keeps only each block's input for the backward "
+                           f"pass: ≈ {without(checkpointing=False)} → {_gb(plan)}{per}, for about a third more "
+                           "compute per step"))
+    def least(strategy: str) -> str:  # the least memory per device a strategy tried needs (fit(): at one row)
+        return _gb(min((e for e in tried if e.workload.strategy == strategy), key=lambda e: e.memory.total))
+
+    if n > 1 and w.strategy == "ddp":
+        out.append(Setting("distributed.strategy", "ddp", f"each of the {n} devices holds the whole model "
+                           f"({_gb(plan)}) and a share of each batch: the fastest while it fits"))
+    elif w.strategy == "fsdp":
+        out.append(Setting("distributed.strategy", "fsdp", f"each of the {n} devices holds 1/{n} of the weights, "
+                           f"gradients and optimizer states: DDP (a whole copy each) needs ≈ {least('ddp')} per "
+                           f"device at least, FSDP ≈ {_gb(plan)}"))
+    elif w.strategy == "deepspeed":
+        out += [Setting("distributed.strategy", "deepspeed", f"even sharded by FSDP it needs ≈ {least('fsdp')} per "
+                        f"device at least; DeepSpeed ZeRO-{w.zero_stage} with CPU offload ≈ {_gb(plan)}, far slower"),
+                Setting("distributed.zero_stage", w.zero_stage, "the weights sharded too, not only the gradients and "
+                        "optimizer states"),
+                Setting("distributed.cpu_offload", w.cpu_offload, f"the shares live in host memory: ≈ "
+                        f"{plan.memory.offloaded / GB:.0f} GB of it per process")]
     return out
+
+
+def _gb(e: Estimate) -> str:
+    return f"{e.memory.total / GB:.1f} GB"

@@ -1,8 +1,9 @@
 """Memory, time and money of a fine-tuning run, worked out before anything runs.
 
-    memory = weights + gradients + optimizer states + activations + runtime
+    memory = weights + gradients + optimizer states + activations + runtime, per device
+             (DDP: the whole model on each; FSDP, ZeRO: shares of it; CPU offload: the shares in host memory)
     time   = training FLOPs / (peak FLOP/s x utilisation)
-             + optimizer and weight-cast traffic / memory bandwidth
+             + optimizer and weight-cast traffic / memory bandwidth (+ host traffic when offloaded)
     cost   = hours x price per device-hour x devices
 
 The formulas follow what Tailor's training loop actually keeps and computes (tailor/train/):
@@ -27,10 +28,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 Method = Literal["full", "lora", "qlora", "freeze"]
+Strategy = Literal["ddp", "fsdp", "deepspeed"]
 
 GB = 1024 ** 3
 HEAD_CHUNK = 256  # label positions per head + cross-entropy chunk (tailor.train.loss.CHUNK)
 NF4_BYTES = 4.127 / 8  # QLoRA: 4-bit NormalFloat plus double-quantized block scales (64 per block)
+NF4_BYTES_PLAIN = 4.5 / 8  # without double quantization: a float32 scale per block of 64
+# Gradient checkpointing: what a step holds beside the block inputs, in blocks' worth of saved
+# activations (activation_bytes says why it is more than one).
+RECOMPUTED_BLOCKS = 5
+PCIE_GBS = 25.0  # host <-> device, per process (PCIe 4.0 x16 in practice): what CPU offload moves through
 USABLE_MEMORY = 0.9  # share of a device's memory a run can plan on (allocator slack, fragmentation)
 RUNTIME_GB = {"cpu": 0.45, "gpu": 1.0}  # Python + torch + transformers resident; CUDA context + workspaces
 GPU_UTILISATION = {"full": 0.40, "lora": 0.35, "qlora": 0.25, "freeze": 0.35}
@@ -103,6 +110,10 @@ class Workload:
     train_top_blocks: int = 2  # freeze: blocks that train
     train_head: bool = False  # freeze: the output head trains too
     checkpointing: bool = False  # gradient checkpointing: keep only block inputs, recompute the rest
+    strategy: Strategy = "ddp"  # how several processes share the model (distributed.strategy)
+    zero_stage: int = 3  # deepspeed: 2 shards gradients and optimizer states, 3 the weights too
+    cpu_offload: bool = False  # fsdp, deepspeed: the shares live in host memory
+    double_quant: bool = True  # qlora: the 4-bit weights' block scales quantized too
     label_fraction: float = 0.5  # share of row tokens that carry a label (the answer)
     example_tokens: float = 256.0  # mean tokens per example: the span attention runs over
     compute_bytes: int = 2  # bf16/fp16 activations and frozen weights; 4 for float32
@@ -139,15 +150,18 @@ class Memory:
     optimizer: float
     activations: float
     runtime: float
+    offloaded: float = 0.0  # bytes each process keeps in host memory (cpu_offload); not in total
 
     @property
     def total(self) -> float:
+        """On the device."""
         return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
 
     def as_gb(self) -> dict[str, float]:
         return {k: round(v / GB, 2) for k, v in
                 {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
-                 "activations": self.activations, "runtime": self.runtime, "total": self.total}.items()}
+                 "activations": self.activations, "runtime": self.runtime, "total": self.total,
+                 "offloaded": self.offloaded}.items()}
 
 
 def weight_bytes(arch: Arch, w: Workload) -> float:
@@ -155,7 +169,8 @@ def weight_bytes(arch: Arch, w: Workload) -> float:
     plus (full, freeze) the bf16 copy autocast makes of each for the step."""
     n, t = arch.params, trainable_params(arch, w)
     if w.method == "qlora":
-        frozen = arch.layers * arch.block_params * NF4_BYTES + (n - arch.layers * arch.block_params) * w.compute_bytes
+        nf4 = NF4_BYTES if w.double_quant else NF4_BYTES_PLAIN
+        frozen = arch.layers * arch.block_params * nf4 + (n - arch.layers * arch.block_params) * w.compute_bytes
         return frozen + 4 * t
     if w.method == "lora":
         return n * w.compute_bytes + 4 * t
@@ -181,8 +196,17 @@ def activation_bytes(arch: Arch, w: Workload) -> float:
     tokens = w.seq_len * w.micro_batch
     blocks = _blocks_with_grad(arch, w)
     per_block = activation_bytes_per_token(arch, w)
-    if w.checkpointing:  # block inputs only, plus one block's worth while it is recomputed
-        stored = tokens * (blocks * w.compute_bytes * arch.hidden_size + per_block)
+    if w.checkpointing:
+        # Every block's input is kept through the step. In the backward pass each block is computed
+        # again, and while its backward runs, its activations, their gradients and the temporaries
+        # of the recomputation (the norms' float32 copies, each example's attention scores) are
+        # alive at once, in memory the allocator keeps for the next block. One block's worth read
+        # 19-42 % under the peaks measured on a 2-core Zen 4 (SmolLM2-135M, LoRA r16, 2 rows of
+        # 512, 1,024 and 2,048 tokens: 1.5, 2.1-2.4 and 2.4 GB); RECOMPUTED_BLOCKS = 5 reads from
+        # 22 % under to 7 % over (tests/test_advise.py holds it there).
+        # Checkpointing a few trainable blocks (freeze) saves little: never more than their own.
+        recomputed = min(RECOMPUTED_BLOCKS, blocks)
+        stored = tokens * (blocks * w.compute_bytes * arch.hidden_size + recomputed * per_block)
     else:
         stored = tokens * blocks * per_block
     # Head + cross-entropy chunk: bf16 logits, their float32 copy and its gradient.
@@ -192,15 +216,38 @@ def activation_bytes(arch: Arch, w: Workload) -> float:
 
 
 def memory(arch: Arch, w: Workload, kind: str = "gpu", activation_factor: float = 1.0,
-           runtime_gb: float | None = None) -> Memory:
-    """activation_factor: what the allocator holds per byte of saved tensors (on a CPU, glibc keeps
+           runtime_gb: float | None = None, devices: int = 1) -> Memory:
+    """Memory per device when `devices` processes train together as w.strategy says.
+    activation_factor: what the allocator holds per byte of saved tensors (on a CPU, glibc keeps
     freed blocks for reuse; calibration measures it); runtime_gb: measured resident memory before
     the model loads."""
     t = trainable_params(arch, w)
     # AdamW (foreach) also makes one float32 temporary per weight while it steps.
-    return Memory(weights=weight_bytes(arch, w), gradients=4 * t, optimizer=12 * t,
-                  activations=activation_bytes(arch, w) * activation_factor,
-                  runtime=(runtime_gb or RUNTIME_GB[kind]) * GB)
+    whole = Memory(weights=weight_bytes(arch, w), gradients=4 * t, optimizer=12 * t,
+                   activations=activation_bytes(arch, w) * activation_factor,
+                   runtime=(runtime_gb or RUNTIME_GB[kind]) * GB)
+    return per_device(whole, arch, w, devices)
+
+
+def per_device(m: Memory, arch: Arch, w: Workload, devices: int) -> Memory:
+    """What each of `devices` processes holds of the model's memory `m`, by w.strategy.
+
+    ddp: the whole model each. fsdp and ZeRO-3: the weights, gradients and optimizer states divided
+    among them, plus the weights gathered whole for the computation at hand: one block's, and the
+    embeddings' and head's, which stay gathered from the forward to the backward pass. ZeRO-2:
+    gradients and optimizer states divided, the weights whole. cpu_offload: the divided parts live
+    in host memory (offloaded), the gathered weights on the device. Activations and the runtime are
+    each process's own. One process shares nothing."""
+    if w.strategy == "ddp" or devices == 1:
+        return m
+    shard_weights = w.strategy == "fsdp" or w.zero_stage == 3
+    weights = m.weights / devices if shard_weights else m.weights
+    gathered = (arch.block_params + arch.params - arch.layers * arch.block_params) * w.compute_bytes
+    gradients, optimizer = m.gradients / devices, m.optimizer / devices
+    if w.cpu_offload:
+        host = (weights if shard_weights else 0.0) + gradients + optimizer
+        return Memory(gathered if shard_weights else weights, 0.0, 0.0, m.activations, m.runtime, offloaded=host)
+    return Memory(weights + (gathered if shard_weights else 0.0), gradients, optimizer, m.activations, m.runtime)
 
 
 # ---- time ------------------------------------------------------------------------------------------
@@ -258,14 +305,29 @@ def elementwise_per_block(arch: Arch) -> float:
     return 2 * arch.hidden_size + arch.intermediate_size
 
 
-def traffic_bytes_per_step(arch: Arch, w: Workload, micro_steps: int) -> float:
+def traffic_bytes_per_step(arch: Arch, w: Workload, micro_steps: int, devices: int = 1) -> float:
     """Memory traffic that is not matrix products: AdamW reads and writes each trainable weight, its
     gradient and two states (~28 bytes); autocast casts each float32 trainable weight to bf16 once
     per micro-step (6 bytes). Small for LoRA; for full fine-tuning of a small model on a CPU it is
-    a fifth of the step."""
+    a fifth of the step. Sharded (fsdp, deepspeed), each device steps its share of the states only;
+    offloaded, the CPU does (offload_bytes_per_step)."""
     t = trainable_params(arch, w)
     cast = 6 * t * micro_steps if w.method in ("full", "freeze") and w.compute_bytes < 4 else 0
-    return 28 * t + cast
+    if w.cpu_offload and devices > 1:
+        return cast
+    return 28 * t / (devices if w.strategy != "ddp" else 1) + cast
+
+
+def offload_bytes_per_step(arch: Arch, w: Workload, micro_steps: int, devices: int) -> float:
+    """cpu_offload: what each process moves between host and device per optimizer step: its share
+    of the weights in for the forward and again for the backward, and its share of the gradients
+    out, every micro-step; then AdamW runs on the CPU over its share of the states (28 bytes a
+    weight, as in traffic_bytes_per_step). Bound by PCIE_GBS."""
+    if not w.cpu_offload:
+        return 0.0
+    t = trainable_params(arch, w)
+    per_micro_step = 2 * arch.params * w.compute_bytes + 4 * t
+    return (per_micro_step * micro_steps + 28 * t) / devices
 
 
 # ---- hardware ----------------------------------------------------------------------------------
@@ -292,6 +354,9 @@ class Hardware(BaseModel):
         1.0, gt=0, description="Memory the allocator holds per byte of saved activations (measured on this machine).")
     decode_step_s: dict[str, float] | None = Field(
         None, description="Measured seconds per generated token of the probe model, by batch size ('1', '16').")
+    avx512: bool | None = Field(
+        None, description="CPU: whether it has AVX-512, which bitsandbytes' fast 4-bit kernels (QLoRA) need; "
+        "null for GPUs.")
 
     def util(self, method: str) -> float:
         u = self.utilisation
@@ -348,9 +413,25 @@ class Estimate:
     usd: float
     tflops_total: float
     notes: tuple[str, ...] = field(default=())
+    workload: Workload = field(default_factory=Workload)  # what was estimated
+
+    @property
+    def setup(self) -> str:
+        """How the devices run it, beyond the method: "FSDP over 4 devices, gradient checkpointing"
+        ("" for one device as it is)."""
+        w, parts = self.workload, []
+        if self.devices > 1:
+            name = {"ddp": "DDP", "fsdp": "FSDP", "deepspeed": f"DeepSpeed ZeRO-{w.zero_stage}"}[w.strategy]
+            parts.append(f"{name} over {self.devices} devices" + (" with CPU offload" if w.cpu_offload else ""))
+        if w.checkpointing:
+            parts.append("gradient checkpointing")
+        return ", ".join(parts)
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "hardware": self.hardware, "devices": self.devices,
+        w = self.workload
+        return {"method": self.method, "hardware": self.hardware, "devices": self.devices, "setup": self.setup,
+                "strategy": w.strategy, "gradient_checkpointing": w.checkpointing, "cpu_offload": w.cpu_offload,
+                "rows_per_micro_step": w.micro_batch,
                 "memory_gb": self.memory.as_gb(), "fits": self.fits, "trainable_parameters": self.trainable,
                 "optimizer_steps": self.steps, "seconds": round(self.seconds, 1), "usd": round(self.usd, 2),
                 "training_pflop": round(self.tflops_total / 1000, 3), "notes": list(self.notes)}
@@ -359,12 +440,15 @@ class Estimate:
 def estimate(arch: Arch, w: Workload, size: RunSize, hw: Hardware, devices: int = 1) -> Estimate:
     """Memory per device, wall time and cost of training `arch` with `w` on `devices` x `hw`."""
     notes = []
-    if w.method == "qlora" and hw.kind == "cpu":
-        notes.append("QLoRA's 4-bit kernels (bitsandbytes) need a GPU")
+    if w.method == "qlora" and hw.kind == "cpu" and hw.avx512 is False:
+        notes.append("this CPU has no AVX-512: bitsandbytes' 4-bit kernels take a slow path here, slower than "
+                     "estimated")
     if not hw.bf16:
         notes.append(f"{hw.label} has no bf16: training runs in fp16 with loss scaling, or float32")
     w = replace(w, compute_bytes=2 if (hw.bf16 or hw.kind == "gpu") else 4)
-    mem = memory(arch, w, hw.kind, hw.activation_factor, hw.runtime_gb)
+    mem = memory(arch, w, hw.kind, hw.activation_factor, hw.runtime_gb, devices)
+    if mem.offloaded:
+        notes.append(f"≈ {mem.offloaded / GB:.0f} GB of host memory per process for the offloaded states")
     fits = mem.total <= hw.memory_gb * GB * USABLE_MEMORY
     rows = math.ceil(size.train_tokens / (w.seq_len * size.packing_fill))
     rows_per_step = w.micro_batch * size.grad_accum * devices
@@ -376,11 +460,12 @@ def estimate(arch: Arch, w: Workload, size: RunSize, hw: Hardware, devices: int 
     compute_s = flops / (hw.peak_tflops * 1e12 * hw.util(w.method) * scale)
     compute_s += computed_tokens * elementwise_per_token(arch, w) * hw.elementwise_ns * 1e-9 / scale
     micro_steps = size.grad_accum
-    traffic_s = steps * traffic_bytes_per_step(arch, w, micro_steps) / (hw.bandwidth_gbs * 1e9)
+    traffic_s = steps * traffic_bytes_per_step(arch, w, micro_steps, devices) / (hw.bandwidth_gbs * 1e9)
+    traffic_s += steps * offload_bytes_per_step(arch, w, micro_steps, devices) / (PCIE_GBS * 1e9)
     seconds = compute_s + traffic_s
     usd = seconds / 3600 * hw.usd_per_hour * devices
     return Estimate(w.method, hw.name, devices, mem, fits, trainable_params(arch, w), steps, seconds, usd,
-                    flops / 1e12, tuple(notes))
+                    flops / 1e12, tuple(notes), w)
 
 
 def fmt_duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ import yaml
 
 from tailor.advise import Advice
 from tailor.advise.answers import USE_CASES
-from tailor.advise.choose import TECHNIQUES
+from tailor.advise.choose import TECHNIQUES, way_of
 from tailor.advise.estimate import GB, fmt_duration
 from tailor.models.catalog import size_label
 from tailor.models.local import fmt_gb
@@ -27,7 +27,7 @@ def markdown(adv: Advice) -> str:
     if a.goal:
         out += [f"Goal: {a.goal}", ""]
     out += [f"Use case: {USE_CASES[a.use_case]}. Stage: {a.stage}. Languages: {', '.join(a.languages)}. "
-            f"Expertise: {a.expertise}. Hardware: {a.compute.count} x {hw.label}."
+            f"Expertise: {a.expertise}. Hardware: {devices_label(adv)}."
             + (f" Budget: ${a.budget_usd:,.0f}." if a.budget_usd is not None else "")
             + (f" Deadline: {a.deadline_hours:g} h." if a.deadline_hours is not None else ""), ""]
 
@@ -48,13 +48,13 @@ def markdown(adv: Advice) -> str:
             out += [f"- {d.card_verdicts[key]}"]
     out += [""] if d.card_verdicts else []
 
-    out += ["## Base models", "", "| # | model | size | weights | licence | context | LoRA memory | training time | "
-            "cost | why |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["## Base models", "", "| # | model | size | weights | licence | context | memory per device | "
+            "training time | cost | why |", "|---|---|---|---|---|---|---|---|---|---|"]
     eligible = [c for c in adv.candidates if c.eligible]
     for i, c in enumerate(eligible[:SHOWN_MODELS], 1):
-        m, e = c.model, c.lora
+        m, e = c.model, c.plan
         out.append(f"| {i} | {m.name} (`{m.hub_id}`) | {size_label(m.params)} | {c.weights} | {m.license} | "
-                   f"{m.context_length:,} | {e.memory.total / GB:.1f} GB | {fmt_duration(e.seconds)} | "
+                   f"{m.context_length:,} | {e.memory.total / GB:.1f} GB ({way_of(e)}) | {fmt_duration(e.seconds)} | "
                    f"{money(e.usd, hw.usd_per_hour)} | {'; '.join(c.why[:1])} |")
     if not eligible:
         out.append("| – | none fits | | | | | | | | |")
@@ -78,14 +78,20 @@ def markdown(adv: Advice) -> str:
     out += [f"| `{s.key}` | {s.value} | {s.why} |" for s in adv.settings] + [""]
 
     out += [f"## Memory, time and money ({top.model.name}, {adv.lora_epochs():g} epochs over "
-            f"{d.train_tokens:,} tokens, {a.compute.count} x {hw.label})", "",
-            "| method | trains | memory per device | fits | training time | cost |", "|---|---|---|---|---|---|"]
+            f"{d.train_tokens:,} tokens, {devices_label(adv)})", "",
+            "Each method as it is and, where that does not fit, the first way of it that does (gradient "
+            "checkpointing" + (", then sharding across the devices, then CPU offload" if a.compute.devices > 1 else "")
+            + f"). The starter job runs {way_of(top.plan)}.",
+            "", "| method | how | trains | memory per device | fits | training time | cost |",
+            "|---|---|---|---|---|---|---|"]
     for e in adv.methods:
         mem = e.memory.as_gb()
         note = f" ({'; '.join(e.notes)})" if e.notes else ""
-        out.append(f"| {e.method} | {e.trainable:,} | {mem['total']} GB (weights {mem['weights']}, gradients "
-                   f"{mem['gradients']}, optimizer {mem['optimizer']}, activations {mem['activations']}) | "
-                   f"{'yes' if e.fits else 'no'} | {fmt_duration(e.seconds)} | {money(e.usd, hw.usd_per_hour)}{note} |")
+        rows = f"{e.workload.micro_batch} row{'s' if e.workload.micro_batch > 1 else ''} per micro-step"
+        out.append(f"| {e.method} | {', '.join(filter(None, [e.setup, rows]))} | {e.trainable:,} | {mem['total']} GB "
+                   f"(weights {mem['weights']}, gradients {mem['gradients']}, optimizer {mem['optimizer']}, "
+                   f"activations {mem['activations']}) | {'yes' if e.fits else 'no'} | {fmt_duration(e.seconds)} | "
+                   f"{money(e.usd, hw.usd_per_hour)}{note} |")
     out += ["", _assumptions(adv), ""]
     if adv.run_time:
         r = adv.run_time
@@ -93,10 +99,33 @@ def markdown(adv: Advice) -> str:
         out += [f"The starter job end to end: about {fmt_duration(r.total_s)} ({parts})"
                 + (f"; the first evaluation on a machine adds {fmt_duration(r.first_time_s)} for the base model's "
                    "general-skills probe" if r.first_time_s >= 1 else "") + ".", ""]
-    out += ["## Next", "", "```", "tailor train job.yaml", "```", "",
-            "job.yaml (beside this file) holds the model, technique and settings above; every key is described by "
+    out += ["## Next", "", "```", launch_command(a), "```", ""]
+    if a.compute.nodes > 1:
+        out += [_on_each_machine(a), ""]
+    out += ["job.yaml (beside this file) holds the model, technique and settings above; every key is described by "
             "`tailor spec`."]
     return "\n".join(out)
+
+
+def devices_label(adv: Advice) -> str:
+    c = adv.answers.compute
+    return (f"{c.nodes} machines x " if c.nodes > 1 else "") + f"{c.count} x {adv.hardware.label}"
+
+
+def launch_command(a, job: str = "job.yaml") -> str:
+    """What starts the job on the answers' devices: one process per device (torchrun), on each machine."""
+    c = a.compute
+    if c.devices == 1:
+        return f"tailor train {job}"
+    if c.nodes == 1:
+        return f"torchrun --nproc_per_node {c.count} -m tailor train {job}"
+    return (f"torchrun --nnodes {c.nodes} --nproc_per_node {c.count} --rdzv-backend c10d --rdzv-endpoint HOST:29500 "
+            f"-m tailor train {job}")
+
+
+def _on_each_machine(a) -> str:
+    return (f"Run it on each of the {a.compute.nodes} machines, with the job file and the data at the same paths; "
+            "HOST is the first machine's address, its port 29500 open to the others.")
 
 
 def _offline_lines(adv: Advice) -> list[str]:
@@ -108,9 +137,10 @@ def _offline_lines(adv: Advice) -> list[str]:
     if c is not None:
         role = "the first choice" if adv.with_network_first else "the next choice"
         line += (f" With network access, {c.model.name} ({size_label(c.model.params)}) would be {role}: a download "
-                 f"of ≈ {fmt_gb(c.download_gb)}, then {fmt_duration(c.lora.seconds)} of LoRA training on "
-                 f"{adv.hardware.label}. Get it where there is network with `hf download {c.model.hub_id}` and copy "
-                 "~/.cache/huggingface/hub here (or its folder: --model PATH).")
+                 f"of ≈ {fmt_gb(c.download_gb)}, then {fmt_duration(c.plan.seconds)} of training "
+                 f"({way_of(c.plan)}) on {adv.hardware.label}. Get it where there is network with "
+                 f"`hf download {c.model.hub_id}` and copy ~/.cache/huggingface/hub here (or its folder: "
+                 "--model PATH).")
     return ["", line]
 
 
@@ -132,12 +162,17 @@ def _assumptions(adv: Advice) -> str:
         basis = (f"measured on this machine ({hw.calibrated[:10]}: {hw.peak_tflops:.2f} TFLOP/s peak, "
                  f"{hw.util('lora'):.0%} of it in LoRA training)" if hw.calibrated else
                  "a guess for this CPU: run `tailor advise --calibrate` (about a minute) to measure it")
-        return f"Time is {basis}. QLoRA needs a CUDA GPU (bitsandbytes); Tailor's job files run full, LoRA and freeze."
+        qlora = {True: "QLoRA runs here with bitsandbytes' AVX-512 kernels, at the speed the estimate gives LoRA "
+                       "(not measured)",
+                 False: "this CPU has no AVX-512: QLoRA's 4-bit kernels (bitsandbytes) take a slow path here",
+                 None: "QLoRA runs on a CPU with bitsandbytes, fast where the CPU has AVX-512"}[hw.avx512]
+        return f"Time is {basis}. {qlora}."
     return (f"Time assumes {hw.util('lora'):.0%} of the {hw.peak_tflops:g} TFLOP/s peak for LoRA "
             f"({hw.util('full'):.0%} full, {hw.util('qlora'):.0%} QLoRA), "
-            "typical for PyTorch fine-tuning, not measured; "
-            f"cost ${hw.usd_per_hour:.2f} per GPU-hour (override: --price {hw.name}=USD). QLoRA is estimated for "
-            "comparison; Tailor's job files run full, LoRA and freeze.")
+            "typical for PyTorch fine-tuning, not measured"
+            + ("; the devices at 90 % efficiency together (their communication mostly overlaps the computation)"
+               if adv.answers.compute.devices > 1 else "")
+            + f"; cost ${hw.usd_per_hour:.2f} per GPU-hour (override: --price {hw.name}=USD).")
 
 
 def _spread(items: list, n: int) -> list:
@@ -160,7 +195,9 @@ def write(adv: Advice, out: Path) -> dict[str, Path]:
         files["job.yaml"] = out / "job.yaml"
         header = ("# Written by tailor advise: the advised model, technique and starting settings (advice.md says "
                   "why).\n# Settings set to auto are chosen at the start of training for the model actually trained.\n"
-                  f"# Check data.train, then: tailor train {files['job.yaml']}\n")
+                  f"# Check data.train, then: {launch_command(adv.answers, str(files['job.yaml']))}\n")
+        if adv.answers.compute.nodes > 1:
+            header += f"# {_on_each_machine(adv.answers)}\n"
         job = _paths_from(adv.job, out)
         write_atomic(files["job.yaml"], header + yaml.safe_dump(job, sort_keys=False))
     return files
@@ -195,7 +232,7 @@ def as_dict(adv: Advice) -> dict:
         "answers": adv.answers.model_dump(), "hardware": adv.hardware.model_dump(),
         "models": [{"name": c.model.name, "hub_id": c.model.hub_id, "eligible": c.eligible, "why": c.why,
                     "excluded": c.excluded, "local": c.local, "where": c.here.path if c.here else None,
-                    "download_gb": round(c.download_gb, 2), "lora": c.lora.as_dict()} for c in adv.candidates],
+                    "download_gb": round(c.download_gb, 2), "plan": c.plan.as_dict()} for c in adv.candidates],
         "offline": adv.offline,
         "with_network": {"name": adv.with_network.model.name, "first": adv.with_network_first}
         if adv.with_network else None,
@@ -205,4 +242,5 @@ def as_dict(adv: Advice) -> dict:
         "run_seconds": {**{k: round(s, 1) for k, s in adv.run_time.parts().items()},
                         "total": round(adv.run_time.total_s, 1)} if adv.run_time else None,
         "job": adv.job,
+        "launch": launch_command(adv.answers) if adv.job else None,
     }

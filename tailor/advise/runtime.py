@@ -58,12 +58,13 @@ class JobTime:
 
 
 def workload_of(job, profile: DataProfile, method: str | None = None) -> Workload:
-    """The job's adapter and training shape as the estimator's Workload."""
-    a, t = job.adapter, job.training
+    """The job's adapter, training shape and distributed strategy as the estimator's Workload."""
+    a, t, d = job.adapter, job.training, job.distributed
     return Workload(method=method or a.kind, seq_len=t.max_seq_len, micro_batch=t.batch_size, lora_rank=a.rank,
                     lora_dropout=a.dropout, lora_top_blocks=a.lora_top_blocks, train_top_blocks=a.train_top_blocks,
                     train_head=a.train_head, checkpointing=t.gradient_checkpointing,
-                    label_fraction=profile.label_fraction,
+                    strategy=d.strategy, zero_stage=d.zero_stage, cpu_offload=d.cpu_offload,
+                    double_quant=a.double_quant, label_fraction=profile.label_fraction,
                     example_tokens=min(profile.mean_tokens, t.max_seq_len))
 
 
@@ -154,7 +155,7 @@ def job_time(job, profile: DataProfile, arch: Arch, hw: Hardware, devices: int =
     state_bytes = 12 * training.trainable  # float32 weights + AdamW's two states
     weights_bytes = arch.params * 2
     checkpoints = (saves * state_bytes / (DISK_GBS * 1e9)
-                   + (weights_bytes if w.method != "lora" else 0) / (DISK_GBS * 1e9))
+                   + (weights_bytes if w.method not in ("lora", "qlora") else 0) / (DISK_GBS * 1e9))
     evaluation = first_time = 0.0
     if e.enabled:
         tests = min(e.max_examples, profile.test_examples)

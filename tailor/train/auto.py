@@ -34,7 +34,7 @@ class Choice:
 def learning_rate(params: int, kind: str, technique: str = "task") -> Choice:
     """Peak learning rate by the model's size: smaller models take larger steps."""
     b = params / 1e9
-    if kind == "lora":
+    if kind in ("lora", "qlora"):
         lr = 5e-4 if b < 0.5 else 2e-4 if b <= 3 else 1e-4 if b <= 14 else 5e-5
         why = f"LoRA on a {size_label(params)} model: smaller models take larger steps; halve it if the validation " \
               "loss jumps"
