@@ -513,6 +513,7 @@ def finish(r: Recipe, model, summary: dict) -> None:
           + (f": train loss {summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "")
           + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "")
           + (f", {summary['tokens_per_s_median']:.0f} tokens/s" if summary["tokens_per_s_median"] else "")
+          + (f", peak memory {summary['peak_memory_mb']:,} MB per process" if summary.get("peak_memory_mb") else "")
           + f" → {run.path}")
 
 

@@ -269,7 +269,22 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
         "final_val_token_accuracy": last_eval.get("val_token_accuracy") if last_eval else None,
         "final_val": {k: v for k, v in last_eval.items() if k.startswith("val_")} if last_eval else None,
         "tokens_per_s_median": statistics.median(speeds) if speeds else None,
+        **peak_memory(accelerator),
     }
+
+
+def peak_memory(accelerator) -> dict:
+    """The most memory one process held: resident memory on a CPU (the whole process since it
+    started, the model's loading included), allocated memory on a GPU (what PyTorch's caching
+    allocator reserved may be more). The largest over the processes."""
+    if accelerator.device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(accelerator.device), "gpu_allocated"
+    else:
+        import resource
+
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_resident"  # Linux: KiB
+    peak = accelerator.reduce(torch.tensor([float(peak)], device=accelerator.device), "max").item()
+    return {"peak_memory_mb": round(peak / 2 ** 20), "peak_memory_kind": kind}
 
 
 class EarlyStopping:
