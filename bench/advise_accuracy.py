@@ -7,6 +7,8 @@ predicted against measured time and peak memory.
   full-135m   full fine-tuning of the same model (float32 weights, AdamW states), no evaluation
   lora-360m   LoRA r16 on a SmolLM2-360M-shaped model (random weights: speed and memory do not
               depend on them), no evaluation
+  qlora-135m  QLoRA r16 on the embedded model (its block linears in 4-bit NF4), no evaluation
+  lora-gc-135m  LoRA r16 on the embedded model with gradient checkpointing, no evaluation
 
 Each runs `tailor train`'s task recipe in its own process (so peak memory is its own). The
 prediction is made first, the way `tailor advise` makes it: the model's shape from the catalog,
@@ -17,6 +19,7 @@ time within ±30 %, memory within ±25 %. The last line is machine-readable.
 
     python bench/advise_accuracy.py
     python bench/advise_accuracy.py --configs full-135m --examples 64
+    python bench/advise_accuracy.py --configs qlora-135m,lora-gc-135m
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ CONFIGS = {
     "full-135m": {"model": "smollm2-135m-instruct", "adapter": {"kind": "full"}, "eval": False},
     "lora-360m": {"model": "smollm2-360m-instruct",
                   "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.0}, "eval": False},
+    "qlora-135m": {"model": "smollm2-135m-instruct",
+                   "adapter": {"kind": "qlora", "rank": 16, "alpha": 32, "dropout": 0.0}, "eval": False},
+    "lora-gc-135m": {"model": "smollm2-135m-instruct",
+                     "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.0}, "eval": False,
+                     "training": {"gradient_checkpointing": True}},
 }
 
 
@@ -87,7 +95,7 @@ def job_dict(args, name: str, workdir: Path) -> dict:
         "adapter": c["adapter"],
         "training": {"learning_rate": 1e-4 if c["adapter"]["kind"] == "full" else 5e-4, "epochs": args.epochs,
                      "batch_size": args.batch, "max_seq_len": args.max_len, "log_every": 1, "save_every": 0,
-                     "val_generate": 4 if c["eval"] else 0, "val_generate_tokens": 32},
+                     "val_generate": 4 if c["eval"] else 0, "val_generate_tokens": 32, **c.get("training", {})},
         "eval": {"enabled": c["eval"], "data": [str(workdir / "test.jsonl")], "max_examples": 12,
                  "max_new_tokens": 64},
         "output": {"dir": str(workdir / "runs")},

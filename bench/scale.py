@@ -124,7 +124,8 @@ def run_variant(name: str, job: Path, folder: Path) -> dict:
     run_dir = next(p for p in (out / "scale").iterdir() if p.is_dir())
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     return {"variant": name, "processes": processes, "seconds": time.perf_counter() - started,
-            "peak_mb": summary["peak_memory_mb"], "tokens_per_s": summary["tokens_per_s_median"],
+            "peak_mb": summary["peak_memory_mb"], "weights_mb": summary["weights_mb"],
+            "tokens_per_s": summary["tokens_per_s_median"],
             "val_loss": summary["final_val_loss"], "train_loss": summary["final_train_loss"]}
 
 
@@ -150,13 +151,15 @@ def main(argv=None) -> list[dict]:
     for name in args.variants.split(","):
         rows.append(run_variant(name, job, folder))
         r = rows[-1]
-        print(f"{name:10s} {r['processes']} proc  peak {r['peak_mb']:6,d} MB/proc  {r['tokens_per_s']:7.1f} tok/s  "
+        print(f"{name:10s} {r['processes']} proc  weights {r['weights_mb']:6.0f} MB  peak {r['peak_mb']:6,d} MB/proc  "
+              f"{r['tokens_per_s']:7.1f} tok/s  "
               f"train {r['train_loss']:.4f}  val {r['val_loss']:.4f}  ({r['seconds']:.0f} s)", flush=True)
     by = {r["variant"]: r for r in rows}
     ratios = []
     for a, b in PAIRS:
         if a in by and b in by:
-            ratios.append(f"{a}/{b}:memory={by[a]['peak_mb'] / by[b]['peak_mb']:.2f},"
+            ratios.append(f"{a}/{b}:weights={by[a]['weights_mb'] / by[b]['weights_mb']:.2f},"
+                          f"memory={by[a]['peak_mb'] / by[b]['peak_mb']:.2f},"
                           f"speed={by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f},"
                           f"val_loss={100 * (by[a]['val_loss'] / by[b]['val_loss'] - 1):+.1f}%")
     print(" ".join(ratios) or "no pairs measured")

@@ -411,8 +411,9 @@ class DistributedSpec(Section):
         "ddp", description="How several processes (torchrun, accelerate launch) share the work. ddp: each holds the "
         "whole model and a share of each batch (fastest while the model, its gradients and optimizer fit one "
         "device). fsdp: PyTorch FSDP2, the weights, gradients and optimizer states sharded per decoder block "
-        "across the processes (memory per device falls with their number). deepspeed: DeepSpeed ZeRO through "
-        "accelerate (stage 2 shards gradients and optimizer states; 3 also the weights). One process: no effect.")
+        "across the processes (memory per device falls with their number). deepspeed: DeepSpeed ZeRO (stage 2 "
+        "shards gradients and optimizer states; 3 also the weights; pip install \"tailor-llm[deepspeed]\"). "
+        "With one process fsdp and deepspeed run unsharded, the same code path: a check before a bigger launch.")
     reshard_after_forward: bool = Field(
         True, description="fsdp: free each block's gathered weights after its forward and gather them again for "
         "the backward (ZeRO-3-like, least memory); false: keep them until the backward (ZeRO-2-like, one "

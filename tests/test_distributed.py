@@ -32,6 +32,10 @@ def train_on_two_processes(path: Path, out: Path, batch_size: int, *args: str) -
     return result, only_run(out)
 
 
+def val_losses(run_dir: Path) -> list[float]:
+    return [r["val_loss"] for r in Run(run_dir).metrics() if r.get("type") == "eval"]
+
+
 def only_run(out: Path) -> Path:
     runs = [run for job in out.iterdir() for run in job.iterdir()]
     assert len(runs) == 1 and Run(runs[0]).done
@@ -46,7 +50,8 @@ def saved_weights(run_dir: Path) -> dict:
 
 
 def assert_same_result(run_dir: Path, single: Path) -> None:
-    """The result folder holds the same files and, within float32 summation order, the same weights."""
+    """The result folder holds the same files and, within float32 summation order, the same weights
+    (after a few steps at the tests' learning rate of 1e-2, a few elements differ by up to 2e-5)."""
     import torch
 
     assert sorted(p.name for p in Run(run_dir).require_result().iterdir()) == \
@@ -54,7 +59,7 @@ def assert_same_result(run_dir: Path, single: Path) -> None:
     a, b = saved_weights(run_dir), saved_weights(single)
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(make_job, tmp_path):
@@ -103,12 +108,16 @@ def test_sharded_on_two_processes_equals_one_resumes_exactly_and_saves_the_same_
                                                                                          strategy, kind):
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")  # pip install "tailor-llm[deepspeed]" (the test extra has it)
+    # Validation on 6 held-out conversations packed into fewer rows than processes x batch: the
+    # second process has none to score and must still join every forward (weights are gathered).
     path = make_job(f"{strategy}-{kind}", adapter={"kind": kind}, distributed={"strategy": strategy, "zero_stage": 3},
-                    training={"max_steps": 4, "save_every": 2, "grad_accum": 2})
+                    data={"validation_fraction": 0.25}, training={"max_steps": 4, "save_every": 2, "grad_accum": 2,
+                                                                  "eval_every": 2})
     single = run_technique(load_job(path, ["training.batch_size=4", "distributed.strategy=ddp"]), show_progress=False)
     result, run_dir = train_on_two_processes(path, tmp_path / "ranks", 2)
     assert f"on 2 process(es) ({strategy})" in result.stderr
     assert train_losses(run_dir) == pytest.approx(train_losses(single), abs=1e-5)
+    assert val_losses(run_dir) == pytest.approx(val_losses(single), abs=1e-5) and len(val_losses(single)) == 2
     assert_same_result(run_dir, single)
     checkpoint = Run(run_dir).checkpoints_dir / "step-0000004"
     assert (checkpoint / SHARDS[strategy]).is_file() and not (checkpoint / "trainable.safetensors").exists()
@@ -174,3 +183,38 @@ def test_the_deepspeed_config_comes_from_the_section_or_your_file_with_the_jobs_
     parsed = DeepSpeedConfig(mine)
     assert parsed.zero_optimization_stage == 2 and parsed.zero_config.reduce_bucket_size == 5e7
     assert (parsed.train_micro_batch_size_per_gpu, parsed.bfloat16_config.enabled) == (2, False)  # the job's
+
+
+def test_a_resume_needs_as_many_processes_as_the_start(make_job):
+    import json
+
+    from tailor.techniques.common import ResumeError
+
+    path = make_job("procs", training={"max_steps": 2, "save_every": 1})
+    run = Run(run_technique(load_job(path), show_progress=False))
+    run.done_file.unlink()  # as if killed
+    manifest = json.loads(run.manifest_file.read_text())
+    run.manifest_file.write_text(json.dumps({**manifest, "processes": 2}))
+    with pytest.raises(ResumeError, match=r"trained on 2 process\(es\) and this launch has 1; relaunch with 2"):
+        run_technique(load_job(path), resume=True, show_progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_every_technique_and_adapter_kind_trains_sharded_in_one_process(make_job, pairs_file, chat_file, strategy):
+    """With one process the sharded strategies run their whole code path (sharding, sharded
+    checkpoints, gathering the result): the freeze kind (trainable and frozen blocks side by side),
+    a staged technique (a new model sharded per stage) and the preference loss."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    jobs = {"freeze": dict(adapter={"kind": "freeze", "train_top_blocks": 1}),
+            "transfer": dict(technique="transfer", adapter={"kind": "lora", "lora_top_blocks": 1},
+                             transfer={"domain_text": [str(chat_file)]}),
+            "behavioral": dict(technique="behavioral", data={"train": [str(pairs_file)], "validation_fraction": 0.2},
+                               sequential={"max_regression": None})}
+    for name, sections in jobs.items():
+        sections.setdefault("training", {}).update(max_steps=2, save_every=1)
+        path = make_job(f"{strategy}-{name}", distributed={"strategy": strategy}, **sections)
+        sharded = run_technique(load_job(path), show_progress=False)
+        plain = run_technique(load_job(path, ["distributed.strategy=ddp", f"name={name}-ddp"]), show_progress=False)
+        assert train_losses(sharded) == pytest.approx(train_losses(plain), abs=1e-5), name
+        assert_same_result(sharded, plain)

@@ -106,8 +106,15 @@ def test_quickstart_runs_every_step(embedded_path, calibrated, tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--steps", "2", "--out", str(tmp_path)], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     for heading in ("0 · Decide", "1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune",
-                    "4 · Base vs tuned", "5 · Evaluate", "6 · Serve it"):
+                    "4 · Base vs tuned", "5 · Evaluate", "6 · Scale", "7 · Serve it"):
         assert heading in result.output
+    # The same job with a 4-bit base, read from both run folders, and the advisor's plans on GPUs.
+    assert "QLoRA: the same job with the base's linear layers in 4-bit NF4" in result.output
+    qlora_run = next((tmp_path / "quickstart-qlora").iterdir())
+    assert Run(qlora_run).manifest().adapter.kind == "qlora" and Run(qlora_run).done
+    assert "On 1 x NVIDIA L4 24 GB: " in result.output
+    assert "On 4 x NVIDIA A100 80 GB (full fine-tuning): " in result.output
+    assert "torchrun --nproc_per_node 4 -m tailor train job.yaml" in result.output
     # The advisor's verdict on the shipped example, its files, and its estimate held against the run.
     assert "Fine-tune: custom responses" in result.output and "model 1: " in result.output
     advice = json.loads((tmp_path / "advice" / "advice.json").read_text())

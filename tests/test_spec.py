@@ -41,7 +41,8 @@ def test_every_shipped_job_runs_a_step(path, tmp_path, tiny_model_dir):
 
 def test_there_are_example_jobs_for_each_adapter_kind():
     kinds = {load_job(p).adapter.kind for p in JOB_FILES}
-    assert kinds == {"lora", "full", "freeze"}
+    assert kinds == {"lora", "qlora", "full", "freeze"}
+    assert {load_job(p).distributed.strategy for p in JOB_FILES} >= {"ddp", "fsdp"}
 
 
 def test_misspelt_key_names_the_closest_valid_one():
@@ -53,13 +54,13 @@ def test_misspelt_key_names_the_closest_valid_one():
 def test_all_problems_are_reported_together():
     with pytest.raises(SpecError) as exc:
         parse_job({"data": {"train": "x.jsonl"}, "modle": {}, "training": {"epochs": -1, "batch_size": "big"},
-                   "adapter": {"kind": "qlora"}})
+                   "adapter": {"kind": "dora"}})
     problems = exc.value.problems
     assert len(problems) == 4, problems
     text = "\n".join(problems)
     assert "modle: unknown key; did you mean 'model'?" in text
     assert "training.epochs" in text and "training.batch_size" in text
-    assert "adapter.kind" in text and "'lora', 'full' or 'freeze'" in text
+    assert "adapter.kind" in text and "'lora', 'qlora', 'full' or 'freeze'" in text
 
 
 def test_missing_training_data_is_a_spec_error():

@@ -172,11 +172,11 @@ def _released(c: Candidate) -> int:
 
 
 def _gpu_order(c: Candidate, low: float, high: float) -> tuple:
-    """In the band, those that fit without 4-bit weights first (QLoRA costs time and a little
-    quality: it makes a model fit, it does not make it the better choice), the largest first;
-    outside it, the closest to the band; then the newest."""
-    b = c.model.billions
-    return (not c.in_band, c.plan.workload.method == "qlora",
+    """In the band, those that fit without 4-bit weights or CPU offload first (QLoRA costs a little
+    quality and time, offload much time: they make a model fit, they do not make it the better
+    choice), the largest first; outside it, the closest to the band; then the newest."""
+    b, w = c.model.billions, c.plan.workload
+    return (not c.in_band, w.method == "qlora" or w.cpu_offload,
             -min(b, high) if c.in_band else abs(math.log(b / low)), -_released(c))
 
 

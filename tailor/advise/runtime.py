@@ -153,6 +153,8 @@ def job_time(job, profile: DataProfile, arch: Arch, hw: Hardware, devices: int =
         arch, hw, min(t.val_generate, profile.validation_examples), t.val_generate_tokens, t.val_generate, prompt, w)
     saves = len({steps} | (set(range(t.save_every, steps + 1, t.save_every)) if t.save_every else set()))
     state_bytes = 12 * training.trainable  # float32 weights + AdamW's two states
+    if w.strategy != "ddp":  # sharded: each process writes its own share of them, at once
+        state_bytes /= devices
     weights_bytes = arch.params * 2
     checkpoints = (saves * state_bytes / (DISK_GBS * 1e9)
                    + (weights_bytes if w.method not in ("lora", "qlora") else 0) / (DISK_GBS * 1e9))

@@ -45,7 +45,7 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
     started = time.perf_counter()
 
     out.rule("[bold]0 · Decide: is fine-tuning worth it here?")
-    estimated = advise_demo(job, out_dir.resolve() / "advice", out, err)
+    estimated, profile = advise_demo(job, out_dir.resolve() / "advice", out, err)
 
     out.rule("[bold]1 · Load the base model")
     t = time.perf_counter()
@@ -120,7 +120,10 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
               f"{estimated:.0f} s in step 0.", highlight=False)
     out.print(f"Report with the curves, base vs tuned and sample answers (opens offline): {run.report_file}")
 
-    out.rule("[bold]6 · Serve it: an OpenAI-compatible API that collects feedback")
+    out.rule("[bold]6 · Scale: a 4-bit base, and bigger models on GPUs")
+    scale_demo(job, run, profile, steps, out, err)
+
+    out.rule("[bold]7 · Serve it: an OpenAI-compatible API that collects feedback")
     serve_demo(run_dir, job.name, out_dir.resolve() / "feedback.db", out)
     out.print(f"Done in {time.perf_counter() - started:.0f} s. Run folder: {run_dir}")
     out.print(f"Ask it yourself: tailor chat --run {run_dir} \"How do I pair my Ember?\"")
@@ -174,7 +177,53 @@ def advise_demo(job, out_dir: Path, out: Console, err: Console) -> float:
               f"{estimate.training.memory.total / GB:.1f} GB).", highlight=False, markup=False)
     out.print(f"→ {files['advice.md']} (the full advice), {files.get('job.yaml', '')} (a starter job)",
               highlight=False, markup=False)
-    return seconds
+    return seconds, data
+
+
+QLORA_STEPS = 10
+
+
+def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Console) -> None:
+    """The same job with the base in 4-bit (QLoRA) for a few steps beside step 3's LoRA run, read
+    from both run folders; then what the advisor would run for this data on GPUs it does not have
+    here: one L4, and a full fine-tune on 4 A100s, with the command that launches it."""
+    from tailor.advise import advise
+    from tailor.advise.answers import load_answers
+    from tailor.advise.choose import way_of
+    from tailor.advise.estimate import GB, hardware_table
+    from tailor.advise.report import launch_command
+    from tailor.runs import Run
+    from tailor.techniques import run as run_technique
+
+    q = job.model_copy(deep=True)
+    q.name, q.adapter.kind = f"{job.name}-qlora", "qlora"
+    q.training.max_steps = min(steps or QLORA_STEPS, QLORA_STEPS)
+    q.training.val_generate, q.training.early_stopping_patience = 0, 0
+    out.print(f"QLoRA: the same job with the base's linear layers in 4-bit NF4 (adapter.kind: qlora), "
+              f"{q.training.max_steps} steps:", highlight=False)
+    q_run = Run(run_technique(q, console=err))
+    for name, r in (("LoRA ", lora_run), ("QLoRA", q_run)):
+        s = r.summary()
+        out.print(f"  {name} weights {s['weights_mb']:.0f} MB, peak memory {s['peak_memory_mb']:,} MB, "
+                  f"{s['tokens_per_s_median'] or 0:.0f} tokens/s, train loss {s['final_train_loss']:.3f} "
+                  f"({s['steps']} steps) → {r.path}", highlight=False, markup=False)
+    out.print("  On this 135M model the activations, not the weights, fill the memory, and 4-bit rounding costs "
+              "more than on a 7B: QLoRA is for models that do not fit with LoRA (docs/scaling.md).",
+              highlight=False, markup=False)
+
+    a = load_answers(ANSWERS)
+    table = hardware_table()
+    for target, count, method in (("l4", 1, "auto"), ("a100-80gb", 4, "full")):
+        asked = a.model_copy(update={"compute": a.compute.model_copy(update={"target": target, "count": count}),
+                                     "method": method, "deadline_hours": None})
+        adv = advise(asked, profile, table[target])
+        top = adv.top
+        if top is None:
+            continue
+        plan = top.plan
+        out.print(f"On {count} x {table[target].label}{' (full fine-tuning)' if method == 'full' else ''}: "
+                  f"{top.model.name}, {way_of(plan)}, {plan.memory.total / GB:.1f} GB per device, "
+                  f"about {plan.seconds / 60:.0f} min: {launch_command(asked)}", highlight=False, markup=False)
 
 
 def serve_demo(run_dir: Path, name: str, db: Path, out: Console) -> None:

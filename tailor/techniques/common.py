@@ -101,6 +101,7 @@ def run_folder(r: Recipe, resume: bool, fixed: Run | None = None) -> Run:
             fixed.path.mkdir(parents=True, exist_ok=True)
             if resume:
                 check_same_job(fixed, job)
+                check_same_processes(fixed, r.accelerator.num_processes)
             chosen[0] = str(fixed.path)
         elif resume:
             latest = Run.latest(job.output.dir, job.name)
@@ -108,6 +109,7 @@ def run_folder(r: Recipe, resume: bool, fixed: Run | None = None) -> Run:
                 raise ResumeError(f"--resume: no earlier run of job '{job.name}' in {job.output.dir}/{job.name}; "
                                   "run without --resume to start one")
             check_same_job(latest, job)
+            check_same_processes(latest, r.accelerator.num_processes)
             chosen[0] = str(latest.path)
         else:
             chosen[0] = str(Run.new(job.output.dir, job.name).path)
@@ -131,6 +133,18 @@ def check_same_job(run: Run, job: Job) -> None:
     if changed:
         raise ResumeError(f"--resume: {run.path} was started with a different job ({', '.join(changed)} changed); "
                           "restore those values to resume, or run without --resume to start a new run")
+
+
+def check_same_processes(run: Run, processes: int) -> None:
+    """Which rows each step trains on, and each process's RNG and shards, follow the number of
+    processes: a resume must have as many as the start had."""
+    if not run.has_manifest or run.done:
+        return
+    before = run.manifest().processes
+    if before and before != processes:
+        raise ResumeError(f"--resume: {run.path} was trained on {before} process(es) and this launch has {processes}; "
+                          f"relaunch with {before} (torchrun --nproc_per_node {before} … on one machine), or run "
+                          "without --resume to start a new run")
 
 
 def finished(r: Recipe) -> bool:

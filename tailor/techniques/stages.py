@@ -159,7 +159,8 @@ def _assemble(run: Run, last: Run, record: dict, stopped: str | None, job: Job) 
     kept = last.summary() or {}  # the final numbers are those of the stage kept
     summary = {k: kept.get(k) for k in ("final_train_loss", "final_val_loss", "final_val_token_accuracy",
                                                  "final_val", "tokens_per_s_median")}
-    summary["peak_memory_mb"] = max((st.get("peak_memory_mb") or 0 for st in summaries), default=None) or None
+    for key in ("weights_mb", "peak_memory_mb"):
+        summary[key] = max((st.get(key) or 0 for st in summaries), default=None) or None
     summary.update({"steps": offset, "stopped_at_stage": stopped, "result_of": last.id,
                     "regressions": [r | {"after": s["name"]} for s in record["stages"] for r in s["regressions"]],
                     "stages": summaries})

@@ -19,6 +19,7 @@ MEASURES = [
     ("validation loss", ("train", "final_val_loss")),
     ("validation token accuracy", ("train", "final_val_token_accuracy")),
     ("tokens/s", ("train", "tokens_per_s_median")),
+    ("weights per process (MB)", ("train", "weights_mb")),
     ("peak memory per process (MB)", ("train", "peak_memory_mb")),
     ("test answer loss", ("eval", "tuned", "loss")),
     ("test token accuracy", ("eval", "tuned", "token_accuracy")),

@@ -56,7 +56,6 @@ class DDP:
     """accelerate's DistributedDataParallel (nothing at all on one process); checkpoints are
     written whole by the main process (every process holds the same weights)."""
 
-    sharded = False
 
     def __init__(self, sharding: Sharding, accelerator, settings, run=None):
         self.sharding, self.accelerator, self.settings, self.run = sharding, accelerator, settings, run
@@ -100,9 +99,8 @@ class DDP:
 class FSDP(DDP):
     """PyTorch's FSDP2: each decoder block one unit, the objective (which holds the embeddings,
     the final norm and the head) the root. Checkpoints: every process writes its shards with
-    torch.distributed.checkpoint, which can read them back on another number of processes."""
+    torch.distributed.checkpoint, and reads back the parts its shards hold."""
 
-    sharded = True
     SHARDS = "sharded"
 
     def prepare(self, objective: nn.Module, model: nn.Module, make_optimizer):
@@ -158,7 +156,6 @@ class DeepSpeed(DDP):
     accumulation is left to the loop (managed_gradient_accumulation false: step() is the boundary),
     and it clips to training.max_grad_norm. Checkpoints are DeepSpeed's own, in deepspeed/."""
 
-    sharded = True
     FOLDER, TAG = "deepspeed", "state"
 
     def prepare(self, objective: nn.Module, model: nn.Module, make_optimizer):
