@@ -13,6 +13,7 @@ own; every number is read back from the run folder's summary.json, as a user wou
     fsdp-lora    LoRA on 2 processes under FSDP2 (each holds half of every weight)
     ddp-full     full fine-tuning on 2 processes (weights, gradients, Adam states: all whole)
     fsdp-full    full fine-tuning on 2 processes under FSDP2
+    zero3-full   full fine-tuning on 2 processes under DeepSpeed ZeRO-3
 
 Data: --data shop (the quickstart's support logs, prepared once by `tailor prepare`) or corpus
 (every English file of the public ChatterBot corpus: small talk, trivia, science, history…, data
@@ -43,9 +44,10 @@ VARIANTS = {
     "ddp-lora": ([], 2), "fsdp-lora": (["distributed.strategy=fsdp"], 2),
     "ddp-full": (["adapter.kind=full", "training.learning_rate=5e-5"], 2),
     "fsdp-full": (["adapter.kind=full", "training.learning_rate=5e-5", "distributed.strategy=fsdp"], 2),
+    "zero3-full": (["adapter.kind=full", "training.learning_rate=5e-5", "distributed.strategy=deepspeed"], 2),
 }
 PAIRS = [("qlora", "lora"), ("lora-gc", "lora"), ("qlora-gc", "lora"), ("fsdp-lora", "ddp-lora"),
-         ("fsdp-full", "ddp-full")]
+         ("fsdp-full", "ddp-full"), ("zero3-full", "ddp-full")]
 
 
 def parse_args(argv=None):

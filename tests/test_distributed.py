@@ -218,3 +218,27 @@ def test_every_technique_and_adapter_kind_trains_sharded_in_one_process(make_job
         plain = run_technique(load_job(path, ["distributed.strategy=ddp", f"name={name}-ddp"]), show_progress=False)
         assert train_losses(sharded) == pytest.approx(train_losses(plain), abs=1e-5), name
         assert_same_result(sharded, plain)
+
+
+def test_zero3_runs_when_one_process_has_more_answer_tokens_than_another(make_job, tmp_path):
+    """ZeRO-3 gathers the head's weight at each call, and the head runs in chunks of answer
+    tokens: a process with a 400-token answer and one with a 20-token answer must still call it
+    as many times (tailor.train.loss.chunk_starts), or they wait on each other's collectives."""
+    import json
+
+    pytest.importorskip("deepspeed")
+    data = tmp_path / "uneven.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"lamp {i}?"},
+        {"role": "assistant", "content": ("glow " * 80 if i % 2 == 0 else "short answer") + f" {i}"}]}) + "\n"
+        for i in range(2)), encoding="utf-8")  # each step: the long answer on one process, the short on the other
+    # Every weight partitioned, however small (DeepSpeed keeps those under 100,000 elements whole)
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    path = make_job("uneven", data={"train": [str(data)]},
+                    distributed={"strategy": "deepspeed", "deepspeed_config": str(config)},
+                    training={"max_steps": 2, "max_seq_len": 512, "packing": False})
+    single = run_technique(load_job(path, ["training.batch_size=2", "distributed.strategy=ddp",
+                                           "distributed.deepspeed_config="]), show_progress=False)
+    _, run_dir = train_on_two_processes(path, tmp_path / "ranks", 1)
+    assert train_losses(run_dir) == pytest.approx(train_losses(single), abs=1e-5)

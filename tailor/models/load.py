@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -138,7 +139,6 @@ def load_model_4bit(path: str, dtype: torch.dtype, device: str | torch.device = 
     as it is (BitsAndBytesConfig, LoRA on Linear4bit), where torchao's NF4 needs its own LoRA layer."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    _quiet_bitsandbytes()
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                 bnb_4bit_use_double_quant=double_quant)
     device = torch.device(device)
@@ -156,13 +156,13 @@ def load_model_4bit(path: str, dtype: torch.dtype, device: str | torch.device = 
     return model
 
 
-def _quiet_bitsandbytes() -> None:
-    """bitsandbytes tries to fetch a faster CPU kernel from the Hugging Face hub and warns when it
-    cannot (always, offline); it then uses its own, which is what runs here."""
-    import logging
+class _NoHubKernel(logging.Filter):
+    """bitsandbytes, when imported (transformers and DeepSpeed import it too), tries to fetch a
+    faster CPU kernel from the Hugging Face hub and warns when it cannot (always, offline); it then
+    uses its own, which is what runs here."""
 
-    class NoHubKernel(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "kernels-community" not in record.getMessage()
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(NoHubKernel())
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernel())

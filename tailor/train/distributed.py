@@ -163,6 +163,7 @@ class DeepSpeed(DDP):
 
         _process_group(self.accelerator.device)
         os.environ.setdefault("LOCAL_RANK", str(self.accelerator.local_process_index))  # set by torchrun, not by us
+        objective.even_head_calls = True  # ZeRO-3 gathers the head's weight at each of its calls
         optimizer = make_optimizer()
         config = deepspeed_config(self.sharding, self.settings, torch.distributed.get_world_size())
         if self.run is not None and self.accelerator.is_main_process:

@@ -8,6 +8,7 @@ token, three copies between forward and backward) would be the largest tensors o
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -32,11 +33,24 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.detach().argmax(-1) == targets).sum()
 
 
-def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK):
-    """Sum of token losses and number of argmax hits of `head` on hidden states [n, d]."""
+def chunk_starts(n: int, chunk: int = CHUNK, even: bool = False) -> range:
+    """Where each head + cross-entropy chunk over n label positions starts. even: every process
+    runs as many chunks as the one with the most (the extra ones empty). Under DeepSpeed ZeRO-3
+    each call of the head gathers its weight from all processes, so a process with fewer answer
+    tokens than another would leave it waiting."""
+    chunks = math.ceil(n / chunk)
+    if even and torch.distributed.is_initialized():
+        agreed = torch.tensor([chunks], dtype=torch.long)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        chunks = int(agreed.item())
+    return range(0, chunks * chunk, chunk)
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK, even: bool = False):
+    """Sum of token losses and number of argmax hits of `head` on hidden states [n, d]; even: see chunk_starts."""
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    for i in range(0, hidden.shape[0], chunk):
+    for i in chunk_starts(hidden.shape[0], chunk, even):
         h, t = hidden[i:i + chunk], targets[i:i + chunk]
         if torch.is_grad_enabled():
             part, hits = checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
@@ -52,6 +66,7 @@ class CausalLMLoss(nn.Module):
 
     stat_names = ("token_accuracy",)  # what the loop logs from the second value, per label token
     perplexity = True  # the mean loss is a language-model loss: exp of it means something
+    even_head_calls = False  # set by DeepSpeed ZeRO-3 (tailor/train/distributed.py): see chunk_starts
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -62,7 +77,7 @@ class CausalLMLoss(nn.Module):
         extra = {"segments": segments} if segments is not None else {}  # read by tailor.train.attention
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).last_hidden_state
         mask = labels != IGNORE
-        loss_sum, correct = head_loss(head, hidden[mask], labels[mask])
+        loss_sum, correct = head_loss(head, hidden[mask], labels[mask], even=self.even_head_calls)
         # weight 0 turns a filler batch (a rank with no rows left in the last step) into a no-op
         # that still takes part in DDP's gradient all-reduce.
         return loss_sum * weight, correct, mask.sum()

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tailor.train.encode import IGNORE, Encoded, encode_chat
-from tailor.train.loss import CHUNK, causal_lm_parts
+from tailor.train.loss import CHUNK, causal_lm_parts, chunk_starts
 from tailor.train.packing import collate, pack_best_fit
 
 LOSSES = ("dpo", "ipo", "orpo")
@@ -52,20 +52,22 @@ def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-def token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK,
+                   even: bool = False) -> torch.Tensor:
     """log p(target) at each of the n positions of hidden [n, d], the vocabulary-wide logits made
-    chunk by chunk and recomputed in the backward pass (as in loss.head_loss)."""
+    chunk by chunk and recomputed in the backward pass (as in loss.head_loss; even: loss.chunk_starts)."""
     parts = []
-    for i in range(0, hidden.shape[0], chunk):
+    for i in chunk_starts(hidden.shape[0], chunk, even):
         h, t = hidden[i:i + chunk], targets[i:i + chunk]
         parts.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
                      else _chunk_logps(head, h, t))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def sequence_logprobs(model: nn.Module, input_ids, labels, position_ids, segments) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(model: nn.Module, input_ids, labels, position_ids, segments,
+                      even: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the label tokens' log-probabilities, number of label tokens) of every example in the
-    batch, in row order."""
+    batch, in row order. even: see loss.chunk_starts."""
     backbone, head = causal_lm_parts(model)
     hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                       segments=segments).last_hidden_state
@@ -76,7 +78,7 @@ def sequence_logprobs(model: nn.Module, input_ids, labels, position_ids, segment
             owner[b, start:end] = n
             n += 1
     mask = labels != IGNORE
-    logps = token_logprobs(head, hidden[mask], labels[mask])
+    logps = token_logprobs(head, hidden[mask], labels[mask], even=even)
     ids = owner[mask]
     sums = torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(0, ids, logps)
     counts = torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(
@@ -89,6 +91,7 @@ class PreferenceLoss(nn.Module):
 
     stat_names = ("preference_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
     perplexity = False
+    even_head_calls = False  # set by DeepSpeed ZeRO-3: see loss.chunk_starts
 
     def __init__(self, model: nn.Module, loss: str = "dpo", beta: float = 0.1, sft_weight: float = 0.0):
         super().__init__()
@@ -97,7 +100,7 @@ class PreferenceLoss(nn.Module):
         self.model, self.loss, self.beta, self.sft_weight = model, loss, beta, sft_weight
 
     def forward(self, input_ids, labels, position_ids, segments, ref_logps=None, weight: float = 1.0):
-        sums, counts = sequence_logprobs(self.model, input_ids, labels, position_ids, segments)
+        sums, counts = sequence_logprobs(self.model, input_ids, labels, position_ids, segments, self.even_head_calls)
         losses, chosen_reward, rejected_reward = pair_losses(sums, counts, ref_logps, self.loss, self.beta)
         if self.sft_weight and self.loss != "orpo":  # orpo has its own language-model term
             losses = losses - self.sft_weight * sums[0::2] / counts[0::2]
