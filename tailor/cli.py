@@ -601,9 +601,10 @@ def export_(
             _print_out(f"  MISMATCH {r['prompt'][:60]!r}: {problem}")
     if "quantized" in result:
         q = result["quantized"]
-        _print_out(f"QLoRA: the run as trained (base in 4-bit) agrees with the full-precision adapter on "
-                   f"{q['token_agreement']:.0%} of answer tokens ({q['same_answers']}/{result['prompts']} answers "
-                   "identical); the merged folder and the server are full precision")
+        _print_out(f"QLoRA: the run as trained (base in 4-bit) and the full-precision adapter give the same first "
+                   f"{q['same_until_mean']:.1f} answer tokens on average and agree on {q['token_agreement']:.0%} of "
+                   f"all ({q['same_answers']}/{result['prompts']} answers identical); the merged folder and the server "
+                   "are full precision (each answer of both in parity.json)")
     _print_out(f"→ {written}")
     if result["agree"] < result["prompts"]:
         raise typer.Exit(1)

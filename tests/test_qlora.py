@@ -84,7 +84,7 @@ def test_every_technique_trains_with_qlora(make_job, chat_file, tmp_path, techni
 
 
 def test_qlora_export_merges_to_full_precision_and_reports_agreement_with_the_4bit_run(make_job, tmp_path):
-    from tailor.serve.export import export_run, parity, token_agreement
+    from tailor.serve.export import export_run, parity, same_until, token_agreement
 
     run_dir = run(make_job("q-export", adapter={"kind": "qlora"}))
     folder = export_run(run_dir, tmp_path / "export", say=lambda *a: None)
@@ -93,7 +93,9 @@ def test_qlora_export_merges_to_full_precision_and_reports_agreement_with_the_4b
     assert result["agree"] == 1  # adapter, merged folder and server: full precision, the same tokens
     q = result["quantized"]
     assert 0.0 <= q["token_agreement"] <= 1.0 and result["results"][0]["quantized_tokens"] >= 0
+    assert 0.0 <= q["same_until_mean"] <= 8 and "quantized_answer" in result["results"][0]
     assert token_agreement([1, 2, 3], [1, 2, 3]) == 1.0 and token_agreement([1, 2], [1, 5, 6, 7]) == 0.25
+    assert same_until([1, 2, 3], [1, 2, 4]) == 2 and same_until([1, 2], [1, 2, 3]) == 2
 
 
 def test_qlora_refuses_sharding_strategies(make_job):

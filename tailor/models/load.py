@@ -166,3 +166,7 @@ class _NoHubKernel(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernel())
+# DeepSpeed (when installed, transformers imports it) warns on every start that it found no GPU;
+# where there is none, telling it so up front is the same choice without the warning.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")

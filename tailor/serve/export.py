@@ -115,14 +115,21 @@ def parity(run_dir: str | Path, folder: str | Path, prompts: list[list[dict]] | 
         results.append(_compare(messages, ids, merged_ids, answers, tokenizer, rounded))
         if quantized is not None:
             trained = _generate(quantized, ids, end_ids, tokenizer.pad_token_id, max_new_tokens)
-            agreement.append(token_agreement(trained, answers["adapter"]))
-            results[-1]["quantized_tokens"] = len(trained)
-            results[-1]["quantized_agreement"] = agreement[-1]
+            agreement.append((token_agreement(trained, answers["adapter"]), same_until(trained, answers["adapter"])))
+            results[-1].update(quantized_tokens=len(trained), quantized_agreement=agreement[-1][0],
+                               quantized_same_until=agreement[-1][1],
+                               quantized_answer=tokenizer.decode(trained, skip_special_tokens=True))
     mismatched = [r for r in results if not r["agree"]]
     return {"prompts": len(results), "agree": len(results) - len(mismatched), "max_new_tokens": max_new_tokens,
-            **({"quantized": {"token_agreement": sum(agreement) / len(agreement),
-                              "same_answers": sum(a == 1.0 for a in agreement)}} if agreement else {}),
+            **({"quantized": {"token_agreement": sum(a for a, _ in agreement) / len(agreement),
+                              "same_until_mean": sum(n for _, n in agreement) / len(agreement),
+                              "same_answers": sum(a == 1.0 for a, _ in agreement)}} if agreement else {}),
             "results": results}
+
+
+def same_until(a: list[int], b: list[int]) -> int:
+    """How many tokens two greedy answers share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def token_agreement(a: list[int], b: list[int]) -> float:
