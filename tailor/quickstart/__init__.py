@@ -190,7 +190,7 @@ def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Con
     from tailor.advise import advise
     from tailor.advise.answers import load_answers
     from tailor.advise.choose import way_of
-    from tailor.advise.estimate import GB, hardware_table
+    from tailor.advise.estimate import GB, fmt_duration, hardware_table
     from tailor.advise.report import launch_command
     from tailor.runs import Run
     from tailor.techniques import run as run_technique
@@ -202,13 +202,16 @@ def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Con
     out.print(f"QLoRA: the same job with the base's linear layers in 4-bit NF4 (adapter.kind: qlora), "
               f"{q.training.max_steps} steps:", highlight=False)
     q_run = Run(run_technique(q, console=err))
+    at = q_run.summary()["steps"]
     for name, r in (("LoRA ", lora_run), ("QLoRA", q_run)):
         s = r.summary()
+        loss = next((row["loss"] for row in reversed(r.metrics()) if row.get("type") == "train" and row["step"] <= at),
+                    None)
         out.print(f"  {name} weights {s['weights_mb']:.0f} MB, peak memory {s['peak_memory_mb']:,} MB, "
-                  f"{s['tokens_per_s_median'] or 0:.0f} tokens/s, train loss {s['final_train_loss']:.3f} "
-                  f"({s['steps']} steps) → {r.path}", highlight=False, markup=False)
-    out.print("  On this 135M model the activations, not the weights, fill the memory, and 4-bit rounding costs "
-              "more than on a 7B: QLoRA is for models that do not fit with LoRA (docs/scaling.md).",
+                  f"{s['tokens_per_s_median'] or 0:.0f} tokens/s, train loss at step {at}: "
+                  + (f"{loss:.3f}" if loss is not None else "-") + f" → {r.path}", highlight=False, markup=False)
+    out.print("  On a model this small the activations, not the weights, fill the memory, and 4-bit rounding costs "
+              "it more than it costs a large one: QLoRA is for models that do not fit with LoRA (docs/scaling.md).",
               highlight=False, markup=False)
 
     a = load_answers(ANSWERS)
@@ -223,7 +226,7 @@ def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Con
         plan = top.plan
         out.print(f"On {count} x {table[target].label}{' (full fine-tuning)' if method == 'full' else ''}: "
                   f"{top.model.name}, {way_of(plan)}, {plan.memory.total / GB:.1f} GB per device, "
-                  f"about {plan.seconds / 60:.0f} min: {launch_command(asked)}", highlight=False, markup=False)
+                  f"training {fmt_duration(plan.seconds)}: {launch_command(asked)}", highlight=False, markup=False)
 
 
 def serve_demo(run_dir: Path, name: str, db: Path, out: Console) -> None:
