@@ -226,7 +226,8 @@ def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Con
         plan = top.plan
         out.print(f"On {count} x {table[target].label}{' (full fine-tuning)' if method == 'full' else ''}: "
                   f"{top.model.name}, {way_of(plan)}, {plan.memory.total / GB:.1f} GB per device, "
-                  f"training {fmt_duration(plan.seconds)}: {launch_command(asked)}", highlight=False, markup=False)
+                  f"training {fmt_duration(plan.seconds)}:", highlight=False, markup=False)
+        out.print(f"  {launch_command(asked)}", highlight=False, markup=False, soft_wrap=True)  # copyable: one line
 
 
 def serve_demo(run_dir: Path, name: str, db: Path, out: Console) -> None:
