@@ -444,8 +444,11 @@ def estimate(arch: Arch, w: Workload, size: RunSize, hw: Hardware, devices: int 
         notes.append("this CPU has no AVX-512: bitsandbytes' 4-bit kernels take a slow path here, slower than "
                      "estimated")
     if not hw.bf16:
-        notes.append(f"{hw.label} has no bf16: training runs in fp16 with loss scaling, or float32")
-    w = replace(w, compute_bytes=2 if (hw.bf16 or hw.kind == "gpu") else 4)
+        notes.append(f"{hw.label} has no bf16: Tailor trains in float32 there (model.dtype auto), twice the "
+                     "weight and activation memory of bf16")
+    # What the engine does (tailor.models.hardware.best_dtype): bf16 where the device has it, else
+    # float32 (it has no fp16 loss-scaling path).
+    w = replace(w, compute_bytes=2 if hw.bf16 else 4)
     mem = memory(arch, w, hw.kind, hw.activation_factor, hw.runtime_gb, devices)
     if mem.offloaded:
         notes.append(f"≈ {mem.offloaded / GB:.0f} GB of host memory per process for the offloaded states")
