@@ -25,7 +25,6 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 WORK=${OUT:-$(mktemp -d -t tailor-gpu-check-XXXX)}
 mkdir -p "$WORK"
 JOB=tailor/quickstart/job.yaml
-PORT=${PORT:-8123}
 STEPS=${STEPS:-40}  # LoRA's steps; QLoRA and FSDP train half as many
 passed=0; failed=0; skipped=0; results=()
 
@@ -75,17 +74,22 @@ fsdp() {
 
 serve() {  # serve ENGINE: start tailor serve, ask through the openai client (plain and streamed), stop it
   local engine=$1 run; run=$(latest gpu-lora)
-  tailor serve "support=$run" --port "$PORT" --engine "$engine" >"$WORK/serve-$engine.server.log" 2>&1 &
+  # python itself in the background (not the tailor function, whose subshell a kill would leave
+  # the server behind); a port nothing else holds, so the client can only reach this server
+  local port; port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$PYTHON" -m tailor serve "support=$run" --port "$port" --engine "$engine" >"$WORK/serve-$engine.server.log" 2>&1 &
   local pid=$!
-  "$PYTHON" - "$PORT" <<'EOF'
-import sys, time, httpx, openai
-url = f"http://127.0.0.1:{sys.argv[1]}"
+  trap 'kill "$pid" 2>/dev/null' EXIT TERM  # the check's timeout must not leave a server behind
+  "$PYTHON" - "$port" "$pid" <<'EOF'
+import os, sys, time, httpx, openai
+url, server = f"http://127.0.0.1:{sys.argv[1]}", int(sys.argv[2])
 for _ in range(240):  # the model loads first
     try:
         if httpx.get(url + "/health", timeout=2).status_code == 200:
             break
     except httpx.HTTPError:
         pass
+    os.kill(server, 0)  # the server has not died (ProcessLookupError otherwise)
     time.sleep(1)
 client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
 ask = [{"role": "user", "content": "How do I pair my Ember lamp?"}]
@@ -117,7 +121,7 @@ export_both() {  # the LoRA run and the QLoRA run, each exported with its parity
   tailor export "$(latest gpu-lora)" --out "$WORK/export-lora" && tailor export "$(latest gpu-qlora)" --out "$WORK/export-qlora"
 }
 
-export PYTHON WORK JOB PORT STEPS
+export PYTHON WORK JOB STEPS
 export -f tailor latest on_gpu train fsdp serve evaluate export_both
 
 echo "gpu_check: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")') · torch $("$PYTHON" -c 'import torch; print(torch.__version__)') · work in $WORK"
