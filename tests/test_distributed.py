@@ -163,6 +163,8 @@ def test_the_deepspeed_config_comes_from_the_section_or_your_file_with_the_jobs_
     import json
 
     pytest.importorskip("deepspeed")
+    from dataclasses import replace
+
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from tailor.train.distributed import Sharding, deepspeed_config
@@ -170,7 +172,8 @@ def test_the_deepspeed_config_comes_from_the_section_or_your_file_with_the_jobs_
 
     settings = TrainSettings(batch_size=2, grad_accum=4, max_grad_norm=1.0)
     # world 1: DeepSpeedConfig checks train_batch_size against the processes it sees (none started here)
-    written = deepspeed_config(Sharding("deepspeed", zero_stage=3, cpu_offload=True, bf16=True), settings, world=1)
+    written = deepspeed_config(Sharding("deepspeed", zero_stage=3, cpu_offload=True),
+                               replace(settings, bf16_autocast=True), world=1)
     assert written["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     parsed = DeepSpeedConfig(written)  # DeepSpeed's own validation
     assert (parsed.zero_optimization_stage, parsed.train_batch_size, parsed.bfloat16_config.enabled) == (3, 8, True)

@@ -145,15 +145,15 @@ def _quantized_run(run: Run):
     4-bit model the adapter learned beside: the parity check says how far apart their answers are."""
     from peft import PeftModel
 
-    from tailor.models import load_model_4bit
+    from tailor.models import default_device, load_model_4bit
 
     manifest = run.manifest()
     if manifest.adapter is None or manifest.adapter.kind != "qlora":
         return None
     job = run.job()
     base = resolve_model(manifest.model.source)
-    model = load_model_4bit(base.path, torch.float32, "cuda" if torch.cuda.is_available() else "cpu",
-                            double_quant=job.adapter.double_quant, training=False)
+    model = load_model_4bit(base.path, torch.float32, default_device(), double_quant=job.adapter.double_quant,
+                            training=False)
     return PeftModel.from_pretrained(model, str(run.adapter_dir)).eval()
 
 
@@ -200,7 +200,7 @@ def _compare(messages, ids, merged_ids, answers: dict, tokenizer, rounded: bool)
     for name in ("merged", "server"):
         got = answers[name]
         if got != reference:
-            at = next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference)))
+            at = same_until(got, reference)
             why = ("it did not stop where the adapter did: an end-of-sequence mismatch" if got[:at] == reference[:at]
                    and len(got) != len(reference) and at == min(len(got), len(reference)) else "another token")
             problems.append(f"{name} differs from adapter at answer token {at}: {why}"

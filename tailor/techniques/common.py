@@ -373,8 +373,7 @@ def settings(r: Recipe) -> TrainSettings:
         **r.job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile", "val_generate",
                                              "val_generate_tokens", "replay", "gradient_checkpointing"}),
         bf16_autocast=r.bf16,
-        sharding=Sharding(d.strategy, d.reshard_after_forward, d.cpu_offload, d.zero_stage, d.deepspeed_config,
-                          r.bf16),
+        sharding=Sharding(d.strategy, d.reshard_after_forward, d.cpu_offload, d.zero_stage, d.deepspeed_config),
     )
 
 

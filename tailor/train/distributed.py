@@ -43,7 +43,6 @@ class Sharding:
     cpu_offload: bool = False
     zero_stage: int = 3
     deepspeed_config: str | None = None  # the user's own JSON
-    bf16: bool = False  # the compute dtype
 
 
 def parallel_for(sharding: Sharding, accelerator, settings, run=None) -> "DDP":
@@ -55,7 +54,6 @@ def parallel_for(sharding: Sharding, accelerator, settings, run=None) -> "DDP":
 class DDP:
     """accelerate's DistributedDataParallel (nothing at all on one process); checkpoints are
     written whole by the main process (every process holds the same weights)."""
-
 
     def __init__(self, sharding: Sharding, accelerator, settings, run=None):
         self.sharding, self.accelerator, self.settings, self.run = sharding, accelerator, settings, run
@@ -112,7 +110,7 @@ class FSDP(DDP):
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
         # Gather the weights in the compute dtype (half the traffic in bf16); reduce the gradients
         # in float32, so the sum over processes is as exact as one process's.
-        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.sharding.bf16 else None,
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.settings.bf16_autocast else None,
                                          reduce_dtype=torch.float32)
         offload = CPUOffloadPolicy() if self.sharding.cpu_offload and device.type != "cpu" else OffloadPolicy()
         options = dict(mesh=mesh, mp_policy=precision, offload_policy=offload)
@@ -230,7 +228,7 @@ def deepspeed_config(sharding: Sharding, settings, world: int) -> dict:
             "train_batch_size": settings.batch_size * settings.grad_accum * world,
             "managed_gradient_accumulation": False,
             "gradient_clipping": settings.max_grad_norm or 0.0,
-            "bf16": {"enabled": sharding.bf16}, "fp16": {"enabled": False},
+            "bf16": {"enabled": settings.bf16_autocast}, "fp16": {"enabled": False},
             # Tailor's AdamW, also with offload (DeepSpeed's CPU Adam needs a compiler at run time)
             "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 2 ** 31, "wall_clock_breakdown": False}

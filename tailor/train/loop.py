@@ -289,8 +289,7 @@ def held_weights_mb(model: nn.Module, accelerator) -> float:
     for p in model.parameters():
         local = p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)  # FSDP2, ZeRO-3
         held += local.numel() * local.element_size()
-    held = accelerator.reduce(torch.tensor([float(held)], device=accelerator.device), "max").item()
-    return round(held / 2 ** 20, 1)
+    return round(_largest(accelerator, held) / 2 ** 20, 1)
 
 
 def peak_memory(accelerator) -> dict:
@@ -303,8 +302,12 @@ def peak_memory(accelerator) -> dict:
         import resource
 
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_resident"  # Linux: KiB
-    peak = accelerator.reduce(torch.tensor([float(peak)], device=accelerator.device), "max").item()
-    return {"peak_memory_mb": round(peak / 2 ** 20), "peak_memory_kind": kind}
+    return {"peak_memory_mb": round(_largest(accelerator, peak) / 2 ** 20), "peak_memory_kind": kind}
+
+
+def _largest(accelerator, value: float) -> float:
+    """The largest of each process's value (every process must call it)."""
+    return accelerator.reduce(torch.tensor([float(value)], device=accelerator.device), "max").item()
 
 
 class EarlyStopping:

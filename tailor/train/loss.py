@@ -33,14 +33,14 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.detach().argmax(-1) == targets).sum()
 
 
-def chunk_starts(n: int, chunk: int = CHUNK, even: bool = False) -> range:
+def chunk_starts(n: int, chunk: int = CHUNK, even: bool = False, device: torch.device | str = "cpu") -> range:
     """Where each head + cross-entropy chunk over n label positions starts. even: every process
     runs as many chunks as the one with the most (the extra ones empty). Under DeepSpeed ZeRO-3
     each call of the head gathers its weight from all processes, so a process with fewer answer
-    tokens than another would leave it waiting."""
+    tokens than another would leave it waiting. device: where the process group reduces (NCCL: the GPU)."""
     chunks = math.ceil(n / chunk)
     if even and torch.distributed.is_initialized():
-        agreed = torch.tensor([chunks], dtype=torch.long)
+        agreed = torch.tensor([chunks], dtype=torch.long, device=device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
         chunks = int(agreed.item())
     return range(0, chunks * chunk, chunk)
@@ -50,7 +50,7 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chun
     """Sum of token losses and number of argmax hits of `head` on hidden states [n, d]; even: see chunk_starts."""
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    for i in chunk_starts(hidden.shape[0], chunk, even):
+    for i in chunk_starts(hidden.shape[0], chunk, even, hidden.device):
         h, t = hidden[i:i + chunk], targets[i:i + chunk]
         if torch.is_grad_enabled():
             part, hits = checkpoint(_chunk_loss, head, h, t, use_reentrant=False)

@@ -57,7 +57,7 @@ def token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     """log p(target) at each of the n positions of hidden [n, d], the vocabulary-wide logits made
     chunk by chunk and recomputed in the backward pass (as in loss.head_loss; even: loss.chunk_starts)."""
     parts = []
-    for i in chunk_starts(hidden.shape[0], chunk, even):
+    for i in chunk_starts(hidden.shape[0], chunk, even, hidden.device):
         h, t = hidden[i:i + chunk], targets[i:i + chunk]
         parts.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
                      else _chunk_logps(head, h, t))
