@@ -132,10 +132,10 @@ def run_variant(name: str, job: Path, folder: Path) -> dict:
 
 
 def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    for line in lscpu.splitlines():
         if line.startswith("Model name:"):
-            flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-            extra = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+            extra = [f for f in ("amx_bf16", "avx512_bf16") if f in lscpu]
             return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores; {', '.join(extra) or 'no bf16 units'})"
     return "unknown CPU"
 

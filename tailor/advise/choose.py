@@ -352,8 +352,7 @@ def hyperparameters(a: Answers, data: DataProfile, m: CatalogModel, hw: Hardware
     if kind in ("lora", "qlora"):
         out += _lora_settings(a, data, m)
     out += fitting_settings(Arch.of(m), hw, tried)
-    lr = auto.learning_rate(m.params, "lora" if kind == "qlora" else kind,
-                            "preference" if technique == "preference" else "task")
+    lr = auto.learning_rate(m.params, kind, "preference" if technique == "preference" else "task")
     out += [
         Setting.auto_from(lr),
         Setting.auto_from(auto.epochs(data.examples)),

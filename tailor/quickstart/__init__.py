@@ -187,10 +187,10 @@ def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Con
     """The same job with the base in 4-bit (QLoRA) for a few steps beside step 3's LoRA run, read
     from both run folders; then what the advisor would run for this data on GPUs it does not have
     here: one L4, and a full fine-tune on 4 A100s, with the command that launches it."""
-    from tailor.advise import advise
+    from tailor.advise import advise, pick_hardware
     from tailor.advise.answers import load_answers
     from tailor.advise.choose import way_of
-    from tailor.advise.estimate import GB, fmt_duration, hardware_table
+    from tailor.advise.estimate import GB, fmt_duration
     from tailor.advise.report import launch_command
     from tailor.runs import Run
     from tailor.techniques import run as run_technique
@@ -215,16 +215,15 @@ def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Con
               highlight=False, markup=False)
 
     a = load_answers(ANSWERS)
-    table = hardware_table()
     for target, count, method in (("l4", 1, "auto"), ("a100-80gb", 4, "full")):
         asked = a.model_copy(update={"compute": a.compute.model_copy(update={"target": target, "count": count}),
                                      "method": method, "deadline_hours": None})
-        adv = advise(asked, profile, table[target])
-        top = adv.top
+        hw = pick_hardware(asked)
+        top = advise(asked, profile, hw).top
         if top is None:
             continue
         plan = top.plan
-        out.print(f"On {count} x {table[target].label}{' (full fine-tuning)' if method == 'full' else ''}: "
+        out.print(f"On {count} x {hw.label}{' (full fine-tuning)' if method == 'full' else ''}: "
                   f"{top.model.name}, {way_of(plan)}, {plan.memory.total / GB:.1f} GB per device, "
                   f"training {fmt_duration(plan.seconds)}:", highlight=False, markup=False)
         out.print(f"  {launch_command(asked)}", highlight=False, markup=False, soft_wrap=True)  # copyable: one line
