@@ -588,13 +588,13 @@ def sample_scorer(r: Recipe, val_raw: list):
     prompts, references = [t["prompt"] for t in samples], [t["reference"] for t in samples]
 
     def score(model) -> dict:
-        set_attention(model, "sdpa")  # generation has no packed rows
+        training_attention = set_attention(model, "sdpa")  # generation has no packed rows
         device = next(model.parameters()).device.type
         try:  # as in training: a bf16 base with fp32 adapter weights needs autocast
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 replies = answer(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
         finally:
-            set_attention(model, PACKED_ATTENTION)
+            set_attention(model, training_attention)
         return {f"val_{k}": v for k, v in text_scores(replies, references).items()}
 
     return score
