@@ -1,9 +1,12 @@
 """The training objective as a module, so DDP can wrap it.
 
 The head and the cross-entropy run only at positions that carry a label: an answer is a fraction
-of a row. And they run in chunks whose logits are recomputed in the backward pass instead of
-kept: the vocabulary-wide logits of every answer token at once (for SmolLM2 49,152 floats per
-token, three copies between forward and backward) would be the largest tensors of the step.
+of a row. And they run in chunks, so the vocabulary-wide logits of every answer token at once
+(for SmolLM2 49,152 floats per token, three copies between forward and backward) never exist:
+the largest tensors of the step otherwise. In training each chunk's gradient is computed right
+away, in the forward pass (softmax minus the one-hot target, times the head), and kept until the
+backward pass asks for it: the logits are never computed twice, and nothing vocabulary-wide is
+kept.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ def chunk_starts(n: int, chunk: int = CHUNK, even: bool = False, device: torch.d
 
 def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK, even: bool = False):
     """Sum of token losses and number of argmax hits of `head` on hidden states [n, d]; even: see chunk_starts."""
+    weight = getattr(head, "weight", None)
+    if (torch.is_grad_enabled() and not even and isinstance(head, nn.Linear) and head.bias is None
+            and (hidden.requires_grad or weight.requires_grad)):
+        return _HeadLoss.apply(hidden, weight, targets, chunk)
+    # Without gradients, or where each head call must stay a module call: DeepSpeed ZeRO-3 gathers
+    # the head's weight in the module's hooks (even=True).
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for i in chunk_starts(hidden.shape[0], chunk, even, hidden.device):
@@ -59,6 +68,45 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chun
         loss_sum = loss_sum + part
         correct = correct + hits
     return loss_sum, correct
+
+
+class _HeadLoss(torch.autograd.Function):
+    """forward(hidden [n, d], weight [V, d], targets [n], chunk) -> (sum of token losses, argmax hits),
+    with the gradients computed chunk by chunk in the forward pass. The same numbers as the head and
+    cross-entropy under autocast: bf16 logits, a float32 softmax, its gradient cast to bf16 for the
+    products with the head and the hidden states."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else hidden.dtype
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden, dtype=dtype) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        hits = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for i in range(0, hidden.shape[0], chunk):
+            h, t = hidden[i:i + chunk].to(dtype), targets[i:i + chunk]
+            logp = torch.log_softmax(h @ w.t(), dim=-1, dtype=torch.float32)
+            loss_sum -= logp.gather(1, t[:, None]).sum()
+            hits += (logp.argmax(-1) == t).sum()
+            grad_logits = logp.exp_()  # the softmax, in place
+            grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+            grad_logits = grad_logits.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[i:i + chunk] = grad_logits @ w
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.mark_non_differentiable(hits)
+        return loss_sum, hits
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_hits):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else (grad_hidden * grad_loss).to(ctx.hidden_dtype),
+                None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype), None, None)
 
 
 class CausalLMLoss(nn.Module):
