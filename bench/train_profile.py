@@ -30,16 +30,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_data import make_examples  # noqa: E402
 
+from tailor.train.attention import PROFILE_RANGE as ATTENTION_RANGE  # noqa: E402
+
 CLASSES = ("matmul", "attention", "element-wise", "casts", "optimizer", "framework")
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation", "aten::matmul",
           "aten::linear", "mkldnn::_linear_pointwise"}
 COMPILED = "## Call CompiledFxGraph"  # torch.compile's fused kernels (norms, SiLU·mul) run inside it
 CASTS = {"aten::_to_copy", "aten::copy_", "aten::to", "aten::clone", "aten::contiguous"}
-from tailor.train.attention import PROFILE_RANGE as ATTENTION_RANGE  # noqa: E402
 OPTIMIZER_RANGE = "tailor::optimizer"
 # Backward nodes of the operations attention is made of (its own range covers the forward only).
-ATTENTION_BACKWARD = ("_CausalAttentionBackward", "BmmBackward", "SoftmaxBackward", "MaskedFillBackward", "ScaledDotProductFlashAttention",
-                      "ScaledDotProductEfficientAttention", "FlexAttentionBackward", "CatBackward",
+ATTENTION_BACKWARD = ("_CausalAttentionBackward", "BmmBackward", "SoftmaxBackward", "MaskedFillBackward",
+                      "ScaledDotProductFlashAttention", "ScaledDotProductEfficientAttention", "CatBackward",
                       "ScaledDotProductAttention")
 
 
