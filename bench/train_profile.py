@@ -39,7 +39,7 @@ COMPILED = "## Call CompiledFxGraph"  # torch.compile's fused kernels (norms, Si
 CASTS = {"aten::_to_copy", "aten::copy_", "aten::to", "aten::clone", "aten::contiguous"}
 OPTIMIZER_RANGE = "tailor::optimizer"
 # Backward nodes of the operations attention is made of (its own range covers the forward only).
-ATTENTION_BACKWARD = ("_CausalAttentionBackward", "BmmBackward", "SoftmaxBackward", "MaskedFillBackward",
+ATTENTION_BACKWARD = ("_PackedAttentionBackward", "BmmBackward", "SoftmaxBackward", "MaskedFillBackward",
                       "ScaledDotProductFlashAttention", "ScaledDotProductEfficientAttention", "CatBackward",
                       "ScaledDotProductAttention")
 

@@ -157,17 +157,18 @@ def test_cpu_and_gpu_attention_paths_agree():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_attention_gives_the_plain_attention_and_its_gradients(dtype):
     """The hand-written backward (probabilities recomputed from the log-sum-exp) against autograd
-    through the plain operations, for lengths from 1 token up, with grouped key/value heads."""
-    from tailor.train.attention import _causal_attention, _compiled_causal_attention
+    through the plain per-example operations: packed rows with examples from 1 token up, padding at
+    the end of a row, grouped key/value heads."""
+    from tailor.train.attention import compiled_packed_attention, packed_attention
 
     torch.manual_seed(0)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for length in (1, 7, 40):
-        q, k, v = (torch.randn(1, h, length, 8, dtype=dtype, requires_grad=True) for h in (6, 2, 2))
-        grad_out = torch.randn(1, 6, length, 8, dtype=dtype)
-        results = []
-        for attend in (_causal_attention, _compiled_causal_attention):
-            out = attend(q, k, v, 0.3)
-            results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
-        for got, want in zip(*results):
-            torch.testing.assert_close(got, want, **tol)
+    segments = [[(0, 1), (1, 41), (41, 48)], [(0, 30)]]  # the second row: 18 positions of padding
+    q, k, v = (torch.randn(2, h, 48, 8, dtype=dtype, requires_grad=True) for h in (6, 2, 2))
+    grad_out = torch.randn(2, 48, 6, 8, dtype=dtype)
+    results = []
+    for attention in (packed_attention, compiled_packed_attention):
+        out, _ = attention(None, q, k, v, None, scaling=0.3, segments=segments)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol)

@@ -29,7 +29,7 @@ from tailor.models.hardware import hardware_summary
 from tailor.runs import AdapterInfo, DataInfo, FileInfo, Manifest, ModelInfo, Run, StartInfo, versions
 from tailor.spec import Job, dump_job
 from tailor.track.trackers import eval_numbers, open_trackers
-from tailor.train.adapters import AdapterConfig, AdapterError, apply_adapter, trainable_names
+from tailor.train.adapters import AdapterConfig, AdapterError, apply_adapter, load_lora_to_train, trainable_names
 from tailor.train.attention import NAME as PACKED_ATTENTION
 from tailor.train.attention import set_attention
 from tailor.train.auto import AUTO
@@ -307,10 +307,7 @@ def model_to_train(r: Recipe, device=None):
         # input that requires grad (PEFT's enable_input_require_grads) and packed rows pass through.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if start_from is not None and cfg.is_lora:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(start_from.adapter_dir), is_trainable=True)
-        model = apply_adapter(model, cfg, continued=True)
+        model = load_lora_to_train(model, str(start_from.adapter_dir), cfg)
     else:
         model = apply_adapter(model, cfg)
         if start_from is not None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tailor.errors import TailorError
+from tailor.train.fused_lora import FusedLoraLinear
 
 BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
@@ -62,6 +63,8 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, continued: bool = False)
                 r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
                 **_targets(model, cfg.target_modules, cfg.lora_top_blocks),
             )
+            if cfg.kind == "lora":  # a 4-bit base keeps PEFT's own layer (bitsandbytes' Linear4bit)
+                lora._register_custom_module({nn.Linear: FusedLoraLinear})
             # autocast_adapter_dtype: PEFT keeps the LoRA weights in float32 beside bf16 base weights.
             model = get_peft_model(model, lora, autocast_adapter_dtype=True)
         # Training runs under autocast, which computes the LoRA matmuls in bf16 whatever the input;
@@ -79,6 +82,17 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, continued: bool = False)
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return model
+
+
+def load_lora_to_train(model: nn.Module, adapter_dir: str, cfg: AdapterConfig) -> nn.Module:
+    """`model` with the LoRA adapter saved in adapter_dir, trainable (an earlier stage's, continued)."""
+    from peft import LoraConfig, PeftModel
+
+    lora = LoraConfig.from_pretrained(adapter_dir)
+    if cfg.kind == "lora":
+        lora._register_custom_module({nn.Linear: FusedLoraLinear})
+    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, config=lora)
+    return apply_adapter(model, cfg, continued=True)
 
 
 def _targets(model: nn.Module, target_modules, top: int | None) -> dict:

@@ -54,12 +54,13 @@ def compiled_packed_attention(module, query, key, value, attention_mask, dropout
 
 
 def _packed_attention(query, key, value, segments, scaling, compiled: bool):
+    if compiled and query.device.type == "cpu":
+        return _PackedAttention.apply(query, key, value, segments,
+                                      scaling if scaling is not None else query.shape[-1] ** -0.5), None
     rows = []
     for b, row in enumerate(segments):
         args = (query[b:b + 1], key[b:b + 1], value[b:b + 1], row, scaling)
-        if compiled and query.device.type == "cpu":
-            rows.append(_row_attention(*args, attend=_compiled_causal_attention))
-        elif torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             # Keep only q, k, v and recompute the scores in the backward pass, as fused kernels do:
             # the score matrices of a step are a few hundred MB, their recomputation ~3% of its time.
             rows.append(checkpoint(_row_attention, *args, use_reentrant=False))
@@ -68,8 +69,8 @@ def _packed_attention(query, key, value, segments, scaling, compiled: bool):
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-def _row_attention(query, key, value, row: list[tuple[int, int]], scaling, attend=None):
-    attend = attend or (_causal_attention if query.device.type == "cpu" else _fused_causal_attention)
+def _row_attention(query, key, value, row: list[tuple[int, int]], scaling):
+    attend = _causal_attention if query.device.type == "cpu" else _fused_causal_attention
     parts = [attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling) for s, e in row]
     tail = query.shape[2] - (row[-1][1] if row else 0)
     if tail:
@@ -101,42 +102,61 @@ def _fused_causal_attention(q, k, v, scaling):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _compiled_causal_attention(q, k, v, scaling):
-    """_causal_attention with the backward of _CausalAttention."""
-    return _CausalAttention.apply(q, k, v, scaling if scaling is not None else q.shape[-1] ** -0.5)
-
-
-class _CausalAttention(torch.autograd.Function):
-    """Causal attention of one example, q [1, heads, L, d], k and v [1, kv_heads, L, d] (query heads
-    that share a key/value head stacked, as in _causal_attention). The backward pass recomputes the
-    probabilities from the scores and the saved log-sum-exp, so nothing of size L x L is kept."""
+class _PackedAttention(torch.autograd.Function):
+    """Causal attention of every example of packed rows: query [B, heads, T, d], key and value
+    [B, kv_heads, T, d] -> [B, T, heads, d] (the layout the output projection reads), zeros at the
+    padding. One autograd node per layer: the examples are sliced and written back inside, so the
+    backward pass has no per-example slices to undo. It keeps q, k, v, the output and one
+    log-sum-exp per query, and recomputes the probabilities from the scores when the gradients need
+    them. Query heads that share a key/value head are stacked, as in _causal_attention."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
-        _, heads, length, dim = q.shape
-        kv_heads = k.shape[1]
-        qg = (q * scale).reshape(kv_heads, heads // kv_heads * length, dim)  # head h = kv_head * groups + j
-        probs, lse = _kernels().probs(torch.bmm(qg, k[0].transpose(1, 2)), length)  # lse: [heads, L, 1]
-        out = torch.bmm(probs, v[0])
-        ctx.save_for_backward(qg, k, v, out, lse)
-        ctx.scale = scale
-        return out.view(1, heads, length, dim)
+    def forward(ctx, query, key, value, segments, scale: float):
+        batch, heads, _, dim = query.shape
+        kernels, lses = _kernels(), []
+        out = query.new_zeros(batch, query.shape[2], heads, dim)
+        for b, row in enumerate(segments):
+            for s, e in row:
+                qg, k, v = _example(query, key, value, b, s, e, scale)
+                probs, lse = kernels.probs(torch.bmm(qg, k.transpose(1, 2)), e - s)  # lse: [heads, L, 1]
+                out[b, s:e] = torch.bmm(probs, v).view(heads, e - s, dim).transpose(0, 1)
+                lses.append(lse)
+        ctx.save_for_backward(query, key, value, out)
+        ctx.lses, ctx.segments, ctx.scale = lses, segments, scale
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qg, k, v, out, lse = ctx.saved_tensors
-        kv_heads, rows, dim = qg.shape
-        length = k.shape[2]
-        grad_out = grad_out.reshape(kv_heads, rows, dim)
-        kernels = _kernels()
-        probs = kernels.probs_again(torch.bmm(qg, k[0].transpose(1, 2)), lse, length)
-        grad_v = torch.bmm(probs.transpose(1, 2), grad_out)
-        # d softmax: p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = <grad_out, out> per query row
-        row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True).view(kv_heads, rows, 1)
-        grad_scores = kernels.score_grads(probs, torch.bmm(grad_out, v[0].transpose(1, 2)), row_dot)
-        grad_q = torch.bmm(grad_scores, k[0]) * ctx.scale
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), qg)
-        return grad_q.view(1, -1, length, dim), grad_k.unsqueeze(0), grad_v.unsqueeze(0), None
+        query, key, value, out = ctx.saved_tensors
+        heads, dim = query.shape[1], query.shape[3]
+        kernels, lses = _kernels(), iter(ctx.lses)
+        grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for b, row in enumerate(ctx.segments):
+            for s, e in row:
+                length = e - s
+                qg, k, v = _example(query, key, value, b, s, e, ctx.scale)
+                go = _stacked(grad_out[b, s:e].transpose(0, 1), k.shape[0])
+                probs = kernels.probs_again(torch.bmm(qg, k.transpose(1, 2)), next(lses), length)
+                grad_v[b, :, s:e] = torch.bmm(probs.transpose(1, 2), go)
+                # d softmax: p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = <grad_out, out> per query row
+                o = _stacked(out[b, s:e].transpose(0, 1), k.shape[0])
+                row_dot = (go.float() * o.float()).sum(-1, keepdim=True)
+                grad_scores = kernels.score_grads(probs, torch.bmm(go, v.transpose(1, 2)), row_dot)
+                grad_q[b, :, s:e] = (torch.bmm(grad_scores, k) * ctx.scale).view(heads, length, dim)
+                grad_k[b, :, s:e] = torch.bmm(grad_scores.transpose(1, 2), qg)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def _example(query, key, value, b: int, s: int, e: int, scale: float):
+    """One example's scaled queries stacked per key/value head [kv_heads, groups * L, d]; its keys and
+    values [kv_heads, L, d]."""
+    k = key[b, :, s:e]
+    return _stacked(query[b, :, s:e] * scale, k.shape[0]), k, value[b, :, s:e]
+
+
+def _stacked(x, kv_heads: int):
+    """[heads, L, d] -> [kv_heads, groups * L, d], head h = kv_head * groups + j."""
+    return x.reshape(kv_heads, -1, x.shape[-1])
 
 
 def _probs(scores, length: int):
@@ -163,7 +183,7 @@ def _score_grads(probs, grad_probs, row_dot):
 
 @functools.cache
 def _kernels():
-    """The element-wise parts of _CausalAttention, compiled once per process; dynamic, so one
+    """The element-wise parts of _PackedAttention, compiled once per process; dynamic, so one
     kernel serves every example length."""
     return SimpleNamespace(**{name: torch.compile(fn, dynamic=True) for name, fn in
                               (("probs", _probs), ("probs_again", _probs_again), ("score_grads", _score_grads))})
