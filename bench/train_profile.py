@@ -38,10 +38,11 @@ MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm
 COMPILED = "## Call CompiledFxGraph"  # torch.compile's fused kernels (norms, SiLU·mul) run inside it
 CASTS = {"aten::_to_copy", "aten::copy_", "aten::to", "aten::clone", "aten::contiguous"}
 OPTIMIZER_RANGE = "tailor::optimizer"
-# Backward nodes of the operations attention is made of (its own range covers the forward only).
-ATTENTION_BACKWARD = ("_PackedAttentionBackward", "BmmBackward", "SoftmaxBackward", "MaskedFillBackward",
-                      "ScaledDotProductFlashAttention", "ScaledDotProductEfficientAttention", "CatBackward",
-                      "ScaledDotProductAttention")
+# Attention's operators (with training.compile, tailor::packed_attention and its backward) and the
+# backward nodes of the plain attention's operations (its range covers the forward only).
+ATTENTION_OPS = "tailor::packed_attention"
+ATTENTION_BACKWARD = ("BmmBackward", "SoftmaxBackward", "MaskedFillBackward", "CatBackward",
+                      "ScaledDotProductFlashAttention", "ScaledDotProductEfficientAttention")
 
 
 def parse_args(argv=None):
@@ -109,7 +110,7 @@ def classify(events) -> dict[str, float]:
     """Self time (s) per class over the profiled events (the framework class is filled in by the caller)."""
     totals: dict[str, float] = defaultdict(float)
     for e in events:
-        if e.device_type.name != "CPU" or not e.name.startswith(("aten::", "mkldnn::", COMPILED)):
+        if e.device_type.name != "CPU" or not e.name.startswith(("aten::", "mkldnn::", COMPILED, ATTENTION_OPS)):
             continue
         cls = _class_of(e)
         totals[cls] += e.self_cpu_time_total / 1e6
@@ -127,7 +128,7 @@ def _class_of(e) -> str:
     names = list(_ancestors(e))
     if any(n == OPTIMIZER_RANGE for n in names) or any("Optimizer.step" in n for n in names):
         return "optimizer"
-    if any(n == ATTENTION_RANGE for n in names):
+    if e.name.startswith(ATTENTION_OPS) or any(n == ATTENTION_RANGE or n.startswith(ATTENTION_OPS) for n in names):
         return "attention"
     node = next((n for n in names if n.startswith("autograd::engine::evaluate_function:")), "")
     if any(k in node for k in ATTENTION_BACKWARD):

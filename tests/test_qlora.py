@@ -42,6 +42,13 @@ def test_qlora_trains_a_4bit_base_close_to_lora_and_saves_a_lora_adapter(make_jo
     assert {p.dtype for n, p in model.named_parameters() if p.requires_grad} == {torch.float32}
 
 
+def test_qlora_trains_with_compiled_blocks(make_job):
+    """bitsandbytes' 4-bit layers inside compiled blocks: the same losses as eager blocks."""
+    eager = run(make_job("q-eager", adapter={"kind": "qlora"}))
+    compiled = run(make_job("q-compiled", adapter={"kind": "qlora"}, training={"compile": True}))
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), abs=1e-3)
+
+
 def test_qlora_resumed_equals_uninterrupted(make_job):
     path = make_job("q-resume", adapter={"kind": "qlora"}, training={"max_steps": 4, "save_every": 2})
     whole = run(path)

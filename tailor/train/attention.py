@@ -37,7 +37,8 @@ PROFILE_RANGE = "tailor::attention"
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      segments=None, **kwargs):
     """query [batch, heads, seq, dim]; key, value [batch, kv_heads, seq, dim]; segments: for each row,
-    the (start, end) of every example in it. Positions after the last example are padding: zeros."""
+    the (start, end) of every example in it (or example_bounds of them). Positions after the last
+    example are padding: zeros."""
     if segments is None:
         raise ValueError(f"attention '{NAME}' needs the example boundaries (segments=) of each packed row")
     with torch.profiler.record_function(PROFILE_RANGE):  # bench/train_profile.py counts attention by it
@@ -55,8 +56,10 @@ def compiled_packed_attention(module, query, key, value, attention_mask, dropout
 
 def _packed_attention(query, key, value, segments, scaling, compiled: bool):
     if compiled and query.device.type == "cpu":
-        return _PackedAttention.apply(query, key, value, segments,
-                                      scaling if scaling is not None else query.shape[-1] ** -0.5), None
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return packed_attention_op(query, key, value, example_bounds(segments), scale)[0], None
+    if torch.is_tensor(segments):
+        segments = _rows(segments, query.shape[0])
     rows = []
     for b, row in enumerate(segments):
         args = (query[b:b + 1], key[b:b + 1], value[b:b + 1], row, scaling)
@@ -102,49 +105,94 @@ def _fused_causal_attention(q, k, v, scaling):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
-class _PackedAttention(torch.autograd.Function):
+# The compiled form is a custom operator (forward and backward), so that torch.compile can compile a
+# whole decoder block around it: to the compiler it is one opaque call whose outputs it knows the
+# shapes of, and the examples' boundaries are a tensor, not Python lists it would specialise on.
+
+
+@torch.library.custom_op("tailor::packed_attention", mutates_args=())
+def packed_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of every example of packed rows: query [B, heads, T, d], key and value
-    [B, kv_heads, T, d] -> [B, T, heads, d] (the layout the output projection reads), zeros at the
-    padding. One autograd node per layer: the examples are sliced and written back inside, so the
-    backward pass has no per-example slices to undo. It keeps q, k, v, the output and one
-    log-sum-exp per query, and recomputes the probabilities from the scores when the gradients need
-    them. Query heads that share a key/value head are stacked, as in _causal_attention."""
+    [B, kv_heads, T, d], bounds [examples, 3] (row, start, end) -> (output [B, T, heads, d], the
+    layout the output projection reads, zeros at the padding; log-sum-exp [B, heads, T] float32).
 
-    @staticmethod
-    def forward(ctx, query, key, value, segments, scale: float):
-        batch, heads, _, dim = query.shape
-        kernels, lses = _kernels(), []
-        out = query.new_zeros(batch, query.shape[2], heads, dim)
-        for b, row in enumerate(segments):
-            for s, e in row:
-                qg, k, v = _example(query, key, value, b, s, e, scale)
-                probs, lse = kernels.probs(torch.bmm(qg, k.transpose(1, 2)), e - s)  # lse: [heads, L, 1]
-                out[b, s:e] = torch.bmm(probs, v).view(heads, e - s, dim).transpose(0, 1)
-                lses.append(lse)
-        ctx.save_for_backward(query, key, value, out)
-        ctx.lses, ctx.segments, ctx.scale = lses, segments, scale
-        return out
+    Its backward keeps q, k, v, the output and the log-sum-exp, and recomputes the probabilities
+    from the scores. Query heads that share a key/value head are stacked, as in _causal_attention."""
+    batch, heads, length, dim = query.shape
+    kernels = _kernels()
+    out = query.new_zeros(batch, length, heads, dim)
+    lse = query.new_zeros(batch, heads, length, dtype=torch.float32)
+    for b, s, e in bounds.tolist():
+        qg, k, v = _example(query, key, value, b, s, e, scale)
+        probs, example_lse = kernels.probs(torch.bmm(qg, k.transpose(1, 2)), e - s)
+        lse[b, :, s:e] = example_lse[..., 0]
+        out[b, s:e] = torch.bmm(probs, v).view(heads, e - s, dim).transpose(0, 1)
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, key, value, out = ctx.saved_tensors
-        heads, dim = query.shape[1], query.shape[3]
-        kernels, lses = _kernels(), iter(ctx.lses)
-        grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        for b, row in enumerate(ctx.segments):
-            for s, e in row:
-                length = e - s
-                qg, k, v = _example(query, key, value, b, s, e, ctx.scale)
-                go = _stacked(grad_out[b, s:e].transpose(0, 1), k.shape[0])
-                probs = kernels.probs_again(torch.bmm(qg, k.transpose(1, 2)), next(lses), length)
-                grad_v[b, :, s:e] = torch.bmm(probs.transpose(1, 2), go)
-                # d softmax: p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = <grad_out, out> per query row
-                o = _stacked(out[b, s:e].transpose(0, 1), k.shape[0])
-                row_dot = (go.float() * o.float()).sum(-1, keepdim=True)
-                grad_scores = kernels.score_grads(probs, torch.bmm(go, v.transpose(1, 2)), row_dot)
-                grad_q[b, :, s:e] = (torch.bmm(grad_scores, k) * ctx.scale).view(heads, length, dim)
-                grad_k[b, :, s:e] = torch.bmm(grad_scores.transpose(1, 2), qg)
-        return grad_q, grad_k, grad_v, None, None
+
+@packed_attention_op.register_fake
+def _(query, key, value, bounds, scale):
+    batch, heads, length, dim = query.shape
+    return query.new_empty(batch, length, heads, dim), query.new_empty(batch, heads, length, dtype=torch.float32)
+
+
+@torch.library.custom_op("tailor::packed_attention_backward", mutates_args=())
+def packed_attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    heads, dim = query.shape[1], query.shape[3]
+    kernels = _kernels()
+    grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    for b, s, e in bounds.tolist():
+        length = e - s
+        qg, k, v = _example(query, key, value, b, s, e, scale)
+        go = _stacked(grad_out[b, s:e].transpose(0, 1), k.shape[0])
+        probs = kernels.probs_again(torch.bmm(qg, k.transpose(1, 2)), lse[b, :, s:e, None], length)
+        grad_v[b, :, s:e] = torch.bmm(probs.transpose(1, 2), go)
+        # d softmax: p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = <grad_out, out> per query row
+        o = _stacked(out[b, s:e].transpose(0, 1), k.shape[0])
+        row_dot = (go.float() * o.float()).sum(-1, keepdim=True)
+        grad_scores = kernels.score_grads(probs, torch.bmm(go, v.transpose(1, 2)), row_dot)
+        grad_q[b, :, s:e] = (torch.bmm(grad_scores, k) * scale).view(heads, length, dim)
+        grad_k[b, :, s:e] = torch.bmm(grad_scores.transpose(1, 2), qg)
+    return grad_q, grad_k, grad_v
+
+
+@packed_attention_backward_op.register_fake
+def _(grad_out, query, key, value, out, lse, bounds, scale):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _save_for_backward(ctx, inputs, output):
+    query, key, value, bounds, scale = inputs
+    ctx.save_for_backward(query, key, value, *output, bounds)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, out, lse, bounds = ctx.saved_tensors
+    grads = packed_attention_backward_op(grad_out.contiguous(), query, key, value, out, lse, bounds, ctx.scale)
+    return *grads, None, None
+
+
+packed_attention_op.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def example_bounds(segments) -> torch.Tensor:
+    """Each packed example's (row, start, end), from collate's segments (lists per row): a tensor, as
+    a compiled block needs them. A tensor passes through unchanged."""
+    if torch.is_tensor(segments):
+        return segments
+    return torch.tensor([(b, s, e) for b, row in enumerate(segments) for s, e in row], dtype=torch.long).view(-1, 3)
+
+
+def _rows(bounds, batch: int) -> list[list[tuple[int, int]]]:
+    """example_bounds back to lists per row."""
+    rows = [[] for _ in range(batch)]
+    for b, s, e in bounds.tolist():
+        rows[b].append((s, e))
+    return rows
 
 
 def _example(query, key, value, b: int, s: int, e: int, scale: float):
@@ -183,7 +231,7 @@ def _score_grads(probs, grad_probs, row_dot):
 
 @functools.cache
 def _kernels():
-    """The element-wise parts of _PackedAttention, compiled once per process; dynamic, so one
+    """The element-wise parts of packed_attention_op, compiled once per process; dynamic, so one
     kernel serves every example length."""
     return SimpleNamespace(**{name: torch.compile(fn, dynamic=True) for name, fn in
                               (("probs", _probs), ("probs_again", _probs_again), ("score_grads", _score_grads))})

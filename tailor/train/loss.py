@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tailor.train.adapters import base_of
+from tailor.train.attention import example_bounds
 from tailor.train.encode import IGNORE
 
 CHUNK = 256  # label positions per head + cross-entropy chunk
@@ -122,7 +123,8 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids, labels, position_ids, segments=None, weight: float = 1.0):
         backbone, head = causal_lm_parts(self.model)
-        extra = {"segments": segments} if segments is not None else {}  # read by tailor.train.attention
+        # read by tailor.train.attention; as a tensor, so compiled blocks do not specialise on the lists
+        extra = {"segments": example_bounds(segments)} if segments is not None else {}
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).last_hidden_state
         mask = labels != IGNORE
         loss_sum, correct = head_loss(head, hidden[mask], labels[mask], even=self.even_head_calls)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tailor.train.attention import example_bounds
 from tailor.train.encode import IGNORE, Encoded, encode_chat
 from tailor.train.loss import CHUNK, causal_lm_parts, chunk_starts
 from tailor.train.packing import collate, pack_best_fit
@@ -70,7 +71,7 @@ def sequence_logprobs(model: nn.Module, input_ids, labels, position_ids, segment
     batch, in row order. even: see loss.chunk_starts."""
     backbone, head = causal_lm_parts(model)
     hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                      segments=segments).last_hidden_state
+                      segments=example_bounds(segments)).last_hidden_state
     owner = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
     n = 0
     for b, row in enumerate(segments):
