@@ -1,4 +1,5 @@
-"""A seeded generator of support conversations with long-tailed lengths, for benchmarks.
+"""Chat data for benchmarks: a seeded generator of support conversations with long-tailed lengths,
+and the public ChatterBot corpus (data no one here wrote).
 
 Lengths follow a log-normal law: conversations of about 60 to 500 tokens with the chat template
 (median about 115, mean about 150): most are short, a few are long, the shape real support logs
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 PRODUCTS = ["Ember lamp", "Beacon desk light", "Glow Pass", "gift card", "bulb pack", "wall mount", "Halo app"]
 ACTIONS = ["reset", "pair", "return", "replace", "upgrade", "cancel", "track", "refund", "register", "dim"]
@@ -51,3 +53,32 @@ def make_examples(n: int, seed: int = 0) -> list[dict]:
         out.append({"messages": [{"role": "user", "content": _question(rng)},
                                  {"role": "assistant", "content": _answer(rng, n_sentences)}]})
     return out
+
+
+def chatterbot_conversations() -> list[list[str]]:
+    """The turns of every conversation in the ChatterBot corpus's English files (the PyPI package
+    chatterbot-corpus: small talk, trivia, science, history … by many contributors), in file order;
+    conversations of fewer than two turns are left out."""
+    import chatterbot_corpus
+    import yaml
+
+    english = Path(chatterbot_corpus.__file__).parent / "data" / "english"
+    out = []
+    for source in sorted(english.glob("*.yml")):
+        for turns in yaml.safe_load(source.read_text(encoding="utf-8")).get("conversations") or []:
+            turns = [str(t).strip() for t in turns if str(t).strip()]
+            if len(turns) >= 2:
+                out.append(turns)
+    return out
+
+
+def corpus_examples(n: int, held_out: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """n training and `held_out` other chat examples {"messages": [user, assistant]}: the first
+    exchange of ChatterBot conversations drawn without replacement (so every trainer learns the
+    same single answer per example), mostly 30 to 80 tokens with the chat template."""
+    exchanges = [{"messages": [{"role": "user", "content": t[0]}, {"role": "assistant", "content": t[1]}]}
+                 for t in chatterbot_conversations()]
+    random.Random(seed).shuffle(exchanges)
+    if n + held_out > len(exchanges):
+        raise SystemExit(f"the corpus has {len(exchanges)} conversations: ask for fewer than {n} + {held_out}")
+    return exchanges[:n], exchanges[n:n + held_out]

@@ -36,6 +36,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_data import chatterbot_conversations  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "lora": ([], 1), "qlora": (["adapter.kind=qlora"], 1),
@@ -64,16 +67,9 @@ def parse_args(argv=None):
 def corpus_file(folder: Path) -> Path:
     """Every conversation of the ChatterBot corpus's English files, as chat JSONL (first turn the
     question, the rest the answers in order)."""
-    import chatterbot_corpus
-
-    english = Path(chatterbot_corpus.__file__).parent / "data" / "english"
-    rows = []
-    for source in sorted(english.glob("*.yml")):
-        for turns in yaml.safe_load(source.read_text(encoding="utf-8")).get("conversations") or []:
-            turns = [str(t).strip() for t in turns if str(t).strip()]
-            if len(turns) >= 2:
-                rows.append({"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
-                                          for i, t in enumerate(turns[:len(turns) // 2 * 2])]})
+    rows = [{"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                          for i, t in enumerate(turns[:len(turns) // 2 * 2])]}
+            for turns in chatterbot_conversations()]
     path = folder / "corpus.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

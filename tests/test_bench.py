@@ -6,22 +6,37 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_throughput_bench_runs_on_a_tiny_model(tiny_model_dir):
+@pytest.mark.parametrize("data", ["support", "corpus"])
+def test_train_throughput_bench_runs_on_a_tiny_model(tiny_model_dir, data):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--model", str(tiny_model_dir),
          "--examples", "12", "--eval-examples", "4", "--max-steps", "3", "--threads", "1", "--warmup-steps", "1",
-         "--no-compile"],
+         "--no-compile", "--data", data],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"tailor/trainer=\d+\.\d\d tailor/trl=\d+\.\d\d utilisation=\d+% "
-                        r"loss_delta=\d+\.\d% memory/trl=\d+\.\d\d", lines[-1]), lines[-1]
+                        r"loss_delta=[+-]\d+\.\d% memory/trl=\d+\.\d\d", lines[-1]), lines[-1]
     for variant in ("tailor", "trainer", "trl"):
         assert re.search(rf"pass 1 {variant}\s+\d+\.\d tok/s", result.stdout)
+
+
+def test_train_profile_bench_splits_a_step_into_classes(tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_profile.py"), "--model", str(tiny_model_dir), "--max-len", "64",
+         "--warmup", "1", "--steps", "2", "--threads", "1", "--top", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    shares = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+)\s+(\d+\.\d+)\s+\d+%$", result.stdout, re.M)}
+    assert set(shares) == {"matmul", "attention", "element-wise", "casts", "optimizer", "framework"}
+    assert shares["matmul"] > 0 and shares["attention"] > 0, result.stdout
 
 
 def test_generate_throughput_bench_runs_on_a_tiny_model(tiny_model_dir):
