@@ -90,7 +90,7 @@ def build(args):
                for i in range(args.steps)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    return CausalLMLoss(model), trainable, optimizer, batches
+    return CausalLMLoss(model, compiled=args.compile), trainable, optimizer, batches
 
 
 def step(objective, trainable, optimizer, batch) -> int:

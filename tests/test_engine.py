@@ -228,7 +228,7 @@ def test_compiled_blocks_give_the_same_losses(make_job, adapter, training):
     for k in wa:
         # Adam's update is about the learning rate (here 1e-2) whatever the gradient's size, so an element
         # whose gradient is near zero may move by a hundredth of it on a different summation order
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])

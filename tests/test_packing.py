@@ -97,7 +97,10 @@ def test_per_example_attention_equals_the_masked_packed_attention(tiny_model_dir
         model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
 
 
-def test_chunked_head_loss_equals_the_plain_loss_with_gradients():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_head_loss_equals_the_plain_loss_with_gradients(compiled):
+    """The head's loss with its gradient computed in the forward pass, chunk by chunk (eager, or the
+    softmax gradient compiled as training.compile does), against autograd through the plain loss."""
     from tailor.train.loss import head_loss
 
     torch.manual_seed(0)
@@ -106,7 +109,7 @@ def test_chunked_head_loss_equals_the_plain_loss_with_gradients():
     targets = torch.randint(0, 50, (37,))
     plain = F.cross_entropy(head(hidden), targets, reduction="sum")
     g_plain = torch.autograd.grad(plain, (hidden, head.weight))
-    chunked, correct = head_loss(head, hidden, targets, chunk=8)  # 5 chunks, the last one short
+    chunked, correct = head_loss(head, hidden, targets, chunk=8, compiled=compiled)  # 5 chunks, the last one short
     g_chunked = torch.autograd.grad(chunked, (hidden, head.weight))
     torch.testing.assert_close(chunked, plain)
     for a, b in zip(g_chunked, g_plain):

@@ -367,7 +367,7 @@ def trainable_checksum(model) -> str:
 def settings(r: Recipe) -> TrainSettings:
     d = r.job.distributed
     return TrainSettings(
-        **r.job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "compile", "val_generate",
+        **r.job.training.model_dump(exclude={"max_seq_len", "packing", "threads", "val_generate",
                                              "val_generate_tokens", "replay", "gradient_checkpointing"}),
         bf16_autocast=r.bf16,
         sharding=Sharding(d.strategy, d.reshard_after_forward, d.cpu_offload, d.zero_stage, d.deepspeed_config),
