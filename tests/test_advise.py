@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from tailor.advise import advise, pick_hardware, profile_data, starter_job
 from tailor.advise.answers import load_answers
-from tailor.advise.calibrate import local_hardware, machine_key
+from tailor.advise.calibrate import ENGINE, local_hardware, machine_key
 from tailor.advise.choose import choose_technique, fit_model, hyperparameters
 from tailor.advise.estimate import (
     GB,
@@ -209,10 +209,15 @@ def test_local_hardware_reads_this_machines_calibration(tmp_path, monkeypatch):
     stored = {machine_key(torch.get_num_threads()): {
         "peak_tflops": 0.4, "bandwidth_gbs": 40.0, "bf16": True, "runtime_gb": 0.4, "activation_factor": 1.8,
         "utilisation": {"lora": 0.5, "full": 0.5, "freeze": 0.5}, "decode_step_s": {"1": 0.03, "16": 0.05},
-        "measured_at": "2026-11-29T00:00:00+00:00"}}
+        "measured_at": "2026-11-29T00:00:00+00:00", "engine": ENGINE}}
     (tmp_path / "calibration.json").write_text(json.dumps(stored), encoding="utf-8")
     hw = local_hardware()
     assert hw.calibrated and hw.peak_tflops == 0.4 and hw.util("lora") == 0.5 and hw.activation_factor == 1.8
+    # measured with an older training engine (or before engines were recorded): measured again
+    for entry in stored.values():
+        entry["engine"] = "2026-11-29"
+    (tmp_path / "calibration.json").write_text(json.dumps(stored), encoding="utf-8")
+    assert local_hardware().calibrated is None
 
 
 def test_calibrate_measures_this_machine_and_stores_it(tmp_path, monkeypatch):

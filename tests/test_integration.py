@@ -26,14 +26,15 @@ def calibrated(embedded_path) -> None:
 
     import torch
 
-    from tailor.advise.calibrate import machine_key
+    from tailor.advise.calibrate import ENGINE, machine_key
 
     path = Path(os.environ["TAILOR_CACHE"]) / "calibration.json"
     if not path.exists():
         path.write_text(json.dumps({machine_key(torch.get_num_threads()): {
             "peak_tflops": 0.408, "bandwidth_gbs": 34.9, "bf16": True, "runtime_gb": 0.39, "activation_factor": 2.55,
             "utilisation": {"lora": 1.0, "full": 0.61, "freeze": 0.61}, "elementwise_ns": 21.1,
-            "decode_step_s": {"1": 0.041, "16": 0.050}, "measured_at": "2026-11-29T19:59:49+00:00"}}),
+            "decode_step_s": {"1": 0.041, "16": 0.050}, "measured_at": "2026-11-29T19:59:49+00:00",
+            "engine": ENGINE}}),
             encoding="utf-8")
 
 

@@ -45,6 +45,10 @@ PROBE_ARCH = dict(name="smollm2-135m-shape", layers=30, hidden_size=576, interme
 WIDE_PROBE = dict(name="wide", layers=10, hidden_size=1152, intermediate_size=3072, attention_heads=18, kv_heads=6,
                   vocab_size=49152, tied_embeddings=True)
 PROBE_SEQ, PROBE_ROWS, PROBE_EXAMPLE = 512, 1, 128  # one packed row of four 128-token examples per step
+# The training engine the stored measurements are of. A calibration of another engine is measured
+# again: the utilisation and memory probes time Tailor's own loop, whose speed changed (issue 21:
+# the head's gradient in the forward pass, fused LoRA layers, fused AdamW).
+ENGINE = "2026-12-07"
 
 
 def calibration_file() -> Path:
@@ -101,9 +105,10 @@ def local_hardware(threads: int | None = None, path: Path | None = None) -> Hard
 def load_calibration(threads: int, path: Path | None = None) -> dict | None:
     path = path or calibration_file()
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get(machine_key(threads))
+        stored = json.loads(path.read_text(encoding="utf-8")).get(machine_key(threads))
     except (OSError, ValueError):
         return None
+    return stored if stored and stored.get("engine") == ENGINE else None
 
 
 def calibrate(threads: int | None = None, steps: int = 2, path: Path | None = None, say=print,
@@ -154,7 +159,8 @@ def calibrate(threads: int | None = None, steps: int = 2, path: Path | None = No
               "runtime_gb": round(runtime, 3), "activation_factor": activation_factor,
               "utilisation": utilisation | {"freeze": utilisation["full"]}, "decode_step_s": decode,
               "elementwise_ns": round(ns, 4),
-              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
+              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+              "engine": ENGINE}
     _store(machine_key(threads), result, path or calibration_file())
     return result
 
