@@ -34,24 +34,24 @@ COMPILED_NAME = "tailor_packed_compiled"
 PROFILE_RANGE = "tailor::attention"
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     segments=None, **kwargs):
-    """query [batch, heads, seq, dim]; key, value [batch, kv_heads, seq, dim]; segments: for each row,
-    the (start, end) of every example in it (or example_bounds of them). Positions after the last
-    example are padding: zeros."""
-    if segments is None:
-        raise ValueError(f"attention '{NAME}' needs the example boundaries (segments=) of each packed row")
-    with torch.profiler.record_function(PROFILE_RANGE):  # bench/train_profile.py counts attention by it
-        return _packed_attention(query, key, value, segments, scaling, compiled=False)
+def _registered(name: str, compiled: bool):
+    """The attention function transformers calls under `name`: query [batch, heads, seq, dim]; key,
+    value [batch, kv_heads, seq, dim]; segments: for each row, the (start, end) of every example in
+    it (or example_bounds of them). Positions after the last example are padding: zeros. compiled:
+    the CPU path with its own backward (see the module's docstring)."""
+
+    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, segments=None,
+                  **kwargs):
+        if segments is None:
+            raise ValueError(f"attention '{name}' needs the example boundaries (segments=) of each packed row")
+        with torch.profiler.record_function(PROFILE_RANGE):  # bench/train_profile.py counts attention by it
+            return _packed_attention(query, key, value, segments, scaling, compiled)
+
+    return attention
 
 
-def compiled_packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                              segments=None, **kwargs):
-    """packed_attention whose CPU path has a fused backward (see the module's docstring)."""
-    if segments is None:
-        raise ValueError(f"attention '{COMPILED_NAME}' needs the example boundaries (segments=) of each packed row")
-    with torch.profiler.record_function(PROFILE_RANGE):
-        return _packed_attention(query, key, value, segments, scaling, compiled=True)
+packed_attention = _registered(NAME, compiled=False)
+compiled_packed_attention = _registered(COMPILED_NAME, compiled=True)
 
 
 def _packed_attention(query, key, value, segments, scaling, compiled: bool):

@@ -26,6 +26,8 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
+from tailor.train.precision import compute_dtype
+
 
 class FusedLoraLinear(PeftLoraLinear):
     """PEFT's LoRA Linear, with its plain case (one adapter, no dropout) as one autograd function."""
@@ -53,8 +55,7 @@ class FusedLoraLinear(PeftLoraLinear):
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from tailor.train.adapters import base_of
 from tailor.train.attention import example_bounds
 from tailor.train.encode import IGNORE
+from tailor.train.precision import compute_dtype
 
 CHUNK = 256  # label positions per head + cross-entropy chunk
 
@@ -83,8 +84,7 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, compiled: bool):
         softmax_grads = _compiled_softmax_grads() if compiled else _softmax_grads
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
-            else hidden.dtype
+        dtype = compute_dtype(hidden)
         w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden, dtype=dtype) if hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
