@@ -72,12 +72,19 @@ def chatterbot_conversations() -> list[list[str]]:
     return out
 
 
+def one_per_question(conversations: list) -> list:
+    """The conversations with one per first turn (compared lower-cased, spaces collapsed), the last
+    of each, in order: the corpus repeats some questions (coding.yml 66 times), and a repeat on both
+    sides of a split would score memory, not learning."""
+    return list({" ".join(str(c[0]).lower().split()): c for c in reversed(conversations)}.values())[::-1]
+
+
 def corpus_examples(n: int, held_out: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """n training and `held_out` other chat examples {"messages": [user, assistant]}: the first
-    exchange of ChatterBot conversations drawn without replacement (so every trainer learns the
-    same single answer per example), mostly 30 to 80 tokens with the chat template."""
+    exchange of ChatterBot conversations, one per question, drawn without replacement (so every
+    trainer learns the same single answer per example), mostly 30 to 80 tokens with the chat template."""
     exchanges = [{"messages": [{"role": "user", "content": t[0]}, {"role": "assistant", "content": t[1]}]}
-                 for t in chatterbot_conversations()]
+                 for t in one_per_question(chatterbot_conversations())]
     random.Random(seed).shuffle(exchanges)
     if n + held_out > len(exchanges):
         raise SystemExit(f"the corpus has {len(exchanges)} conversations: ask for fewer than {n} + {held_out}")

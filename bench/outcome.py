@@ -32,6 +32,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_data import one_per_question  # noqa: E402
+
 SETS = {"trivia": "trivia.yml", "coding": "coding.yml"}
 TEST_SHARE = 0.15
 PLAIN_LORA = ["adapter.rank=16", "adapter.alpha=32", "training.learning_rate=3e-4", "training.epochs=3",
@@ -44,10 +47,8 @@ def write_set(name: str, folder: Path, seed: int = 0) -> tuple[Path, Path]:
     import chatterbot_corpus
 
     source = Path(chatterbot_corpus.__file__).parent / "data" / "english" / SETS[name]
-    pairs = [c for c in yaml.safe_load(source.read_text(encoding="utf-8"))["conversations"] if len(c) >= 2]
-    # One pair per question: the corpus repeats some (coding.yml 66 times), and a repeat on both
-    # sides of the split would score memory, not learning.
-    pairs = list({" ".join(str(c[0]).lower().split()): c for c in reversed(pairs)}.values())[::-1]
+    pairs = one_per_question([c for c in yaml.safe_load(source.read_text(encoding="utf-8"))["conversations"]
+                              if len(c) >= 2])
     random.Random(seed).shuffle(pairs)
     n_test = round(len(pairs) * TEST_SHARE)
     folder.mkdir(parents=True, exist_ok=True)
