@@ -600,7 +600,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> Job:
         raise SpecError(str(path), [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
     raw = apply_overrides(raw, overrides, str(path))
     job = parse_job(raw, str(path))
-    return resolve_paths(job, path.parent)
+    return resolve_paths(job, path.parent, str(path))
 
 
 def load_data_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[DataSpec, str | None]:
@@ -619,8 +619,12 @@ def load_data_config(path: str | Path | None, overrides: list[str] = ()) -> tupl
             raise SpecError(source, [f"the top level must be a mapping, got {type(raw).__name__}"])
     model = None
     if "data" in raw:  # a job file
-        model = (raw.get("model") or {}).get("base")
+        section = raw.get("model") or {}
+        model = section.get("base") if isinstance(section, dict) else None  # a bad model: section is train's to report
         raw = raw["data"] or {}
+        if not isinstance(raw, dict):
+            raise SpecError(source, [f"data: must be a mapping of settings (train:, privacy:, …), "
+                                     f"got {type(raw).__name__}"])
     raw = apply_overrides(raw, overrides, source)
     try:
         data = DataSpec.model_validate(raw)
@@ -628,7 +632,7 @@ def load_data_config(path: str | Path | None, overrides: list[str] = ()) -> tupl
         errors = [{**e, "loc": ("data", *e["loc"])} for e in exc.errors()]
         raise SpecError(source, [_describe(e).removeprefix("data.") for e in _union_errors(errors)]) from None
     if path is not None:
-        data = resolve_paths(Job.model_construct(data=data, model=ModelSpec()), Path(path).parent).data
+        data = resolve_paths(Job.model_construct(data=data, model=ModelSpec()), Path(path).parent, source).data
     return data, model
 
 
@@ -688,14 +692,21 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
                 break
             node = child
         else:
-            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+            try:
+                node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError as exc:
+                problems.append(f"--set {item!r}: the value is not a YAML scalar or list "
+                                f"({str(exc).splitlines()[0]}); put it in single quotes, for example "
+                                f"{key.strip()}='\"text\"'")
     if problems:
         raise SpecError(source, problems)
     return raw
 
 
-def resolve_paths(job: Job, base_dir: Path) -> Job:
+def resolve_paths(job: Job, base_dir: Path, source: str = "<job>") -> Job:
     def resolve(p: str) -> str:
+        if "\0" in p:  # no file system accepts it: say so here rather than fail deep in os.stat
+            raise SpecError(source, [f"{p!r}: a path cannot contain a NUL character (\\0); check the file's encoding"])
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base_dir / q).resolve())
 
