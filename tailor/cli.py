@@ -58,7 +58,8 @@ def _fail(exc: Exception, code: int = 2) -> None:
 def prepare(
     inputs: list[Path] = typer.Argument(None, help="Files or folders: chat JSONL, Alpaca, ShareGPT, prompt/completion, "
                                         "preference pairs, CSV/TSV/Parquet, text, saved HF datasets."),
-    out: Path = typer.Option(..., "--out", help="The prepared dataset folder to write (replaced if it exists)."),
+    out: Path = typer.Option(..., "--out", help="The prepared dataset folder to write; an earlier "
+                            "prepared dataset there is replaced, any other non-empty folder is an error."),
     config: Optional[Path] = typer.Option(None, "--config", help="data.yaml (the keys of a job's data: section) "
                                           "or a job file."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model whose tokenizer measures lengths "
@@ -542,13 +543,18 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --api-key."),
     port: int = typer.Option(8000, "--port"),
     api_key: list[str] = typer.Option([], "--api-key", envvar="TAILOR_API_KEY",
-                                      help="Accepted bearer key(s); clients send `Authorization: Bearer KEY`."),
+                                      help="Accepted bearer key(s), repeatable or comma-separated; clients send "
+                                      "`Authorization: Bearer KEY`."),
     db: str = typer.Option("sqlite:///runs/feedback.db", "--db", help="Feedback store: a SQLAlchemy URL."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 where the hardware is fast at it), "
                               "bfloat16 or float32."),
     max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Most tokens a request may ask for."),
     max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes."),
+    max_waiting: int = typer.Option(256, "--max-waiting", min=1, help="Most requests waiting for a row; more get "
+                                    "a 503 with Retry-After."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.001, help="Seconds a request may take "
+                                          "from arrival to its last token; later it is cancelled (504)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads [default: torch's choice]."),
     log_prompts: bool = typer.Option(False, "--log-prompts", help="Log prompts and answers, "
                                      "anonymized (see --privacy)."),
@@ -556,19 +562,25 @@ def serve(
                                            "configures the anonymizer for --log-prompts."),
     engine: str = typer.Option("transformers", "--engine", help="transformers (CPU or GPU) or vllm "
                                "(GPU, when installed)."),
+    admin_key: Optional[str] = typer.Option(None, "--admin-key", envvar="TAILOR_ADMIN_KEY",
+                                            help="The key POST /v1/adapters needs, not an --api-key; "
+                                            "without one the route is closed."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="The folder whose finished LoRA runs "
+                                  "POST /v1/adapters may add, as NAME/RUN-ID."),
 ):
     """An OpenAI-compatible API over the base model and any number of runs, with feedback collection."""
     from tailor.serve.app import Limits
-    from tailor.serve.server import ServeSettings
+    from tailor.serve.server import ServeSettings, api_keys_from
     from tailor.serve.server import serve as run_server
 
     if dtype not in ("auto", "bfloat16", "float32"):
         _fail(ValueError(f"--dtype {dtype}: use auto, bfloat16 or float32"))
     settings = ServeSettings(runs=list(runs or []), base=base, host=host, port=port,
-                             api_keys=tuple(k for key in api_key for k in key.split(",") if k), db=db, dtype=dtype,
-                             max_batch=max_batch, threads=threads,
-                             limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body), log_prompts=log_prompts,
-                             privacy=str(privacy) if privacy else None, engine=engine)
+                             api_keys=api_keys_from(api_key), db=db, dtype=dtype, max_batch=max_batch, threads=threads,
+                             limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body, max_waiting=max_waiting,
+                                           request_timeout=request_timeout), log_prompts=log_prompts,
+                             privacy=str(privacy) if privacy else None, engine=engine, admin_key=admin_key,
+                             runs_dir=str(runs_dir))
     _quiet_libraries()
     run_server(settings, say=lambda m: err.print(escape(m), highlight=False))
 

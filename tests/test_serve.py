@@ -147,7 +147,8 @@ def test_two_adapters_and_the_base_in_one_batch_give_their_own_answers(two_runs,
     expected = {name: [reference(two_runs[run], q) for q in questions] for name, run in (("lamps", "lamps"),
                                                                                          ("sea", "boats"))}
     assert expected["lamps"] != expected["sea"]
-    with LiveServer(settings(two_runs, tmp_path)) as live:
+    boats = Path(two_runs["boats"])
+    with LiveServer(settings(two_runs, tmp_path, admin_key="sk-admin", runs_dir=str(boats.parent.parent))) as live:
         client = live.client()
         sizes = []
         live.batcher.on_step = sizes.append
@@ -161,8 +162,8 @@ def test_two_adapters_and_the_base_in_one_batch_give_their_own_answers(two_runs,
                 assert text == expected[name][i], (name, i)
         assert max(sizes) > 1  # requests really were decoded together
         # an adapter added while serving, without a restart
-        added = httpx.post(live.url + "/v1/adapters", json={"run": str(two_runs["boats"]), "name": "boats2"},
-                           timeout=60)
+        added = httpx.post(live.url + "/v1/adapters", json={"run": f"boats/{boats.name}", "name": "boats2"},
+                           headers={"Authorization": "Bearer sk-admin"}, timeout=60)
         assert added.status_code == 200 and added.json()["id"] == "boats2"
         again = client.chat.completions.create(model="boats2", messages=[{"role": "user", "content": questions[0]}],
                                                temperature=0, max_tokens=24)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -88,16 +89,21 @@ class FeedbackStore:
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
         sqlite = url.startswith("sqlite")
-        if url in ("sqlite://", "sqlite:///:memory:"):  # one shared connection, or each thread sees its own empty db
-            self.engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+        in_memory = url in ("sqlite://", "sqlite:///:memory:")
+        # hide_parameters: a database error's message and the log then show the statement, never the
+        # prompt, answer or correction it carried.
+        if in_memory:  # one shared connection, or each thread sees its own empty db
+            self.engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool,
+                                        hide_parameters=True)
         else:
-            self.engine = create_engine(url, connect_args={"timeout": 60} if sqlite else {})
+            self.engine = create_engine(url, connect_args={"timeout": 60} if sqlite else {}, hide_parameters=True)
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
-        # SQLite takes one writer at a time anyway; queueing them here beats its busy-wait, and an
-        # in-memory database (one shared connection) must not interleave transactions at all.
-        self._lock = threading.Lock() if sqlite else contextlib.nullcontext()
+        # An in-memory database is one shared connection: its transactions must not interleave. A file
+        # gets no lock here: SQLite's busy timeout queues its writers, and a lock held across that
+        # wait (up to 60 s behind another process's write) would hold up every reader as well.
+        self._lock = threading.Lock() if in_memory else contextlib.nullcontext()
 
     def add_completion(self, c: Completion) -> None:
         prompt = c.prompt if isinstance(c.prompt, str) else json.dumps(c.prompt, ensure_ascii=False)
@@ -148,6 +154,66 @@ class FeedbackStore:
         for m, n, mean, corrected in rated:
             stats[m].update(feedback=n, mean_score=mean, corrections=corrected)
         return stats
+
+
+class CompletionWriter:
+    """The server's completions, written by one background thread: an answer never waits for the
+    database, nor fails with it. A write that fails loses that record only: on_error(id, reason)
+    hears of it, with a reason that holds no prompt. Feedback for a completion still in the queue
+    waits for its write (`wait`) rather than finding nothing."""
+
+    def __init__(self, store: FeedbackStore, on_error=lambda completion_id, reason: None, max_queued: int = 1000):
+        self.store, self.on_error = store, on_error
+        # Bounded: a database that hangs costs at most max_queued prompts of memory, then drops records.
+        self._queue: queue.Queue = queue.Queue(max_queued)
+        self._pending: set[str] = set()
+        self._changed = threading.Condition()  # guards _pending; never held while the database works
+        self._thread = threading.Thread(target=self._run, name="tailor-feedback-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, completion: Completion) -> None:
+        with self._changed:
+            self._pending.add(completion.id)
+        try:
+            self._queue.put_nowait(completion)
+        except queue.Full:
+            self._written(completion.id)
+            self.on_error(completion.id, f"{self._queue.maxsize} completions were already waiting for the store")
+
+    def wait(self, completion_id: str, timeout: float = 30.0) -> bool:
+        """True once the completion's write is over (stored or failed); False if still queued after timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: completion_id not in self._pending, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Writes what is queued, then stops the thread."""
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return  # the database hangs: the daemon thread dies with the process
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (completion := self._queue.get()) is not None:
+            try:
+                self.store.add_completion(completion)
+            except Exception as exc:  # any failure loses this record only: the server goes on
+                self.on_error(completion.id, failure_reason(exc))
+            finally:
+                self._written(completion.id)
+
+    def _written(self, completion_id: str) -> None:
+        with self._changed:
+            self._pending.discard(completion_id)
+            self._changed.notify_all()
+
+
+def failure_reason(exc: Exception) -> str:
+    """What a log may say of a failed write: the error's type and the database's first line ("no such
+    table", "database is locked"). Not the rest: a driver's detail lines may quote the row, prompt
+    included ("Failing row contains …"), and other exceptions may carry anything."""
+    driver = str(getattr(exc, "orig", "") or "").strip()
+    return f"{type(exc).__name__}: {driver.splitlines()[0]}" if driver else type(exc).__name__
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -130,17 +130,20 @@ class Engine:
 
     def _prefill(self, requests: list[Request]) -> "_Batch":
         """The prompts, left-padded into one batch, through the model: the cache, and each row's
-        next-token logits."""
+        next-token logits. A request that has tokens already (its batch failed: the batcher runs
+        it again alone) goes on after them, with its sampler where it was."""
         for r in requests:
-            r._generator = torch.Generator().manual_seed(r.sampling.seed if r.sampling.seed is not None
-                                                         else random.getrandbits(63))
+            if r._generator is None:
+                r._generator = torch.Generator().manual_seed(r.sampling.seed if r.sampling.seed is not None
+                                                             else random.getrandbits(63))
         device = self.model.device
-        width = max(len(r.prompt_ids) for r in requests)
+        rows = [r.prompt_ids + r.token_ids for r in requests]
+        width = max(len(row) for row in rows)
         ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Only the last position's logits. As an index tensor, not the int 1: the int slices a

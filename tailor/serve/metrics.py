@@ -24,6 +24,9 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32),
                                     registry=self.registry)
         self.feedback = Counter("tailor_feedback", "Feedback received", ["kind"], registry=self.registry)
+        # operation: completion (the answer was sent, its record is lost) or feedback (answered with a 503)
+        self.store_errors = Counter("tailor_feedback_store_errors", "Feedback store writes and reads that failed",
+                                    ["operation"], registry=self.registry)
 
     def request(self, path: str, status: int, seconds: float) -> None:
         # Paths that are not routes (a scanner's guesses) share one label: the label set stays small.

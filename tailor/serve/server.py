@@ -35,6 +35,8 @@ class ServeSettings:
     log_prompts: bool = False
     privacy: str | None = None  # a data.yaml or job file whose privacy: section configures the log anonymizer
     engine: str = "transformers"
+    admin_key: str | None = None  # POST /v1/adapters needs it; None: the route is closed (403)
+    runs_dir: str = "runs"  # the folder whose finished runs POST /v1/adapters may add, as NAME/RUN-ID
 
 
 def is_loopback(host: str) -> bool:
@@ -46,11 +48,24 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+def api_keys_from(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The keys of --api-key options and TAILOR_API_KEY: each may hold several, comma-separated
+    ("a, b" → a and b); spaces around a key are not part of it, empty ones are dropped."""
+    return tuple(key.strip() for value in values for key in value.split(",") if key.strip())
+
+
 def check_settings(s: ServeSettings) -> None:
+    if s.limits.max_waiting < 1:
+        raise ServeError(f"--max-waiting {s.limits.max_waiting}: at least 1 (the requests that may wait for a row)")
+    if not s.limits.request_timeout > 0:
+        raise ServeError(f"--request-timeout {s.limits.request_timeout}: a number of seconds over 0")
     if not is_loopback(s.host) and not s.api_keys:
         raise ServeError(f"--host {s.host} makes the server reachable from other machines: give it an API key "
                          f"(--api-key KEY or the TAILOR_API_KEY environment variable); clients send it as "
                          f"`Authorization: Bearer KEY`")
+    if s.admin_key is not None and s.admin_key.strip() in s.api_keys:
+        raise ServeError("--admin-key is also an --api-key: every client could add adapters; choose an admin key "
+                         "of its own (or TAILOR_ADMIN_KEY)")
     if s.limits.default_max_tokens > s.limits.max_tokens:
         s.limits.default_max_tokens = s.limits.max_tokens
 
@@ -70,7 +85,8 @@ def build(s: ServeSettings, say=print):
         say(f"serving {added} ← {folder}")
     say(f"serving {models.default} (also as `base`)")
     store = FeedbackStore(s.db)
-    app = create_app(models, store, s.api_keys, s.limits, _prompt_logger(s))
+    app = create_app(models, store, s.api_keys, s.limits, _prompt_logger(s), host=s.host,
+                     admin_key=(s.admin_key or "").strip() or None, runs_dir=s.runs_dir)
     return app, models, batcher
 
 
