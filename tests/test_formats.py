@@ -425,22 +425,21 @@ def test_json_array_pretty_object_and_json_lines(tmp_path):
     assert [e.text for e in read(lines)[0]] == ["a", "b"]
 
 
-def test_json_array_broken_midway_keeps_what_came_before(tmp_path):
+def test_json_array_broken_midway_is_an_error_naming_the_place(tmp_path):
+    # Past a syntax error no record can be told apart: reading on, or stopping with one reject, would
+    # leave records lost without a count.
     path = tmp_path / "d.json"
     path.write_text('[{"text": "one"},\n {"text": "two"\n, {"text": "three"}]', encoding="utf-8")
-    examples, rejects = read(path)
-    assert [e.text for e in examples] == ["one"]
-    assert rejects[0].line == 3 and rejects[0].reason.startswith("not valid JSON (")
-    assert rejects[0].reason.endswith("the rest of the file is skipped")
+    with pytest.raises(DataError, match=r"d.json:3: not valid JSON at column 3 \(Expecting property name"):
+        list(read_source(path))
 
 
 def test_json_array_cut_short(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[{"text": "one"},\n', encoding="utf-8")
-    examples, rejects = read(path)
-    assert [e.text for e in examples] == ["one"]
-    assert (rejects[0].line, rejects[0].reason) == (2, "not valid JSON (the array is not closed with ']'); check "
-                                                       "whether the file is complete")
+    with pytest.raises(DataError, match=r"d.json:2: not valid JSON at column 1 \(the array is not closed with "
+                                        r"'\]'; check whether the file is complete\)"):
+        list(read_source(path))
 
 
 def test_json_array_with_a_bad_byte_rejects_only_that_record(tmp_path):
@@ -532,7 +531,12 @@ def test_random_bytes_as_jsonl(data):
 @SETTINGS
 @given(JUNK)
 def test_random_bytes_as_json(data):
-    read_bytes_as(".json", data)
+    # A .json document read whole that stops being valid JSON is an error naming the place (no
+    # record past it can be found), never a traceback nor records lost without a count.
+    try:
+        read_bytes_as(".json", data)
+    except DataError as exc:
+        assert len(exc.problems) == 1 and "d.json:" in exc.problems[0] and "not valid JSON at column" in exc.problems[0]
 
 
 @SETTINGS

@@ -14,9 +14,13 @@ from dataclasses import replace
 
 from tailor.data.example import Example
 
-# C0/C1 control characters except tab and newline, plus the zero-width and bidi marks that make two
-# identical-looking texts differ byte for byte.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+# C0/C1 control characters except tab and newline, plus the invisible characters that make two
+# identical-looking texts differ byte for byte, or a text read differently from how it shows: the
+# soft hyphen, zero-width characters, bidi marks, embeddings and isolates (U+2066-2069, the
+# "Trojan Source" reordering), and Unicode tag characters (U+E0000-E007F), which can carry a whole
+# hidden message to a model (they also spell the subdivision flags, which lose their region).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
+                      "\U000e0000-\U000e007f]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _INDENT = re.compile(r"[ \t]*")

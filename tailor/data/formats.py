@@ -3,7 +3,7 @@
 One input (a file, a folder of files, or a saved Hugging Face dataset) is streamed record by record.
 Each record becomes an Example or a Reject that says where it is and what to fix; a bad record never
 stops the read. Only a problem with the input as a whole (not found, unknown extension, unknown format
-name, a mapped column the table lacks, a damaged file) raises DataError.
+name, a mapped column the table lacks, a damaged file, a file over the size limits) raises DataError.
 
 Layers, top to bottom: plan the input (which files, which reader) -> a reader turns a file into raw
 records (`_Row`) -> `_to_example` renames columns, picks the format, converts and checks.
@@ -35,6 +35,14 @@ TABLES = ("csv", "tsv", "parquet", "hf")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what `save_to_disk` writes
 
 BOM = b"\xef\xbb\xbf"
+# Limits on what one file can make Tailor hold in memory: a hostile or broken file (a gzip "bomb"
+# expands a few kilobytes into gigabytes; a line with no end) must stop with an error, not exhaust
+# the machine. Lines are read at most this long: a longer JSONL record or text line is rejected
+# unread, and a CSV file with one is an error.
+MAX_LINE_BYTES = 64 << 20
+# A .json array is parsed whole (the standard library cannot stream one), and its records take a
+# few times its size in memory: larger files (decompressed) are an error that says to use JSONL.
+MAX_JSON_BYTES = 1 << 30
 SURROGATE = re.compile("[\ud800-\udfff]")
 RECORD_CHARS = 2000
 BATCH_ROWS = 1000
@@ -97,11 +105,14 @@ def read_source(path, format: str = "auto", task: str | None = None, columns: di
     task_column  the column (or JSON key) holding each record's task; default: a "task" field
 
     A CSV/TSV cell that holds a JSON list of objects (a `messages` column) is parsed; null cells, and
-    empty CSV cells in optional fields, count as absent. A .json array is read whole (JSONL streams).
+    empty CSV cells in optional fields, count as absent. A .json array is read whole, up to
+    MAX_JSON_BYTES (JSONL streams; a line longer than MAX_LINE_BYTES is rejected unread).
 
     Raises DataError for a problem with the input as a whole: at the call for a wrong argument, a
     missing path, an unknown file type, an unreadable table header or a mapped column the table lacks;
-    while reading only for a file damaged midway (a cut .gz, a broken Parquet row group)."""
+    while reading only for a file damaged midway (a cut .gz, a broken Parquet row group, a .json
+    file that stops being valid JSON), or over the limits (a .json file over MAX_JSON_BYTES, a CSV
+    line over MAX_LINE_BYTES)."""
     path = Path(path)
     columns = dict(columns or {})
     problems = _check_arguments(format, columns)
@@ -284,19 +295,45 @@ def _decode(raw: bytes, file_offset: int) -> tuple[str, str | None]:
                                                 f"of the file); re-save the file as UTF-8")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    """(line number, byte offset, bytes without the BOM) for each line of a file, .gz or not."""
+def _lines(path: Path) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number, byte offset, bytes without the BOM) for each line of a file, .gz or not; the
+    bytes are None for a line longer than MAX_LINE_BYTES, which is skipped, never held whole."""
     with _open_binary(path) as f:
         offset = 0
-        for lineno, raw in enumerate(_guard(path, f), start=1):
-            start, offset = offset, offset + len(raw)
-            if lineno == 1 and raw.startswith(BOM):
+        for lineno, (raw, size) in enumerate(_guard(path, _capped_lines(f, MAX_LINE_BYTES)), start=1):
+            start, offset = offset, offset + size
+            if lineno == 1 and raw is not None and raw.startswith(BOM):
                 raw, start = raw[len(BOM):], start + len(BOM)
             yield lineno, start, raw
 
 
+def _capped_lines(f, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, its size in bytes) for each line of a binary file; None for a line over `limit`."""
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        while raw and not raw.endswith(b"\n"):  # the rest of the line, a megabyte at a time
+            raw = f.readline(1 << 20)
+            size += len(raw)
+        yield None, size
+
+
+def _too_long() -> str:
+    return (f"the line is longer than {MAX_LINE_BYTES >> 20} MiB, the most Tailor reads as one record "
+            "(MAX_LINE_BYTES in tailor/data/formats.py); it was skipped unread. If it is a real record, "
+            "shorten it; more often the file is broken here or is not line-based")
+
+
 def _read_jsonl(path: Path) -> Iterator[_Row | Reject]:
     for lineno, offset, raw in _lines(path):
+        if raw is None:
+            yield _reject(path, lineno, _too_long(), "")
+            continue
         if not raw.strip():
             continue
         text, problem = _decode(raw, offset)
@@ -323,11 +360,13 @@ def _read_json(path: Path) -> Iterator[_Row | Reject]:
 
 
 def _first_line(path: Path) -> bytes:
-    lines = _lines(path)
-    try:
-        return next((raw for _, _, raw in lines if raw.strip()), b"").strip()
-    finally:
-        lines.close()
+    """The first line with anything on it, cut to MAX_LINE_BYTES (one minified array is one line)."""
+    with _open_binary(path) as f:
+        for n, raw in enumerate(_guard(path, iter(lambda: f.readline(MAX_LINE_BYTES), b""))):
+            raw = raw.removeprefix(BOM) if n == 0 else raw
+            if raw.strip():
+                return raw.strip()
+    return b""
 
 
 def _parses(raw: bytes) -> bool:
@@ -339,18 +378,27 @@ def _parses(raw: bytes) -> bool:
 
 
 def _read_json_whole(path: Path) -> Iterator[_Row | Reject]:
-    """An array (or a single object) read from the whole text: the standard library cannot stream a
-    JSON array, so such a file is held in memory; use JSONL for large data. Bytes that are not UTF-8
-    become lone surrogates, so a bad byte costs only the record around it."""
-    data = b"".join(_guard(path, _chunks(path)))
+    """An array of records, or records one after another (one pretty-printed object; JSON lines
+    whose first line was too long to tell), read from the whole text: the standard library cannot
+    stream a JSON array, so such a file is held in memory, up to MAX_JSON_BYTES; use JSONL for large
+    data. Bytes that are not UTF-8 become lone surrogates, so a bad byte costs only the record around
+    it. Any other error ends the read with a DataError that names the line and column: past it no
+    record can be told apart, and a file read only in part would leave a card whose counts add up
+    without the records lost."""
+    data = _whole(path)
     bom = len(BOM) if data.startswith(BOM) else 0
     text = data[bom:].decode("utf-8", "surrogateescape")
+    del data
     bad_chars = [m.start() for m in SURROGATE.finditer(text)]  # bytes that were not UTF-8
     lines = _LineCounter(text)
     decoder = json.JSONDecoder()
 
-    def reject(pos: int, reason: str, raw: str) -> Reject:
-        return _reject(path, lines.at(pos), reason, raw)
+    def broken(pos: int, what: str) -> DataError:
+        line = lines.at(pos)
+        column = pos - text.rfind("\n", 0, pos)
+        return DataError([f"{path}:{line}: not valid JSON at column {column} ({what}); a .json file is read "
+                          "whole, and no record after this point can be found, so the file was not used: fix it "
+                          "there, or convert it to JSON lines (.jsonl), where a bad line costs only its record"])
 
     pos = _skip_space(text, 0)
     in_array = text.startswith("[", pos)
@@ -359,40 +407,45 @@ def _read_json_whole(path: Path) -> Iterator[_Row | Reject]:
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            yield reject(exc.pos, f"not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}); "
-                                  f"the rest of the file is skipped", text[exc.pos:exc.pos + RECORD_CHARS])
-            return
-        except (ValueError, RecursionError) as exc:
-            yield reject(pos, f"not valid JSON ({exc}); the rest of the file is skipped", text[pos:pos + RECORD_CHARS])
-            return
+            raise broken(exc.pos, exc.msg) from None
+        except (ValueError, RecursionError) as exc:  # e.g. a number too long, nesting too deep
+            raise broken(pos, str(exc) or type(exc).__name__) from None
         raw = text[pos:end]
         bad = bisect.bisect_left(bad_chars, pos)
         if bad < len(bad_chars) and bad_chars[bad] < end:
             offset = bom + len(text[:bad_chars[bad]].encode("utf-8", "surrogateescape"))
-            yield reject(pos, f"not UTF-8 (invalid byte at byte {offset} of the file); re-save the file as UTF-8", raw)
+            yield _reject(path, lines.at(pos), f"not UTF-8 (invalid byte at byte {offset} of the file); re-save "
+                                               "the file as UTF-8", raw)
         else:
             yield _Row(lines.at(pos), raw, value)
         pos = _skip_space(text, end)
-        if not in_array:
-            break
-        if text.startswith(",", pos):
+        if in_array and text.startswith(",", pos):
             pos = _skip_space(text, pos + 1)
-        elif not text.startswith("]", pos):
-            yield reject(pos, "not valid JSON (expected ',' or ']' after a record); the rest of the file is skipped",
-                         text[pos:pos + RECORD_CHARS])
-            return
+        elif in_array and pos < len(text) and not text.startswith("]", pos):
+            raise broken(pos, "expected ',' or ']' after a record")
     if in_array and pos >= len(text):
-        yield reject(pos, "not valid JSON (the array is not closed with ']'); check whether the file is complete", "")
-        return
-    pos = _skip_space(text, pos + 1 if in_array else pos)
+        raise broken(pos, "the array is not closed with ']'; check whether the file is complete")
+    pos = _skip_space(text, pos + 1) if in_array else pos
     if pos < len(text):
-        yield reject(pos, "not valid JSON (extra data after the end); a .json file holds one array of records, "
-                          "or use .jsonl for one record per line", text[pos:pos + RECORD_CHARS])
+        raise broken(pos, "extra data after the array's closing ']'")
 
 
-def _chunks(path: Path) -> Iterator[bytes]:
+def _whole(path: Path) -> bytes:
+    """The file's bytes (decompressed), read in pieces so that a file over MAX_JSON_BYTES stops
+    with an error once it gets there rather than after it has filled the memory."""
+    parts, size = [], 0
     with _open_binary(path) as f:
-        yield f.read()
+        for chunk in _guard(path, iter(lambda: f.read(1 << 20), b"")):
+            size += len(chunk)
+            if size > MAX_JSON_BYTES:
+                unpacked = " once decompressed" if path.name.lower().endswith(".gz") else ""
+                raise DataError([f"{path}: more than {MAX_JSON_BYTES >> 20} MiB of JSON{unpacked}, the most "
+                                 "Tailor parses as one .json document (MAX_JSON_BYTES in tailor/data/formats.py): "
+                                 "convert it to JSON lines, one record per line, which "
+                                 "are read a record at a time (e.g. `jq -c '.[]' FILE.json > FILE.jsonl`), or "
+                                 "split it into smaller files"])
+            parts.append(chunk)
+    return b"".join(parts)
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -419,15 +472,18 @@ def _read_text(path: Path) -> Iterator[_Row | Reject]:
     """Documents separated by one or more blank lines; a document's line is its first line."""
     start, lines, problem = None, [], None
     for lineno, offset, raw in _lines(path):
+        if raw is None:  # a line over MAX_LINE_BYTES spoils its document
+            start, problem = start or lineno, problem or _too_long()
+            continue
         if raw.strip():
             text, bad = _decode(raw, offset)
             start, problem = start or lineno, problem or bad
             lines.append(text.rstrip("\r\n"))
             continue
-        if lines:
+        if start is not None:
             yield _document(path, start, lines, problem)
         start, lines, problem = None, [], None
-    if lines:
+    if start is not None:
         yield _document(path, start, lines, problem)
 
 
@@ -445,6 +501,9 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[list[str] | Reject]:
 
     def lines():
         for lineno, offset, raw in _lines(path):
+            if raw is None:  # no way to tell where the row ends: the file cannot be read on
+                raise DataError([f"{path}:{lineno}: {_too_long()}; a CSV/TSV file cannot be read past it, "
+                                 "so the file was not used"])
             text, problem = _decode(raw, offset)
             if problem:
                 bad[lineno] = problem

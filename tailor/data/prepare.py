@@ -6,7 +6,9 @@ record) → near duplicates → split → write → the base model's perplexity 
 Records live in Arrow files (Hugging Face `datasets`) between stages, so memory stays flat as the
 input grows; cleaning and measuring run in worker processes. Every record read ends up in exactly
 one place: a split, or rejects.jsonl with its stage and reason, so the card's counts add up. The
-folder is built under a temporary name and renamed when complete.
+folder is built under a temporary name and renamed when complete; it replaces only an empty folder
+or one prepare wrote. Records name their file relative to the input given (`id`, `source`): an
+absolute path would carry the machine's folders, a user name among them, into every run folder.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,7 @@ from tailor.data.clean import clean_text, normalized, prompt_of, texts_of, with_
 from tailor.data.dedup import NearDuplicates, exact_key, sharing_a_band, signatures
 from tailor.data.example import DataError, check_example
 from tailor.data.split import SPLITS, assign_splits, group_records, shared_prompts
-from tailor.data.store import column, features, from_row, record_id, to_row
+from tailor.data.store import column, features, from_row, is_prepared, record_id, to_row
 from tailor.errors import TailorError
 from tailor.files import replace_dir
 from tailor.spec import EMBEDDED_DEFAULT, DataSpec, SourceSpec
@@ -65,16 +70,22 @@ def prepare(inputs: list, out: str | Path, model: str = EMBEDDED_DEFAULT, config
                if isinstance(s, dict) else s for s in (inputs or spec.train)]
     if not sources:
         raise DataError(["no input: name at least one file or folder to prepare"])
+    out = Path(out)
+    _check_out(out, [Path(s.path) for s in sources])
     num_proc = num_proc if num_proc is not None else min(2, os.cpu_count() or 1)
     anonymizer = _anonymizer(spec, num_proc) if spec.privacy.enabled else None  # fails early without its model
-    out = Path(out)
     work = out.parent / f".{out.name}.partial"
-    shutil.rmtree(work, ignore_errors=True)  # what an interrupted run left: start it again
+    if work.exists():
+        # A run killed outright (SIGKILL, power loss) could not remove it, and its cache holds the
+        # records as read: personal data not yet anonymized.
+        say(f"removing {work}, left by an interrupted run (it held records not yet anonymized)")
+        shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
-        return _prepare(sources, out, work, model, spec, anonymizer, num_proc, say, review)
+        with _terminate_as_exit():
+            return _prepare(sources, out, work, model, spec, anonymizer, num_proc, say, review)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # a failed run leaves nothing half-written
+        shutil.rmtree(work, ignore_errors=True)  # a failed run leaves nothing half-written, nor raw records
         raise
     finally:
         if anonymizer is not None:
@@ -85,12 +96,14 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
              review: Path | None) -> Prepared:
     tokenizer, overhead = _tokenizer(model)
     found_values: Counter = Counter()  # {(entity, value): count} for the owner's review; never written into `out`
-    stats: dict[str, Any] = {"model": model, "sources": [s.model_dump(exclude_defaults=True) for s in sources]}
+    labels = _source_labels(sources)
+    stats: dict[str, Any] = {"model": model, "sources": [{**s.model_dump(exclude_defaults=True), "path": label}
+                                                         for s, label in zip(sources, labels)]}
     clock = _Stopwatch(stats.setdefault("seconds", {}))
 
     with _Rejects(work / "rejects.jsonl", anonymizer) as rejects:
         with clock("read"):
-            ds = _read(sources, work, rejects, spec.on_error)
+            ds = _read(sources, labels, work, rejects, spec.on_error)
         stats["read"] = len(ds) + rejects.count
         stats["rejected"] = rejects.count
         say(f"read {stats['read']:,} records from {len(sources)} input(s); {rejects.count:,} rejected")
@@ -162,6 +175,61 @@ def _prepare(sources, out: Path, work: Path, model: str, spec: DataSpec, anonymi
     elif review is not None:
         review.unlink(missing_ok=True)  # an earlier run's review no longer says what this folder replaced
     return Prepared(out=out, card=card, review=review if review is not None and found_values else None)
+
+
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    """`out` is replaced as a whole: it may be new, empty or a dataset prepare wrote, and no input
+    may be in it (the input would be deleted) nor hold it (the next run would read the prepared
+    dataset as input). Checked before anything is read or loaded."""
+    target = out.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if source == target or target in source.parents:
+            raise TailorError(f"output folder {out}: the input {path} is {'it' if source == target else 'inside it'}, "
+                              "and the output folder is replaced as a whole; name another folder for the prepared "
+                              f"dataset, e.g. {out.parent / (out.name + '-prepared')}")
+        if source.is_dir() and source in target.parents:
+            raise TailorError(f"output folder {out} is inside the input folder {path}: the next `tailor prepare "
+                              f"{path}` would read the prepared dataset as input; put it outside, e.g. "
+                              f"{source.parent / (source.name + '-prepared')}")
+    if out.is_file() or out.is_symlink() and not out.is_dir():
+        raise TailorError(f"output folder {out}: a file is there; name a folder for the prepared dataset")
+    if out.is_dir() and any(out.iterdir()) and not _written_by_prepare(out):
+        entries = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
+        raise TailorError(f"output folder {out} holds {len(entries)} file(s) or folder(s) ({shown}) and is not a "
+                          "dataset `tailor prepare` wrote (card.json, rejects.jsonl and train/); the output folder is "
+                          "replaced as a whole, so nothing was touched: name a new or empty folder, or delete this "
+                          "one yourself if it is meant to go")
+
+
+def _written_by_prepare(folder: Path) -> bool:
+    return is_prepared(folder) and (folder / "rejects.jsonl").is_file()
+
+
+@contextmanager
+def _terminate_as_exit():
+    """While prepare runs, SIGTERM (what `kill` and most process managers send) ends it through
+    SystemExit, so the partial folder and its raw records are removed as for an error or Ctrl-C.
+    Only in the main thread, and only where SIGTERM still has its default action (an application
+    that handles it keeps its own handler). A worker process forked meanwhile inherits the handler
+    and just exits, as the default would have it."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    owner = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _check_review(review: str | Path | None, out: Path, allow_from: list[str], say) -> Path | None:
@@ -270,7 +338,8 @@ class _Rejects:
         rows, self.pending = self.pending, []
         with_text = [r for r in rows if "record" in r]
         if self.anonymizer is not None and with_text:
-            for r, (text, _) in zip(with_text, self.anonymizer.anonymize_batch([r["record"] for r in with_text])):
+            texts = [_speakers_replaced(r["record"], self.anonymizer) for r in with_text]
+            for r, (text, _) in zip(with_text, self.anonymizer.anonymize_batch(texts)):
                 r["record"] = text
         self.file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -279,22 +348,67 @@ class _Rejects:
         self.file.close()
 
 
-def _read(sources: list[SourceSpec], work: Path, rejects: _Rejects, on_error: str):
+def _source_labels(sources: list[SourceSpec]) -> list[str]:
+    """What each input is called in the prepared data: its file or folder name, numbered where two
+    inputs share one ("data", "data~2")."""
+    labels: list[str] = []
+    for src in sources:
+        name = Path(os.path.abspath(src.path)).name or "input"
+        label, n = name, 1
+        while label in labels:
+            n += 1
+            label = f"{name}~{n}"
+        labels.append(label)
+    return labels
+
+
+def _relative(source: str, root: Path, label: str) -> str:
+    """A record's file as stored: the input's label, then the path inside it (posix style)."""
+    try:
+        inside = Path(source).relative_to(root)
+    except ValueError:  # not under the input given (no reader does this): only its name, never the folders
+        return f"{label}/{Path(source).name}"
+    return label if inside == Path(".") else f"{label}/{inside.as_posix()}"
+
+
+# A "name": "…" member in a record's JSON text: a chat message's speaker (the whole value is replaced).
+_NAME_MEMBER = re.compile(r'("name"\s*:\s*")((?:[^"\\]|\\.)*)(")')
+
+
+def _speakers_replaced(record: str, anonymizer) -> str:
+    """A rejected record's text (as read, or as JSON) with every "name" member's value replaced as
+    a speaker's name (Anonymizer.find_speaker): the text may not parse (it is what failed to
+    read), so the members are found by their shape."""
+
+    def replaced(m: re.Match) -> str:
+        try:
+            value = json.loads(f'"{m[2]}"')
+        except ValueError:
+            value = m[2]
+        new, _ = anonymizer.replace(value, anonymizer.find_speaker(value))
+        return m[1] + json.dumps(new, ensure_ascii=False)[1:-1] + m[3]
+
+    return _NAME_MEMBER.sub(replaced, record) if '"name"' in record else record
+
+
+def _read(sources: list[SourceSpec], labels: list[str], work: Path, rejects: _Rejects, on_error: str):
     from tailor.data.formats import Reject, read_source
 
     problems: list[str] = []
 
     def records():
-        for src in sources:
+        for src, label in zip(sources, labels):
+            root = Path(src.path)
             for item in read_source(**source_options(src)):
                 if isinstance(item, Reject):
-                    if on_error == "fail":
+                    if on_error == "fail":  # (the error names the files as given)
                         problems.append(f"{record_id(item.source, item.line)}: {item.reason}")
                         if len(problems) >= MAX_FAIL_PROBLEMS:
                             return
                         continue
-                    rejects.add(item.source, item.line, "read", item.reason, item.record)
+                    rejects.add(_relative(item.source, root, label), item.line, "read", item.reason, item.record)
                 else:
+                    item.meta["source"] = _relative(item.meta["source"], root, label)
                     yield to_row(item)
 
     ds = _write_arrow(records(), work / "cache" / "read.arrow")
@@ -536,13 +650,13 @@ def _anonymize(ds, anonymizer, privacy, rejects: _Rejects, work: Path, dedup, fo
                     answers["answers"] += 1
                     answers["answers_changed"] += bool(spans)
                     emptied += nothing_left(text, spans)
+            redacted = _speakers_anonymized(with_texts(ex, new), anonymizer, counts, found_values)
             counts_per_record.append(dict(counts))
             emptied_per_record.append(emptied)
-            redacted = with_texts(ex, new)
             row = to_row(redacted)
             for k in ("messages", "chosen", "rejected", "text"):
                 out[k].append(row[k])
-            same = new == texts[i]
+            same = new == texts[i]  # (speaker names are in no key: the model never sees them)
             out["prompt"].append(batch["prompt"][i] if same else _prompt_key(redacted))
             out["exact"].append(batch["exact"][i] if same else exact_key(new))
             out["signature"].append(np.asarray(batch["signature"][i], np.uint32))
@@ -573,6 +687,31 @@ def _anonymize(ds, anonymizer, privacy, rejects: _Rejects, work: Path, dedup, fo
            "records_emptied": sum(bool(e) for e in emptied_per_record),
            "emptied_kept": privacy.keep_emptied_answers and not drop}
     return ds, dropped, pii
+
+
+def _speakers_anonymized(ex, anonymizer, counts: Counter, found_values: Counter):
+    """The record with each message's `name` (its speaker: "Priya Nair", "user_4821") replaced like
+    a name in the text (Anonymizer.find_speaker), counted as a PERSON; the same pseudonym as the
+    same name elsewhere. Training never renders the field, so no key above needs it again."""
+    from tailor.data.privacy.review import review_key
+
+    def renamed(messages):
+        if messages is None:
+            return None
+        out = []
+        for m in messages:
+            if m.get("name"):
+                spans = anonymizer.find_speaker(m["name"])
+                name, n = anonymizer.replace(m["name"], spans)
+                counts.update(n)
+                found_values.update(k for k in (review_key(s.entity, m["name"][s.start:s.end]) for s in spans) if k)
+                m = {**m, "name": name}
+            out.append(m)
+        return out
+
+    if ex.kind == "text":
+        return ex
+    return replace(ex, messages=renamed(ex.messages), chosen=renamed(ex.chosen), rejected=renamed(ex.rejected))
 
 
 DROPPED_FOR_PII = "personal data (privacy.strategy: drop)"

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 
 from tailor.data.privacy.engine import PrivacyError, _engine
 from tailor.data.privacy.entities import DEFAULT_ENTITIES, ENTITIES, ID_ENTITIES, NER_ENTITIES, TAGS
-from tailor.data.privacy.finding import _find, _find_batch, _Finder, _name_words, _with_repeated_names
+from tailor.data.privacy.finding import _allowed_whole, _find, _find_batch, _Finder, _name_words, _with_repeated_names
 from tailor.data.privacy.names import _plausible_names
 from tailor.data.privacy.replacing import _mask, _Pseudonyms
 from tailor.data.privacy.spans import _Span
@@ -81,9 +81,10 @@ class Anonymizer:
 
     entities         Presidio entity types to find (default DEFAULT_ENTITIES; ENTITIES lists all)
     strategy         one of STRATEGIES
-    allow            phrases never replaced, ignoring case: a finding equal to one, or overlapping
-                     where one occurs in the text, stays (the support address, brand names NER
-                     takes for people)
+    allow            phrases never replaced, ignoring case: a finding equal to one, or lying
+                     inside one where it occurs in the text, stays (the support address, brand
+                     names NER takes for people); of a name NER found, the words inside an allowed
+                     phrase stay and the rest is replaced ("Wick <PERSON>" with Wick allowed)
     ner              find names with spaCy's NER (needs the model); False: pattern types only
     score_threshold  Presidio confidence a finding needs: checksum-validated values score 1.0,
                      NER names 0.85, IP addresses 0.6, valid phone numbers and SSN/NINO shapes 0.5
@@ -165,6 +166,17 @@ class Anonymizer:
                      for w in _name_words(t[s.start:s.end])}
             out.append([_with_repeated_names(self._finder, t, spans, names) for t, spans in zip(texts, found)])
         return out
+
+    def find_speaker(self, name: str) -> list[_Span]:
+        """What `replace` replaces of a chat message's `name` field: the whole value, as a PERSON,
+        unless the allow-list covers it. No recognizer runs: the field names a participant by
+        definition, and NER could not tell a bare name from a word (names.py). So it is replaced
+        whatever privacy.entities and privacy.ner say; privacy.allow keeps an assistant's name."""
+        value = name.strip()
+        if not value or _allowed_whole(self._finder, value):
+            return []
+        start = name.index(value)
+        return [_Span(start, start + len(value), "PERSON", 1.0)]
 
     def _spans_of(self, texts: list[str]) -> dict[str, list[_Span]]:
         unique = list(dict.fromkeys(texts))  # a text that repeats (a system prompt) is analyzed once

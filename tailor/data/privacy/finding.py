@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from tailor.data.privacy.engine import _engine
@@ -34,6 +35,7 @@ def _find(finder: _Finder, text: str, entities, nlp_artifacts=None, phones_last=
     (_phones)."""
     if not entities:  # Presidio reads an empty list as "all entities"
         return []
+    text = _ascii_forms(text)
     allowed = _allowed_ranges(finder, text)
     if phones_last and "PHONE_NUMBER" in entities:
         others = [e for e in entities if e != "PHONE_NUMBER"]
@@ -50,13 +52,47 @@ def _analyze(finder: _Finder, text: str, entities, nlp_artifacts=None) -> list:
 
 
 def _kept(finder: _Finder, text: str, results, allowed: list[tuple[int, int]]) -> list[_Span]:
-    """Presidio's results as spans, minus empty ones and those on the allow-list or overlapping
-    where an allowed phrase occurs (`allowed`: _allowed_ranges)."""
-    spans = (_trimmed(text, r.start, r.end, r.entity_type, r.score) for r in results)
+    """Presidio's results as spans, minus empty ones, those on the allow-list and NER's in code.
+    A pattern value (an e-mail, a number) stays only when it lies entirely inside an allowed phrase
+    (`allowed`: _allowed_ranges): with "Ember" allowed, ember.priya.nair@gmail.com is still an
+    address. NER's findings are words grouped loosely ("Wick, Lumen Lane", "Hello Wick"): the words
+    inside allowed phrases stay, the rest is still a finding (_outside)."""
     code = _code_ranges(text)
-    return [s for s in spans if s.end > s.start and _keep(finder, s.entity, text[s.start:s.end])
-            and not any(a < s.end and s.start < b for a, b in allowed)
-            and not (s.entity in NER_ENTITIES and any(a < s.end and s.start < b for a, b in code))]
+    kept = []
+    for r in results:
+        s = _trimmed(text, r.start, r.end, r.entity_type, r.score)
+        if s.end <= s.start or not _keep(finder, s.entity, text[s.start:s.end]):
+            continue
+        if s.entity not in NER_ENTITIES:
+            if not _inside(s.start, s.end, allowed):
+                kept.append(s)
+        elif not any(a < s.end and s.start < b for a, b in code):
+            kept += [p for p in _outside(text, s, allowed) if _keep(finder, p.entity, text[p.start:p.end])]
+    return kept
+
+
+def _inside(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(a <= start and end <= b for a, b in ranges)
+
+
+def _outside(text: str, span: _Span, allowed: list[tuple[int, int]]) -> list[_Span]:
+    """The parts of `span` outside the allowed ranges, each cut to its first and last letter or
+    digit; parts with none ("," between two allowed names) are no finding."""
+    parts, start = [], span.start
+    for a, b in sorted(allowed):
+        if a < span.end and span.start < b:
+            parts.append((start, max(start, a)))
+            start = max(start, b)
+    parts.append((start, span.end))
+    out = []
+    for a, b in parts:
+        while a < b and not text[a].isalnum():
+            a += 1
+        while b > a and not text[b - 1].isalnum():
+            b -= 1
+        if b > a:
+            out.append(_Span(a, b, span.entity, span.score))
+    return out
 
 
 # Markdown code: a fenced block (``` or ~~~, to its closing fence or the end of the text) or an inline
@@ -82,14 +118,35 @@ def _with_repeated_names(finder: _Finder, text: str, spans: list[_Span], names: 
     extra = [_Span(m.start(), m.end(), "PERSON", 1.0) for m in re.finditer(r"[^\W\d_]{2,}", text)
              if m.group().casefold() in names and m.group().casefold() not in finder.allow
              and not any(s.start < m.end() and m.start() < s.end for s in spans)
-             and not any(a < m.end() and m.start() < b for a, b in allowed + code)]
+             and not _inside(m.start(), m.end(), allowed)
+             and not any(a < m.end() and m.start() < b for a, b in code)]
     return _merge_overlaps(spans + extra) if extra else spans
+
+
+# Full-width forms ("４１１１ １１１１…", "ｊｏ＠ｇｍａｉｌ．ｃｏｍ") as ASCII, and every other decimal digit
+# (Arabic-Indic, Devanagari…) as 0-9: Presidio's patterns and checksums know ASCII digits only, so
+# such a card number was never found. One character for one, so a finding's offsets hold for the
+# original text, which is what gets replaced.
+_FULL_WIDTH = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20}
+_OTHER_DIGIT = re.compile(r"(?![0-9])\d")
+
+
+def _ascii_forms(text: str) -> str:
+    if text.isascii():
+        return text
+    text = text.translate(_FULL_WIDTH)
+    return _OTHER_DIGIT.sub(lambda m: str(unicodedata.decimal(m.group())), text)
 
 
 def _allowed_ranges(finder: _Finder, text: str) -> list[tuple[int, int]]:
     """Where allowed phrases occur in the text: a finding inside one stays, so "Lane" is kept in
     "Lumen Lane" when the brand is allowed, though NER tagged only that word."""
     return [m.span() for phrase in finder.allow for m in _phrase_pattern(phrase).finditer(text)]
+
+
+def _allowed_whole(finder: _Finder, value: str) -> bool:
+    """Whether `value` as a whole is allowed: on the list, or inside an allowed phrase."""
+    return value.casefold() in finder.allow or _inside(0, len(value), _allowed_ranges(finder, _ascii_forms(value)))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -122,6 +179,7 @@ def _find_batch(finder: _Finder, texts: list[str]) -> list[list[_Span]]:
     """_find for many texts: spaCy once over the batch, then only the recognizers each text can match."""
     engine = _engine(finder.entities, finder.language, finder.spacy_model)
     prefilter = _prefilter(finder.entities)
+    texts = [_ascii_forms(t) for t in texts]  # what _find looks at, so NER sees the same text in both paths
     analyzed = engine.nlp_engine.process_batch(texts, finder.language, batch_size=_NLP_BATCH)
     return [_find(finder, text, prefilter(text), artifacts, phones_last=True) for text, artifacts in analyzed]
 
