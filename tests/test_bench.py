@@ -6,25 +6,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("data", ["support", "corpus"])
-def test_train_throughput_bench_runs_on_a_tiny_model(tiny_model_dir, data):
+def _train_throughput(tiny_model_dir, *extra: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--model", str(tiny_model_dir),
          "--examples", "12", "--eval-examples", "4", "--max-steps", "3", "--threads", "1", "--warmup-steps", "1",
-         "--no-compile", "--data", data],
+         "--no-compile", *extra],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_throughput_bench_runs_on_a_tiny_model(tiny_model_dir):
+    result = _train_throughput(tiny_model_dir, "--data", "support")
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"tailor/trainer=\d+\.\d\d tailor/trl=\d+\.\d\d utilisation=\d+% "
                         r"loss_delta=[+-]\d+\.\d% memory/trl=\d+\.\d\d", lines[-1]), lines[-1]
     for variant in ("tailor", "trainer", "trl"):
         assert re.search(rf"pass 1 {variant}\s+\d+\.\d tok/s", result.stdout)
+
+
+def test_train_throughput_bench_reads_the_public_corpus(tiny_model_dir):
+    # Tailor's variant alone: the peers read the same examples (tested above), and each costs a process.
+    result = _train_throughput(tiny_model_dir, "--data", "corpus", "--variants", "tailor")
+    assert re.search(r"pass 1 tailor\s+\d+\.\d tok/s", result.stdout), result.stdout
 
 
 def test_train_profile_bench_splits_a_step_into_classes(tiny_model_dir):
@@ -68,3 +76,17 @@ def test_outcome_bench_writes_held_out_sets_from_the_public_corpus(tmp_path):
         held_out = {r["messages"][0]["content"] for r in rows["test"]}
         assert not held_out & {r["messages"][0]["content"] for r in rows["train"]}  # the split holds out
         assert outcome.write_set(name, tmp_path / "again")[0].read_text() == train.read_text()  # seeded
+
+
+def test_serve_load_bench_answers_rude_clients_and_keeps_every_rating(tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--model", str(tiny_model_dir),
+         "--clients", "8", "--requests", "40", "--max-tokens", "8", "--hang-up-after", "0.05"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    fields = dict(item.split("=") for item in last.split())
+    assert fields["errors"] == "0" and int(fields["feedback_sent"]) > 0, result.stdout
+    assert fields["feedback_sent"] == fields["feedback_stored"], last
+    assert "bad: 400" in result.stdout and "hung up" in result.stdout, result.stdout
