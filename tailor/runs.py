@@ -10,7 +10,9 @@ tailor.models.generate.load_run.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import shutil
 import time
@@ -30,6 +32,14 @@ class RunError(TailorError):
 
 class RunNotFound(RunError, LookupError):
     """A run reference (folder, NAME/RUN-ID, RUN-ID, NAME) that names no run."""
+
+
+class RunLocked(RunError):
+    """A run folder another live process is writing."""
+
+
+# Run folder -> (pid, descriptor of its open lock file) of the locks this process holds.
+_LOCKS: dict[Path, tuple[int, int]] = {}
 
 
 # --- the manifest: what a run was started with ----------------------------------------------------
@@ -134,6 +144,9 @@ class Run:
         return str(self.path)
 
     # In the order a run writes them.
+    lock_file = _Entry(".train.lock", "locked (flock) by the process writing the run, so that no second one "
+                                      "writes it at once; holds that process's id. The lock ends with the process, "
+                                      "a killed one too")
     job_file = _Entry("job.yaml", "the resolved job, every default filled in")
     data_dir = _Entry("data/", "with `data.prepare: true`: the prepared dataset (splits, card, rejects)")
     stages_dir = _Entry("stages/", "a staged run: one complete run folder per stage, `N-NAME/`")
@@ -146,8 +159,9 @@ class Run:
                                            "the layer change at the end")
     checkpoints_dir = _Entry("checkpoints/", "`step-NNNNNNN/`: trainable weights, optimizer, scheduler, RNG "
                                              "states (the first two as shards in `sharded/` under FSDP, "
-                                             "`deepspeed/` under DeepSpeed); `best.json` names the best with "
-                                             "early stopping")
+                                             "`deepspeed/` under DeepSpeed) and `checksums.json`, each file's "
+                                             "hash and size, written last; `best.json` names the best with early "
+                                             "stopping")
     deepspeed_file = _Entry("deepspeed.json", "with `distributed.strategy: deepspeed`: the DeepSpeed config the run "
                             "used (Tailor's, from the section, or yours with the job's batch sizes and precision)")
     tensorboard_dir = _Entry("tensorboard/", "with `tracking: [tensorboard]`: the event files")
@@ -323,6 +337,35 @@ class Run:
 
     def mark_done(self) -> None:
         self.done_file.write_text("", encoding="utf-8")
+        self.unlock()  # nothing is left to train: a --resume of it only says so
+
+    # --- one writer at a time -------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Hold RUN/.train.lock until the run is done or this process ends (the system lets go of a
+        killed process's lock, so a stale one never blocks). A run another live process holds
+        raises RunLocked, naming that process; taking a lock this process holds does nothing."""
+        key = self.path.resolve()
+        if _LOCKS.get(key, (None,))[0] == os.getpid():
+            return
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLocked(f"{self.path}: run {self.name}/{self.id} is being written by another process (pid "
+                            f"{holder}); wait for it to finish or stop it, then `tailor train JOB --resume` continues "
+                            "the run") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _LOCKS[key] = (os.getpid(), fd)
+
+    def unlock(self) -> None:
+        pid, fd = _LOCKS.get(self.path.resolve(), (None, None))
+        if pid == os.getpid():
+            del _LOCKS[self.path.resolve()]
+            os.close(fd)  # closing the descriptor ends the flock
 
     # --- the result -----------------------------------------------------------------------------
 

@@ -113,6 +113,7 @@ def run_folder(r: Recipe, resume: bool, fixed: Run | None = None) -> Run:
             chosen[0] = str(latest.path)
         else:
             chosen[0] = str(Run.new(job.output.dir, job.name).path)
+        Run(chosen[0]).lock()  # one writer: a second `tailor train --resume` of this run stops here
     if r.accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(chosen, src=0)
     r.run = Run(chosen[0])

@@ -75,7 +75,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     summary = train(model, train_set, rows, val_set, val_rows, common.settings(r), r.run, r.accelerator,
                     r.tokenizer.pad_token_id, resume=resume, show_progress=show_progress,
                     score_samples=common.sample_scorer(r, val_raw), trackers=r.trackers, plan=plan,
-                    val_groups={t: g for t, g in val_groups.items() if g})
+                    val_groups={t: g for t, g in val_groups.items() if g}, say=r.say)
     summary["tasks"] = {t: {"probability": probabilities[t], "rows_drawn": n}
                         for t, n in plan.counts(summary["steps"]).items()}
 

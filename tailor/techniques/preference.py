@@ -66,7 +66,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     objective = PreferenceLoss(model, job.preference.loss, job.preference.beta, job.preference.sft_weight)
     summary = train(model, train_set, rows, val_set, val_rows, common.settings(r), r.run, r.accelerator,
                     r.tokenizer.pad_token_id, resume=resume, show_progress=show_progress, trackers=r.trackers,
-                    objective=objective, row_units=[len(row) // 2 for row in rows])
+                    objective=objective, row_units=[len(row) // 2 for row in rows], say=r.say)
     if summary.get("final_val"):
         v = summary["final_val"]
         r.say(f"held-out pairs: chosen preferred in {v['val_preference_accuracy']:.0%}, "

@@ -62,7 +62,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     # 4. Train.
     summary = train(model, train_set, rows, val_set, val_rows, common.settings(r), r.run, r.accelerator,
                     r.tokenizer.pad_token_id, resume=resume, show_progress=show_progress,
-                    score_samples=common.sample_scorer(r, val_raw), trackers=r.trackers)
+                    score_samples=common.sample_scorer(r, val_raw), trackers=r.trackers, say=r.say)
 
     # 5. Save, with how much each layer changed, and 6. evaluate against the base.
     common.finish(r, model, summary)

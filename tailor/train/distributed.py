@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,11 +88,11 @@ class DDP:
 
     def load(self, folder: Path, model: nn.Module, optimizer) -> None:
         """The checkpoint's trainable weights into model, and its optimizer state (optimizer None: weights only)."""
-        from tailor.train.checkpoint import load_weights
+        from tailor.train.checkpoint import load_plain, load_weights
 
         load_weights(folder, model)
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+            optimizer.load_state_dict(load_plain(folder / "optimizer.pt"))
 
 
 class FSDP(DDP):
@@ -137,14 +138,15 @@ class FSDP(DDP):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import state_dict as sd
 
+        reader = _safe_reader(folder / self.SHARDS)
         if optimizer is None:
             weights = sd.get_model_state_dict(model, options=_trainable_only())
-            dcp.load({"model": weights}, checkpoint_id=str(folder / self.SHARDS))
+            dcp.load({"model": weights}, storage_reader=reader)
             sd.set_model_state_dict(model, weights, options=_trainable_only(strict=False))
             return
         weights, optim = sd.get_state_dict(model, optimizer, options=_trainable_only())
         state = {"model": weights, "optimizer": optim}
-        dcp.load(state, checkpoint_id=str(folder / self.SHARDS))
+        dcp.load(state, storage_reader=reader)
         sd.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                           options=_trainable_only(strict=False))
 
@@ -188,8 +190,86 @@ class DeepSpeed(DDP):
                                     exclude_frozen_parameters=True)
 
     def load(self, folder: Path, model: nn.Module, optimizer) -> None:
-        self.engine.load_checkpoint(str(folder / self.FOLDER), tag=self.TAG, load_module_strict=False,
-                                    load_optimizer_states=optimizer is not None, load_lr_scheduler_states=False)
+        """DeepSpeed reads its files with torch.load(weights_only=False), which runs whatever a
+        planted file holds; for this load its checkpoint engine reads them with weights_only=True."""
+        own = self.engine.checkpoint_engine
+        self.engine.checkpoint_engine = _WeightsOnlyEngine(own)
+        try:
+            self.engine.load_checkpoint(str(folder / self.FOLDER), tag=self.TAG, load_module_strict=False,
+                                        load_optimizer_states=optimizer is not None, load_lr_scheduler_states=False)
+        finally:
+            self.engine.checkpoint_engine = own
+
+
+class _WeightsOnlyEngine:
+    """A DeepSpeed checkpoint engine whose load builds tensors, numbers, strings, plain containers
+    and the few inert DeepSpeed classes ZeRO-2 and ZeRO-3 files name (the loss scaler, the ZeRO
+    stage, ZeRO-2's fragment addresses), nothing else; everything but load is the engine it wraps."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def load(self, path: str, map_location=None):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        from tailor.train.checkpoint import load_plain
+
+        inert = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]  # numbers, an enum, (start, numel)
+        return load_plain(Path(path), allowed=inert, map_location=map_location)
+
+
+def _safe_reader(path: Path):
+    """torch.distributed.checkpoint's reader of a folder of shards, except that it reads the
+    folder's index (.metadata, a pickle that torch reads with pickle.load, running whatever it
+    holds) with _MetadataUnpickler. The shards themselves torch reads as raw bytes."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata_path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(metadata_path, "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except pickle.UnpicklingError as exc:
+                    from tailor.train.checkpoint import unsafe
+
+                    raise unsafe(Path(metadata_path), str(exc)) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(str(path))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what an index of shards holds: torch.distributed.checkpoint's metadata
+    classes, torch's sizes, dtypes and layouts, and paths; any other global is refused."""
+
+    ALLOWED = {"torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta",
+                                                         "TensorStorageMetadata", "BytesStorageMetadata",
+                                                         "ChunkStorageMetadata", "TensorProperties",
+                                                         "_MEM_FORMAT_ENCODING"},
+               "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+               "torch.serialization": {"_get_layout"},
+               "torch": {"Size"},
+               "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+               "collections": {"OrderedDict"}}
+
+    def find_class(self, module: str, name: str):
+        inert = name in self.ALLOWED.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format)):
+            inert = True
+        if not inert:
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        return super().find_class(module, name)
 
 
 def full_state(model: nn.Module, strategy: str) -> dict[str, torch.Tensor] | None:

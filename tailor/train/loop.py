@@ -14,15 +14,16 @@ import time
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from tailor.runs import Run
 from tailor.train.adapters import param_groups
 from tailor.train.checkpoint import (
     checkpoint_path,
-    list_checkpoints,
     load_checkpoint,
     mark_best,
+    newest_complete,
     save_checkpoint,
 )
 from tailor.train.distributed import Sharding, parallel_for
@@ -100,10 +101,11 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
           val_rows: list[list[int]], settings: TrainSettings, run: Run, accelerator, pad_id: int,
           resume: bool = False, show_progress: bool = True, score_samples=None, trackers=(),
           objective: nn.Module | None = None, plan=None, row_units: list[int] | None = None,
-          val_groups: dict[str, list[int]] | None = None) -> dict:
+          val_groups: dict[str, list[int]] | None = None, say=None) -> dict:
     """run: the run folder whose metrics.jsonl and checkpoints/ this writes (and reads on resume).
     score_samples: model -> {"val_rouge_l": …} from generated answers, added to each validation
-    (computed on the main process and shared). trackers: also receive every metrics row.
+    (computed on the main process and shared). trackers: also receive every metrics row. say:
+    prints a line for the user on the main process (default: to stderr).
 
     What the techniques change, each with the plain default:
     objective   forward(**batch, weight) -> (loss sum, sums of `stat_names`, units); CausalLMLoss
@@ -115,6 +117,7 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
     s = settings
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
+    say = say or (Console(stderr=True).print if is_main else lambda *a, **k: None)
     plan = plan or Plan.make(len(rows), s, world)
     row_units = row_units or [sum(examples[i].n_labels for i in row) for row in rows]
 
@@ -141,8 +144,10 @@ def train(model: nn.Module, examples: list[Encoded], rows: list[list[int]], val_
 
     start, last_train, last_eval = 0, None, None
     early = EarlyStopping(s.early_stopping_metric, s.early_stopping_patience, s.early_stopping_min_delta)
-    if resume and list_checkpoints(ckpt_dir):
-        state = load_checkpoint(list_checkpoints(ckpt_dir)[-1], model, optimizer, scheduler, parallel, rank)
+    # The newest checkpoint whose files match their checksums; one cut short or damaged is skipped, and said so.
+    checkpoint = newest_complete(ckpt_dir, is_main, say) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, parallel, rank)
         start = state["step"]
         early.load(state.get("early_stopping"))
         metrics.truncate_after(start)
