@@ -139,6 +139,7 @@ def test_quickstart_runs_every_step(embedded_path, calibrated, tmp_path):
     assert "ROUGE-L" in result.output and "general questions" in result.output
     assert ('"rating": "up"} → feedback #1 stored' in result.output
             and "curl http://127.0.0.1:8000/v1/chat" in result.output)
+    assert "seed 2**70 → 400 seed:" in result.output
 
 
 def test_quickstart_sequential_runs_three_gated_stages(embedded_path, calibrated, tmp_path):

@@ -258,6 +258,11 @@ def serve_demo(run_dir: Path, name: str, db: Path, out: Console) -> None:
                             timeout=60).json()
         out.print(f"POST /v1/feedback {{\"completion_id\": \"{completion_id}\", \"rating\": \"up\"}} → feedback "
                   f"#{stored['id']} stored in {db}", highlight=False, markup=False)
+        # Decoded in a batch, this seed would fail every request beside it: it is refused on arrival.
+        refused = httpx.post(f"{live.url}/v1/chat/completions", json={**body, "stream": False, "seed": 2**70},
+                             timeout=60)
+        out.print(f"A request the model cannot take is refused alone, before it reaches a batch: seed 2**70 → "
+                  f"{refused.status_code} {refused.json()['error']['message']}", highlight=False, markup=False)
     out.print("Serve it yourself, and ask it with curl or any OpenAI client (docs/deploy.md):", highlight=False)
     out.print(f"  tailor serve {name}={run_dir}", highlight=False, markup=False)
     request = json.dumps({"model": name, "messages": [{"role": "user", "content": "How do I pair my Ember?"}]})

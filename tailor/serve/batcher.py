@@ -21,13 +21,14 @@ import threading
 from concurrent.futures import Future
 from typing import Callable, TypeVar
 
+from tailor.errors import TailorError
 from tailor.models.decode import Engine, Request
 
 T = TypeVar("T")
 log = logging.getLogger("tailor.serve")
 
 
-class Unavailable(RuntimeError):
+class Unavailable(TailorError, RuntimeError):
     """The batcher takes no more requests: the server is shutting down, or its decoding thread
     has stopped. The message says which."""
 
