@@ -2,7 +2,10 @@
 checkpoint file damaged on disk, a full disk, a planted pickle, a second process on the same run.
 
 The killed runs are forked from this process, which has torch and transformers imported already,
-so each starts in a fraction of a second (a fresh interpreter would take seconds).
+so each starts in a fraction of a second (a fresh interpreter would take seconds). A forked child
+runs torch on one thread: OpenMP's thread pool does not survive a fork once the parent has used it
+(the child waits forever on the parent's workers), and the reference run is a child too, so that
+every run sums in the same order.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def small_job(make_job, name: str, steps: int = 4, **training):
 
 
 def _train_in_child(path: Path, out: Path, resume: bool) -> None:
+    torch.set_num_threads(1)
     os.environ[SAVE_STALL] = str(STALL)  # each save pauses before it publishes: room for a kill inside it
     run(path, f"output.dir={out}", resume=resume)
 
@@ -75,7 +79,9 @@ def _kill_sometime(child, out: Path, started: float, instant: float, in_save: bo
     """SIGKILL `child` `instant` seconds after it started, or (in_save) at the first checkpoint save
     after that, `delay` seconds into it. None: it finished first; else whether a save was cut."""
     child.join(max(0.0, started + instant - time.time()))
+    deadline = time.time() + 120
     while in_save and child.is_alive() and not _saving_since(out, started):
+        assert time.time() < deadline, "the run has neither saved nor ended in 2 minutes"
         time.sleep(0.002)
     if in_save:
         time.sleep(delay)
@@ -102,8 +108,12 @@ def _tear_newest(out: Path, pick: float) -> Path | None:
 def test_killed_twenty_times_at_random_instants_ends_as_the_uninterrupted_run(make_job, tmp_path):
     path = small_job(make_job, "faults", STEPS)
     started = time.perf_counter()
-    whole = run(path)
-    span = time.perf_counter() - started + STEPS * STALL  # how long one uninterrupted run takes, stalls included
+    reference_child = FORK.Process(target=_train_in_child, args=(path, tmp_path / "whole", False))
+    reference_child.start()
+    reference_child.join(120)
+    assert reference_child.exitcode == 0, f"the uninterrupted run failed (exit {reference_child.exitcode})"
+    span = time.perf_counter() - started  # how long one uninterrupted run takes, stalls included
+    whole = Run.latest(tmp_path / "whole", "faults").path
     rng = random.Random(22)
     kills, cut_saves, tears_wanted, tears, torn, finished = 0, 0, 0, 0, set(), []
     out = tmp_path / "faulted-0"
@@ -122,6 +132,8 @@ def test_killed_twenty_times_at_random_instants_ends_as_the_uninterrupted_run(ma
         child.start()
         if kills == KILLS:
             child.join(120)
+            if child.is_alive():
+                child.kill()
         else:
             cut = _kill_sometime(child, out, child_started, instant, in_save, delay)
             if cut is not None:
