@@ -237,3 +237,15 @@ def test_names_from_users_are_checked():
     for name in ("", "x" * 65, "../etc", "a/b", "a b", "..", "naïve", "a\n"):
         with pytest.raises(ModelError, match="letters, digits"):
             check_name(name)
+
+
+def test_an_invalid_field_is_named_as_the_client_wrote_it(live):
+    """pydantic locates an error inside a union by the member's type ("content.str"); the client
+    sent `messages.0.content`, and that is the name it gets back."""
+    for body, param in (({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+                        ({"prompt": 5}, "prompt"), ({"prompt": "hi", "stop": [1]}, "stop")):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        answer = live.post(body, path)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["param"] == param and error["message"].startswith(param + ": "), error

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ from tailor.models.decode import Request, Sampling
 from tailor.serve.batcher import Unavailable
 from tailor.serve.metrics import Metrics
 from tailor.serve.models import ModelError, ModelSet
+
+# The names pydantic puts in an error's location for the member of a union it tried
+# ("messages.0.content.str"): type names, not keys of the request, so the client never sees them.
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|none|(list|dict|literal|function-\w+)\[.*\])")
 
 log = logging.getLogger("tailor.serve")
 
@@ -148,7 +153,7 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
         first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"] if p != "body"]
+        loc = [str(p) for p in first["loc"] if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
         param = ".".join(loc) or None
         message = first["msg"]
         if first["type"] == "extra_forbidden":
