@@ -98,6 +98,19 @@ def test_ner_findings_keep_only_their_allowed_words():
     assert _outside(text, span, [(24, 28), (30, 40)]) == []
 
 
+def test_what_is_left_of_a_name_after_its_allowed_words_must_be_more_than_stop_words():
+    """spaCy tags "The Glow Pass" as a person; with "Glow Pass" allowed, "The" was left over as a
+    name, and then every "the" of the conversation was replaced as a repeated name."""
+    from tailor.data.privacy import Anonymizer
+
+    record = ["You are Wick, the support assistant of Lumen Lane Lamps.",
+              "Hello, bright spark! The Glow Pass is 9 euros a month. Start it in the Halo app, Priya."]
+    anon = Anonymizer(allow=["Wick", "Lumen Lane", "Glow Pass", "Halo"])
+    (system, _), (answer, counts) = anon.anonymize_records([record])[0]
+    assert system == record[0]
+    assert answer == record[1].replace("Priya", "<PERSON>") and counts == {"PERSON": 1}
+
+
 # --- 11: a message's `name` (its speaker) is anonymized ----------------------------------------------
 
 

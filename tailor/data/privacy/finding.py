@@ -67,8 +67,26 @@ def _kept(finder: _Finder, text: str, results, allowed: list[tuple[int, int]]) -
             if not _inside(s.start, s.end, allowed):
                 kept.append(s)
         elif not any(a < s.end and s.start < b for a, b in code):
-            kept += [p for p in _outside(text, s, allowed) if _keep(finder, p.entity, text[p.start:p.end])]
+            kept += [p for p in _outside(text, s, allowed) if _keep(finder, p.entity, text[p.start:p.end])
+                     and (p == s or not _only_stop_words(finder.language, text[p.start:p.end]))]
     return kept
+
+
+@functools.cache
+def _stop_words(language: str) -> frozenset[str]:
+    import spacy.util
+
+    try:
+        return frozenset(w.casefold() for w in spacy.util.get_lang_class(language).Defaults.stop_words)
+    except (ImportError, KeyError, AttributeError):  # a language spaCy has no class for
+        return frozenset()
+
+
+def _only_stop_words(language: str, value: str) -> bool:
+    """What is left of NER's "The Glow Pass" once the allowed "Glow Pass" is cut out: "The" is no
+    name (and, taken for one, every "the" of the record would be replaced: _with_repeated_names)."""
+    words = re.findall(r"[^\W\d_]+", value)
+    return all(w.casefold() in _stop_words(language) for w in words)
 
 
 def _inside(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
@@ -117,6 +135,7 @@ def _with_repeated_names(finder: _Finder, text: str, spans: list[_Span], names: 
     allowed, code = _allowed_ranges(finder, text), _code_ranges(text)
     extra = [_Span(m.start(), m.end(), "PERSON", 1.0) for m in re.finditer(r"[^\W\d_]{2,}", text)
              if m.group().casefold() in names and m.group().casefold() not in finder.allow
+             and m.group().casefold() not in _stop_words(finder.language)
              and not any(s.start < m.end() and m.start() < s.end for s in spans)
              and not _inside(m.start(), m.end(), allowed)
              and not any(a < m.end() and m.start() < b for a, b in code)]
