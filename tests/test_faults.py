@@ -5,7 +5,8 @@ The killed runs are forked from a fork server that has torch, transformers and T
 already, so each starts in a fraction of a second (a fresh interpreter would take seconds). Not
 from this process: after the tests before it, it holds threads (OpenMP's pool, servers' threads)
 whose locks a forked child inherits taken, and waits on forever. The reference run is a child too,
-so that every run is made the same way.
+so that every run is made the same way. Every child is a daemon: one that hangs is ended when the
+suite ends, rather than joined forever (pytest would never exit).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def small_job(make_job, name: str, steps: int = 4, **training):
 
 
 def _train_in_child(path: Path, out: Path, resume: bool) -> None:
+    # One process each. A DeepSpeed run earlier in the suite leaves LOCAL_RANK in the environment
+    # the fork server copied (DeepSpeed reads it while it trains); with it, accelerate would take this
+    # process for one of a torchrun group and wait for a MASTER_ADDR.
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
     os.environ[SAVE_STALL] = str(STALL)  # each save pauses before it publishes: room for a kill inside it
     run(path, f"output.dir={out}", resume=resume)
 
@@ -109,11 +115,11 @@ def _tear_newest(out: Path, pick: float) -> Path | None:
 
 def test_killed_twenty_times_at_random_instants_ends_as_the_uninterrupted_run(make_job, tmp_path):
     path = small_job(make_job, "faults", STEPS)
-    warm = FORK.Process(target=int)  # starts the fork server, so that its start is not timed below
+    warm = FORK.Process(target=int, daemon=True)  # starts the fork server, so that its start is not timed below
     warm.start()
     warm.join()
     started = time.perf_counter()
-    reference_child = FORK.Process(target=_train_in_child, args=(path, tmp_path / "whole", False))
+    reference_child = FORK.Process(target=_train_in_child, args=(path, tmp_path / "whole", False), daemon=True)
     reference_child.start()
     reference_child.join(120)
     assert reference_child.exitcode == 0, f"the uninterrupted run failed (exit {reference_child.exitcode})"
@@ -133,7 +139,7 @@ def test_killed_twenty_times_at_random_instants_ends_as_the_uninterrupted_run(ma
         instant, in_save, delay, tear, pick = rng.uniform(0, span), rng.random() < 0.5, rng.uniform(0, STALL), \
             rng.random() < 0.3, rng.random()
         child_started = time.time()
-        child = FORK.Process(target=_train_in_child, args=(path, out, latest is not None))
+        child = FORK.Process(target=_train_in_child, args=(path, out, latest is not None), daemon=True)
         child.start()
         if kills == KILLS:
             child.join(120)
@@ -321,7 +327,7 @@ def test_a_second_process_on_the_same_run_is_refused_until_the_first_ends(make_j
     path = small_job(make_job, "two-writers", steps=1)
     folder = interrupted(run(path))
     ready, ready_child = FORK.Pipe()
-    holder = FORK.Process(target=_hold_lock, args=(folder.path, ready_child))
+    holder = FORK.Process(target=_hold_lock, args=(folder.path, ready_child), daemon=True)
     holder.start()
     try:
         assert ready.poll(30)
