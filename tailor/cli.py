@@ -585,6 +585,23 @@ def serve(
     run_server(settings, say=lambda m: err.print(escape(m), highlight=False))
 
 
+@app.command()
+def studio(
+    workspace: Path = typer.Option(Path("studio"), "--workspace", help="The folder that holds the studio's data, "
+                                   "jobs, runs and queue (created when missing)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token."),
+    port: int = typer.Option(7860, "--port"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="TAILOR_STUDIO_TOKEN",
+                                        help="A secret the browser must present (the printed address carries it)."),
+    max_running: int = typer.Option(1, "--max-running", help="Trainings run at once; more wait in the queue."),
+    max_upload_mb: int = typer.Option(200, "--max-upload-mb", help="Largest file the Data page takes."),
+):
+    """Tailor Studio: the seven steps in a browser, with a training queue that outlives the page."""
+    from tailor.studio.server import serve as run_studio
+
+    run_studio(workspace, host, port, token, max_running, max_upload_mb, say=_print_out)
+
+
 @app.command(name="export")
 def export_(
     run_dir: Path = typer.Argument(..., help="A finished run folder (runs/NAME/RUN-ID)."),

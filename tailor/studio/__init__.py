@@ -1,0 +1,1 @@
+"""Tailor Studio: the seven steps in a browser (tailor studio)."""
