@@ -40,7 +40,8 @@ def serve(workspace: str | Path, host: str, port: int, token: str | None, max_ru
     say(f"Tailor Studio on {address}{'?token=' + token if token else ''} (workspace {studio.workspace.root}); "
         "Ctrl+C stops the studio, not the trainings it started")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        # The pages' event streams stay open while a run trains: a stop must not wait for them
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     finally:
         studio.queue.stop()
 

@@ -11,11 +11,17 @@ function followTask(id, kind) {
     const s = JSON.parse(e.data);
     state.textContent = s.state;
     if (s.error) { const p = document.getElementById("task-error"); p.textContent = s.error; p.hidden = false; }
-    if (s.state === "done" && kind === "prepare" && s.result) {
-      const next = document.getElementById("task-next");
+    if (s.state !== "done") return;
+    if (kind === "advise") { location.reload(); return; }  // the same address shows the advice once it is ready
+    const next = document.getElementById("task-next");
+    if (kind === "prepare" && s.result) {
       next.innerHTML = `<a class="button" id="open-card" href="/data/${encodeURIComponent(s.result)}">Open the data card</a>`;
-      next.hidden = false;
+    } else if (typeof s.result === "string" && s.result.startsWith("/")) {
+      next.innerHTML = `<a class="button" id="task-result" href="${s.result}">Continue</a>`;
+    } else if (s.result) {
+      next.textContent = `→ ${s.result}`;
     }
+    next.hidden = false;
   });
   source.addEventListener("end", () => source.close());
 }
