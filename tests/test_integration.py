@@ -143,6 +143,8 @@ def test_quickstart_runs_every_step(embedded_path, calibrated, tmp_path):
     assert ('"rating": "up"} → feedback #1 stored' in result.output
             and "curl http://127.0.0.1:8000/v1/chat" in result.output)
     assert "seed 2**70 → 400 seed:" in result.output
+    assert "8 · All of it in a browser" in result.output and "The studio answered on http://127.0.0.1:" in result.output
+    assert "tailor studio --workspace" in result.output
 
 
 def test_quickstart_sequential_runs_three_gated_stages(embedded_path, calibrated, tmp_path):

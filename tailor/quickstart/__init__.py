@@ -125,6 +125,9 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
 
     out.rule("[bold]7 · Serve it: an OpenAI-compatible API that collects feedback")
     serve_demo(run_dir, job.name, out_dir.resolve() / "feedback.db", out)
+
+    out.rule("[bold]8 · All of it in a browser: Tailor Studio")
+    studio_demo(out_dir / "studio", out)
     out.print(f"Done in {time.perf_counter() - started:.0f} s. Run folder: {run_dir}")
     out.print(f"Ask it yourself: tailor chat --run {run_dir} \"How do I pair my Ember?\"")
     return run_dir
@@ -325,3 +328,25 @@ def _task_lines(summary: dict) -> list[str]:
         lines.append(f"task {task} ({v['examples']} test examples): " + ", ".join(
             f"{k} {v['base'][k]:.3f} → {v['tuned'][k]:.3f}" for k in keys))
     return lines
+
+
+def studio_demo(workspace: Path, out) -> None:
+    """Start the studio on a workspace for a moment, read its home page, and say how to open it."""
+    import httpx
+
+    from tailor.serve.server import InThread
+    from tailor.studio.server import build
+
+    started = time.perf_counter()
+    studio, app = build(workspace)
+    try:
+        with InThread(app) as live:
+            home = httpx.get(live.url + "/", timeout=30)
+    finally:
+        studio.queue.stop()
+    out.print(f"The studio answered on {live.url}/ ({home.status_code}, {time.perf_counter() - started:.1f} s): "
+              "upload and prepare data, ask the advisor, edit and queue jobs, watch the curves, chat with a run "
+              "and its base, rate answers, train on the ratings. Trainings are processes of their own: closing "
+              "the page or the studio stops none of them.", highlight=False)
+    out.print(f"Open it yourself: tailor studio --workspace {workspace}   (then http://127.0.0.1:7860; "
+              "docs/studio.md)", highlight=False)

@@ -56,7 +56,8 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
 
     @app.post("/data/prepare")
     def start_prepare(request: Request, files: list[str] = Form(...), name: str = Form(...),
-                      strategy: str = Form("placeholder"), model: str = Form(EMBEDDED_DEFAULT)):
+                      strategy: str = Form("placeholder"), model: str = Form(EMBEDDED_DEFAULT),
+                      allow: str = Form("")):
         from tailor.data.prepare import prepare
 
         try:
@@ -68,8 +69,10 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
             return studio.render("data.html", request, data=ws.data_files(), prepared=ws.prepared_sets(),
                                  error=str(exc), max_mb=studio.max_upload_bytes // (1 << 20))
         # model: whose tokenizer counts the tokens and whose perplexity the card reports
+        # allow: the business's own names (products, staff, its address), which are not personal data
+        privacy = {"strategy": strategy, "allow": [a.strip() for a in allow.split(",") if a.strip()]}
         task = studio.tasks.start(f"prepare {name}", lambda t: prepare(
-            inputs, out, model=model, config={"privacy": {"strategy": strategy}}, say=t.say).out.name)
+            inputs, out, model=model, config={"privacy": privacy}, say=t.say).out.name)
         return back(f"/tasks/{task.id}")
 
     @app.get("/data/{name}", response_class=HTMLResponse)
