@@ -224,3 +224,28 @@ def test_a_job_runs_from_the_queue_and_its_run_is_played_with_and_rated(tmp_path
         s.queue.stop()
         if s.playground.batcher is not None:
             s.playground.close()
+
+
+def test_compare_shows_the_keys_that_differ_and_export_checks_parity(studio, make_job, tiny_model_dir):
+    from tailor.spec import load_job
+    from tailor.techniques import task
+
+    s, client = studio
+    runs = []
+    for rate in ("1e-2", "1e-3"):
+        path = make_job("cmp", training={"max_steps": 2, "learning_rate": float(rate)}, eval={"enabled": False},
+                        output={"dir": str(s.workspace.runs_dir)})
+        runs.append(task.run(load_job(path), show_progress=False))
+    refs = [f"cmp/{p.name}" for p in runs]
+    page = client.get("/compare", params={"runs": refs})
+    assert page.status_code == 200
+    keys = re.search(r'id="compare-keys">(.*?)</table>', page.text, re.S).group(1)
+    assert "training.learning_rate" in keys and "0.01" in keys and "0.001" in keys
+    assert "training.max_steps" not in keys  # the same in both
+    assert "final train loss" in page.text
+    assert client.get("/compare", params={"runs": refs[:1]}).status_code == 400
+    exported = client.post(f"/runs/{refs[0]}/export?csrf={s.csrf}", follow_redirects=False)
+    task_ = s.tasks.get(wait_task(client, s, exported))
+    assert task_.state == "done", task_.error
+    assert any(line.startswith("parity: ") for line in task_.lines)
+    assert (Path(task_.result) / "parity.json").is_file()

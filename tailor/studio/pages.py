@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import yaml
-from fastapi import FastAPI, Form, Request, UploadFile
+from fastapi import FastAPI, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 
 from tailor.runs import Run
@@ -249,6 +249,27 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
         task = studio.tasks.start(f"export {name}/{run_id}", lambda t: _export(run, t.say))
         return back(f"/tasks/{task.id}")
 
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare(request: Request, runs: list[str] = Query(...)):
+        """The job keys that differ between the runs, and their measures side by side."""
+        chosen = [ws.run(*_run_ref(r)) for r in runs]
+        if len(chosen) < 2:
+            raise WorkspaceError("pick two runs or more to compare")
+        jobs = [_flatten(r.raw_job() or {}) for r in chosen]
+        keys = sorted({k for j in jobs for k in j} - {"name", "output.dir"})
+        differ = [(k, [j.get(k, "(default)") for j in jobs]) for k in keys if len({j.get(k) for j in jobs}) > 1]
+        measures: dict[str, list] = {}
+        for i, r in enumerate(chosen):
+            summary, evaluation = r.summary() or {}, r.eval_summary() or {}
+            rows = {"steps": summary.get("steps"), "final train loss": summary.get("final_train_loss"),
+                    "final validation loss": summary.get("final_val_loss"),
+                    **{f"test {k} (tuned)": v for k, v in (evaluation.get("tuned") or {}).items()},
+                    "gate": None if not evaluation.get("gate") else
+                    ("passed" if evaluation["gate"].get("passed") else "failed")}
+            for k, v in rows.items():
+                measures.setdefault(k, [None] * len(chosen))[i] = v
+        return studio.render("compare.html", request, runs=chosen, differ=differ, measures=measures)
+
     @app.get("/api/runs/{name}/{run_id}/metrics")
     def run_metrics(name: str, run_id: str):
         return JSONResponse(ws.run(name, run_id).metrics())
@@ -320,6 +341,11 @@ def _export(run: Run, say) -> str:
         for problem in r["problems"]:
             say(f"  MISMATCH {r['prompt'][:60]!r}: {problem}")
     return str(folder)
+
+
+def _run_ref(ref: str) -> tuple[str, str]:
+    name, _, run_id = ref.partition("/")
+    return name, run_id
 
 
 def _run_row(run: Run) -> dict:
