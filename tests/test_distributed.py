@@ -203,12 +203,16 @@ def test_a_resume_needs_as_many_processes_as_the_start(make_job):
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_every_technique_and_adapter_kind_trains_sharded_in_one_process(make_job, pairs_file, chat_file, strategy):
+def test_every_technique_and_adapter_kind_trains_sharded_in_one_process(make_job, pairs_file, chat_file, strategy,
+                                                                         monkeypatch):
     """With one process the sharded strategies run their whole code path (sharding, sharded
     checkpoints, gathering the result): the freeze kind (trainable and frozen blocks side by side),
     a staged technique (a new model sharded per stage) and the preference loss."""
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")
+        # DeepSpeed reads LOCAL_RANK while it trains, so Tailor sets it for a one-process run and
+        # leaves it; set here, it is gone again after this test instead of steering later ones
+        monkeypatch.setenv("LOCAL_RANK", "0")
     jobs = {"freeze": dict(adapter={"kind": "freeze", "train_top_blocks": 1}),
             "transfer": dict(technique="transfer", adapter={"kind": "lora", "lora_top_blocks": 1},
                              transfer={"domain_text": [str(chat_file)]}),

@@ -17,7 +17,7 @@ from tailor.studio.queue import JobQueue, QueueError, process_start
 # Stands in for `tailor train JOB`: announces its run folder as tailor does, then waits until the test
 # drops `release` there (or 20 s pass, so that a failed test leaves no process behind for long).
 FAKE_TRAIN = r'''
-import json, signal, subprocess, sys, time
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
 job_file = Path(sys.argv[1])
@@ -25,6 +25,7 @@ job = json.loads(job_file.read_text())
 run = Path("runs") / job_file.stem
 run.mkdir(parents=True, exist_ok=True)
 (run / "args.json").write_text(json.dumps(sys.argv[2:]))
+(run / "env.json").write_text(json.dumps({k: os.environ.get(k) for k in ("LOCAL_RANK", "MASTER_PORT", "HOME")}))
 if job.get("ignore_term"):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if job.get("child"):  # a worker in the job's process group, as torchrun's are
@@ -90,6 +91,20 @@ def test_jobs_run_one_at_a_time_oldest_first(tmp_path):
     release(tmp_path, "second")
     wait_for(lambda: state(q, second) == "done", q)
     assert q.get(second)["started"] >= q.get(first)["ended"]
+
+
+def test_a_job_is_one_process_whatever_group_the_studio_was_started_in(tmp_path, monkeypatch):
+    """A studio started under torchrun or srun (or after an in-process DeepSpeed run) must not hand
+    LOCAL_RANK and the rendezvous address to its jobs: each would wait for a group that never comes."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    q = make_queue(tmp_path)
+    job_id = q.submit(job_file(tmp_path, "alone"))
+    wait_for(lambda: (tmp_path / "runs" / "alone" / "env.json").is_file(), q)
+    seen = json.loads((tmp_path / "runs" / "alone" / "env.json").read_text())
+    assert seen == {"LOCAL_RANK": None, "MASTER_PORT": None, "HOME": os.environ.get("HOME")}
+    release(tmp_path, "alone")
+    wait_for(lambda: state(q, job_id) == "done", q)
 
 
 def test_a_failing_job_ends_failed_with_its_exit_code(tmp_path):

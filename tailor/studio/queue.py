@@ -221,7 +221,7 @@ class JobQueue:
                 # A session of its own: the job outlives the studio, and cancel signals its whole group
                 proc = subprocess.Popen(self.command(Path(job["job_path"]), job["args"]), stdin=subprocess.DEVNULL,
                                         stdout=log_file, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                        start_new_session=True)
+                                        start_new_session=True, env=_job_environment())
         except OSError as e:
             _update(db, job["id"], "running", state="failed", ended=time.time(), message=f"could not start: {e}")
             return
@@ -277,6 +277,16 @@ class JobQueue:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# What torchrun, SLURM's srun or an earlier in-process DeepSpeed run leave in an environment. A
+# studio job is one process; with these it would take itself for one of a group and wait for the rest.
+_GROUP_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _job_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _GROUP_VARIABLES}
 
 
 def _update(db: sqlite3.Connection, job_id: int, from_state: str, **columns) -> bool:
