@@ -110,7 +110,7 @@ def test_quickstart_runs_every_step(embedded_path, calibrated, tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--steps", "2", "--out", str(tmp_path)], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     for heading in ("0 · Decide", "1 · Load the base model", "2 · Prepare the data", "3 · Fine-tune",
-                    "4 · Base vs tuned", "5 · Evaluate", "6 · Scale", "7 · Serve it"):
+                    "4 · Base vs tuned", "5 · Evaluate", "6 · Scale", "7 · Serve it", "8 · All of it in a browser"):
         assert heading in result.output
     # The same job with a 4-bit base, read from both run folders, and the advisor's plans on GPUs.
     assert "QLoRA: the same job with the base's linear layers in 4-bit NF4" in result.output
