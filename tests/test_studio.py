@@ -249,3 +249,14 @@ def test_compare_shows_the_keys_that_differ_and_export_checks_parity(studio, mak
     assert task_.state == "done", task_.error
     assert any(line.startswith("parity: ") for line in task_.lines)
     assert (Path(task_.result) / "parity.json").is_file()
+
+
+def test_every_page_of_the_menu_opens_on_an_empty_workspace(studio):
+    s, client = studio
+    for path in ("/", "/data", "/advise", "/jobs/new", "/queue", "/playground", "/feedback"):
+        page = client.get(path)
+        assert page.status_code == 200 and "Tailor Studio" in page.text, path
+    assert "Prepare a dataset first" in client.get("/advise").text
+    assert "No finished run yet" in client.get("/playground").text
+    refused = client.post(f"/advise?csrf={s.csrf}", data={"prepared": "nothing", "use_case": "voice"})
+    assert "no prepared dataset &#39;nothing&#39;" in refused.text  # escaped, as every value on a page
