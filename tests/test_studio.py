@@ -114,10 +114,11 @@ def test_upload_prepare_and_the_card_with_anonymized_rejects(studio, tiny_model_
     records = make_conversations(30)
     records[3]["messages"][0]["content"] = "Hi, I'm Priya Nair, write to priya.nair@example.com about my lamp?"
     lines = [json.dumps(r) for r in records]
-    lines.insert(5, '{"messages": [{"role": "bot", "content": "call Priya Nair at priya.nair@example.com"}]}')
+    lines.insert(5, '{"messages": [{"role": "bot", "content": "call Priya Nair at priya.nair@example.com '
+                    'about the Beacon"}]}')
     assert upload(client, s, "support.jsonl", ("\n".join(lines) + "\n").encode()).status_code == 200
     started = client.post(f"/data/prepare?csrf={s.csrf}", data={"files": ["support.jsonl"], "name": "support",
-                                                                 "model": str(tiny_model_dir)},
+                                                                 "model": str(tiny_model_dir), "allow": "Beacon"},
                           follow_redirects=False)
     task_id = wait_task(client, s, started)
     task = s.tasks.get(task_id)
@@ -130,7 +131,8 @@ def test_upload_prepare_and_the_card_with_anonymized_rejects(studio, tiny_model_
     assert "EMAIL_ADDRESS" in card.text and "PERSON" in card.text  # the audit counts
     assert "must be one of" in card.text  # the reject's reason
     assert "Priya" not in card.text and "priya.nair@example.com" not in card.text  # previews are anonymized
-    assert "call &lt;PERSON&gt; at &lt;EMAIL&gt;" in card.text  # the reject, as the dataset would have it
+    # the reject, as the dataset would have it: the business's own name (allowed) kept
+    assert "call &lt;PERSON&gt; at &lt;EMAIL&gt; about the Beacon" in card.text
     assert client.get("/data/support/card.html").status_code == 200
     assert client.get("/data/nothing").status_code == 400
 

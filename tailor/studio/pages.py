@@ -71,6 +71,9 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
         # model: whose tokenizer counts the tokens and whose perplexity the card reports
         # allow: the business's own names (products, staff, its address), which are not personal data
         privacy = {"strategy": strategy, "allow": [a.strip() for a in allow.split(",") if a.strip()]}
+        settings = ws.root / ".studio" / "prepared" / f"{name}.json"  # for the card page's previews
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps({"allow": privacy["allow"]}), encoding="utf-8")
         task = studio.tasks.start(f"prepare {name}", lambda t: prepare(
             inputs, out, model=model, config={"privacy": privacy}, say=t.say).out.name)
         return back(f"/tasks/{task.id}")
@@ -79,7 +82,9 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
     def card_page(request: Request, name: str):
         folder = ws.prepared(name)
         card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
-        return studio.render("card.html", request, name=name, card=card, rejects=_rejects(folder, card))
+        settings = ws.root / ".studio" / "prepared" / f"{name}.json"
+        allow = json.loads(settings.read_text(encoding="utf-8")).get("allow", []) if settings.is_file() else []
+        return studio.render("card.html", request, name=name, card=card, rejects=_rejects(folder, card, allow))
 
     @app.get("/data/{name}/card.html")
     def card_html(name: str):
@@ -395,8 +400,9 @@ def _estimate(ws, run: Run) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _rejects(folder: Path, card: dict) -> list[dict]:
-    """The first rejects with their reasons; the record's text anonymized as the dataset was."""
+def _rejects(folder: Path, card: dict, allow: list[str]) -> list[dict]:
+    """The first rejects with their reasons; the record's text anonymized as the dataset was (its
+    strategy and allow-list)."""
     path = folder / "rejects.jsonl"
     if not path.is_file():
         return []
@@ -411,7 +417,7 @@ def _rejects(folder: Path, card: dict) -> list[dict]:
         from tailor.data.privacy import Anonymizer
 
         strategy = (card.get("privacy") or {}).get("strategy", "placeholder")
-        anonymizer = Anonymizer(strategy="placeholder" if strategy == "drop" else strategy)
+        anonymizer = Anonymizer(strategy="placeholder" if strategy == "drop" else strategy, allow=allow)
         texts = [t for t, _ in anonymizer.anonymize_batch(texts)] if texts else texts
     return [{**r, "record": t} for r, t in zip(rows, texts)]
 
