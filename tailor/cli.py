@@ -615,7 +615,7 @@ def export_(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Tokens generated per prompt in the parity check."),
 ):
     """A standalone merged model folder for transformers and vLLM, checked token for token against the run."""
-    from tailor.serve.export import export_run, parity, read_prompts, write_parity
+    from tailor.serve.export import export_run, parity, parity_lines, read_prompts, write_parity
 
     _quiet_libraries()
     folder = export_run(run_dir, out_dir, dtype, say=_print_out)
@@ -623,17 +623,8 @@ def export_(
         return
     result = parity(run_dir, folder, read_prompts(prompts) if prompts else None, max_new_tokens)
     written = write_parity(folder, result)
-    _print_out(f"parity: {result['agree']}/{result['prompts']} prompts give the same greedy tokens from the adapter, "
-               f"the merged folder (plain transformers) and the server ({result['max_new_tokens']} new tokens each)")
-    for r in result["results"]:
-        for problem in r["problems"]:
-            _print_out(f"  MISMATCH {r['prompt'][:60]!r}: {problem}")
-    if "quantized" in result:
-        q = result["quantized"]
-        _print_out(f"QLoRA: the run as trained (base in 4-bit) and the full-precision adapter give the same first "
-                   f"{q['same_until_mean']:.1f} answer tokens on average and agree on {q['token_agreement']:.0%} of "
-                   f"all ({q['same_answers']}/{result['prompts']} answers identical); the merged folder and the server "
-                   "are full precision (each answer of both in parity.json)")
+    for line in parity_lines(result):
+        _print_out(line)
     _print_out(f"→ {written}")
     if result["agree"] < result["prompts"]:
         raise typer.Exit(1)

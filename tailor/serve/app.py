@@ -144,7 +144,7 @@ def create_app(models: ModelSet, store: FeedbackStore, api_keys: tuple[str, ...]
     app = FastAPI(title="Tailor", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_closing(writer))
     models.batcher.on_step = metrics.batch_size.observe
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(_Front, metrics=metrics, api_keys=api_keys, hosts=_local_hosts(host))
+    app.add_middleware(_Front, metrics=metrics, api_keys=api_keys, hosts=local_hosts(host))
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
@@ -342,7 +342,7 @@ def _refusal(request: HttpRequest, api_keys: tuple[str, ...], hosts: set[str]) -
     web page whose name resolves to 127.0.0.1 (DNS rebinding) could use it through a browser."""
     if not api_keys:
         given = request.headers.get("host", "")
-        if _host_name(given) in hosts:
+        if host_name(given) in hosts:
             return None
         return ApiError(400, f"Host {given[:100]!r}: a server without an API key answers only requests to "
                              f"{', '.join(sorted(hosts))}; call it by one of those names, or start it with "
@@ -361,13 +361,13 @@ def _key_ok(authorization: str, api_keys: tuple[str, ...]) -> bool:
     return bool(given) and any(matches)
 
 
-def _local_hosts(host: str) -> set[str]:
+def local_hosts(host: str) -> set[str]:
     """The Host header names (without port) of this machine: loopback, and the address served on."""
     host = host.lower()
     return {"localhost", "127.0.0.1", "[::1]", host, f"[{host}]" if ":" in host else host}
 
 
-def _host_name(header: str) -> str:
+def host_name(header: str) -> str:
     """A Host header without its port: 'localhost:8000' → 'localhost', '[::1]:8000' → '[::1]'."""
     header = header.strip().lower()
     if header.startswith("["):

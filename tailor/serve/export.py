@@ -157,6 +157,20 @@ def _quantized_run(run: Run):
     return PeftModel.from_pretrained(model, str(run.adapter_dir)).eval()
 
 
+def parity_lines(result: dict) -> list[str]:
+    """What a parity check found, as `tailor export` and the studio say it."""
+    lines = [f"parity: {result['agree']}/{result['prompts']} prompts give the same greedy tokens from the adapter, "
+             f"the merged folder (plain transformers) and the server ({result['max_new_tokens']} new tokens each)"]
+    lines += [f"  MISMATCH {r['prompt'][:60]!r}: {problem}" for r in result["results"] for problem in r["problems"]]
+    if "quantized" in result:
+        q = result["quantized"]
+        lines.append(f"QLoRA: the run as trained (base in 4-bit) and the full-precision adapter give the same first "
+                     f"{q['same_until_mean']:.1f} answer tokens on average and agree on {q['token_agreement']:.0%} "
+                     f"of all ({q['same_answers']}/{result['prompts']} answers identical); the merged folder and the "
+                     "server are full precision (each answer of both in parity.json)")
+    return lines
+
+
 def write_parity(folder: Path, result: dict) -> Path:
     """parity.json beside the exported model: what the check compared and found."""
     path = Path(folder) / "parity.json"

@@ -7,12 +7,12 @@ import json
 import time
 from typing import get_args
 
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
 
 from tailor.advise.answers import Answers, Expertise, MethodAnswer, Stage, UseCase
+from tailor.files import write_json
 from tailor.studio.workspace import WorkspaceError
 
 
@@ -80,17 +80,9 @@ def add_routes(app: FastAPI, studio) -> None:
         if task is None or task.state != "done" or not task.result.get("job"):
             raise WorkspaceError(f"advice {task_id} has no job to create (no model fitted the answers)")
         name = ws.check_name(str((await request.form()).get("name") or ""), "job name")
-        job = dict(task.result["job"], name=name)
-        job["output"] = {**job.get("output", {}), "dir": str(ws.runs_dir)}
-        path = ws.job_file(name)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("# Written by Tailor Studio from the advisor's starter job.\n"
-                       + yaml.safe_dump(job, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        tmp.replace(path)
-        advice_dir = ws.root / ".studio" / "advice"
-        advice_dir.mkdir(parents=True, exist_ok=True)
-        (advice_dir / f"{name}.json").write_text(json.dumps({"train_seconds": task.result["train_seconds"],
-                                                             "created": time.time()}), encoding="utf-8")
+        ws.write_job(name, dict(task.result["job"], name=name),
+                     header="# Written by Tailor Studio from the advisor's starter job.\n")
+        write_json(ws.advice_file(name), {"train_seconds": task.result["train_seconds"], "created": time.time()})
         return RedirectResponse(f"/jobs/{name}?saved=1", 303)
 
 

@@ -14,18 +14,17 @@ import json
 import secrets
 from pathlib import Path
 
-import yaml
-from fastapi import FastAPI, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from tailor.errors import TailorError
+from tailor.serve.app import host_name, local_hosts
 from tailor.studio import advise_page, feedback_page, pages, playground
 from tailor.studio.queue import JobQueue
 from tailor.studio.tasks import Tasks
-from tailor.studio.workspace import Workspace, WorkspaceError
+from tailor.studio.workspace import Workspace
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _STATIC = Path(__file__).parent / "static"
 
 
@@ -83,7 +82,7 @@ class _Guard:
 
     def __init__(self, app, studio: Studio):
         self.app, self.studio = app, studio
-        self.hosts = LOOPBACK | {studio.host}
+        self.hosts = local_hosts(studio.host)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -96,7 +95,7 @@ class _Guard:
 
     def refusal(self, request: Request):
         studio, host_header = self.studio, request.headers.get("host") or ""
-        host = host_header.rsplit("]", 1)[0] + "]" if host_header.startswith("[") else host_header.rsplit(":", 1)[0]
+        host = host_name(host_header)
         if studio.token is None and host not in self.hosts:
             return HTMLResponse(f"host {host!r} is not this studio's; open it as http://127.0.0.1", 400)
         if studio.token is not None:
@@ -135,14 +134,3 @@ async def sse(events, interval: float = 1.0):
 def event_stream(events, interval: float = 1.0) -> StreamingResponse:
     return StreamingResponse(sse(events, interval), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def form_error(exc: Exception) -> str:
-    return str(exc) if isinstance(exc, (TailorError, WorkspaceError)) else f"{type(exc).__name__}: {exc}"
-
-
-def yaml_text(data) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-__all__ = ["Studio", "create_app", "event_stream", "Form", "UploadFile"]

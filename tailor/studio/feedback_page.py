@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
@@ -59,12 +58,10 @@ def _continue(studio, run, model: str, say) -> str:
     prepare([str(exported.supervised)], ws.prepared_dir / name, say=say,
             config={"split": {"validation": 0.0, "test": 0.0}})
     job = run.raw_job() or {}
-    job.update(name=f"{run.name}-feedback", output={"dir": str(ws.runs_dir)})
-    job["data"] = {"train": [f"../prepared/{name}"], "validation_fraction": 0.0}
-    job["model"] = {**job.get("model", {}), "from_run": str(run.path)}
-    path = ws.job_file(f"{run.name}-feedback")
-    path.write_text("# Written by Tailor Studio: continue " + f"{run.name}/{run.id} on its users' feedback.\n"
-                    + yaml.safe_dump(job, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    job.update(name=f"{run.name}-feedback", data={"train": [f"../prepared/{name}"], "validation_fraction": 0.0},
+               model={**job.get("model", {}), "from_run": str(run.path)})
+    path = ws.write_job(f"{run.name}-feedback", job,
+                        header=f"# Written by Tailor Studio: continue {run.name}/{run.id} on its users' feedback.\n")
     job_id = studio.queue.submit(path, name=path.stem)
     say(f"queued job #{job_id}: {path.name} continues {run.name}/{run.id} from its adapter")
     return f"/queue/{job_id}"

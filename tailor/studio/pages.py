@@ -3,6 +3,7 @@ through the library functions the CLI calls; this module only reads forms and re
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -13,6 +14,7 @@ import yaml
 from fastapi import FastAPI, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 
+from tailor.files import read_json, write_json
 from tailor.runs import Run
 from tailor.spec import EMBEDDED_DEFAULT, SpecError, describe_fields, parse_job
 from tailor.studio.workspace import WorkspaceError
@@ -71,9 +73,7 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
         # model: whose tokenizer counts the tokens and whose perplexity the card reports
         # allow: the business's own names (products, staff, its address), which are not personal data
         privacy = {"strategy": strategy, "allow": [a.strip() for a in allow.split(",") if a.strip()]}
-        settings = ws.root / ".studio" / "prepared" / f"{name}.json"  # for the card page's previews
-        settings.parent.mkdir(parents=True, exist_ok=True)
-        settings.write_text(json.dumps({"allow": privacy["allow"]}), encoding="utf-8")
+        write_json(ws.prepared_settings_file(name), {"allow": privacy["allow"]})
         task = studio.tasks.start(f"prepare {name}", lambda t: prepare(
             inputs, out, model=model, config={"privacy": privacy}, say=t.say).out.name)
         return back(f"/tasks/{task.id}")
@@ -82,8 +82,7 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
     def card_page(request: Request, name: str):
         folder = ws.prepared(name)
         card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
-        settings = ws.root / ".studio" / "prepared" / f"{name}.json"
-        allow = json.loads(settings.read_text(encoding="utf-8")).get("allow", []) if settings.is_file() else []
+        allow = (read_json(ws.prepared_settings_file(name)) or {}).get("allow", [])
         return studio.render("card.html", request, name=name, card=card, rejects=_rejects(folder, card, allow))
 
     @app.get("/data/{name}/card.html")
@@ -152,10 +151,7 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
             problems["(file name)"] = str(exc)
         if problems:
             return _editor(request, file_name, raw, problems)
-        raw.setdefault("output", {})["dir"] = str(ws.runs_dir)  # every studio run lands in the workspace
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        tmp.replace(path)
+        ws.write_job(path.stem, raw)
         return back(f"/jobs/{path.stem}?saved=1")
 
     def _editor(request, file_name: str, raw: dict, problems: dict, yaml_source: str | None = None):
@@ -228,10 +224,13 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
         from tailor.studio.app import event_stream
 
         run, offset = ws.run(name, run_id), [0]
+        job_id = [None]  # the queue's job of this run: looked for until found, then only read by id
 
         def events():
             rows, offset[0] = _metrics_since(run, offset[0])
-            job = _queue_job_of(run)
+            if job_id[0] is None:
+                job_id[0] = (_queue_job_of(run) or {}).get("id")
+            job = studio.queue.get(job_id[0]) if job_id[0] is not None else None
             running = job is not None and job["state"] in ("queued", "running")
             state = {"done": run.done, "state": job["state"] if job else ("done" if run.done else "stopped"),
                      "log": studio.queue.log_tail(job["id"], 20) if job else ""}
@@ -298,12 +297,17 @@ def add_routes(app: FastAPI, studio) -> None:  # studio: app.Studio (not importe
         return {}
 
 
+@functools.cache
+def _sections() -> frozenset[str]:
+    """The dotted prefixes of the schema's nested sections ("training.", "training.replay.")."""
+    return frozenset(key.rsplit(".", 1)[0] + "." for key, *_ in describe_fields() if "." in key)
+
+
 def _flatten(raw: dict, prefix: str = "") -> dict[str, str]:
     """The job's values by dotted key (the keys of `tailor spec`), as YAML text for the editor."""
-    sections = {key.rsplit(".", 1)[0] + "." for key, *_ in describe_fields() if "." in key}
     out = {}
     for key, value in (raw or {}).items():
-        if isinstance(value, dict) and any(s.startswith(f"{prefix}{key}.") for s in sections):
+        if isinstance(value, dict) and any(s.startswith(f"{prefix}{key}.") for s in _sections()):
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip() \
@@ -335,16 +339,13 @@ def _form_to_raw(form) -> tuple[dict, dict[str, str]]:
 
 def _export(run: Run, say) -> str:
     """`tailor export RUN` with its parity check; the folder and the parity line, as the CLI says them."""
-    from tailor.serve.export import export_run, parity, write_parity
+    from tailor.serve.export import export_run, parity, parity_lines, write_parity
 
     folder = export_run(run.path, None, "float32", say=say)
     result = parity(run.path, folder, None, 48)
     write_parity(folder, result)
-    say(f"parity: {result['agree']}/{result['prompts']} prompts give the same greedy tokens from the adapter, the "
-        f"merged folder (plain transformers) and the server ({result['max_new_tokens']} new tokens each)")
-    for r in result["results"]:
-        for problem in r["problems"]:
-            say(f"  MISMATCH {r['prompt'][:60]!r}: {problem}")
+    for line in parity_lines(result):
+        say(line)
     return str(folder)
 
 
@@ -393,10 +394,7 @@ def _total_steps(run: Run) -> int | None:
 
 def _estimate(ws, run: Run) -> float | None:
     """The advisor's training seconds for this job, where the studio's advisor wrote it."""
-    path = ws.root / ".studio" / "advice" / f"{run.name}.json"
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text(encoding="utf-8")).get("train_seconds")
+    value = (read_json(ws.advice_file(run.name)) or {}).get("train_seconds")
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -418,6 +416,6 @@ def _rejects(folder: Path, card: dict, allow: list[str]) -> list[dict]:
 
         strategy = (card.get("privacy") or {}).get("strategy", "placeholder")
         anonymizer = Anonymizer(strategy="placeholder" if strategy == "drop" else strategy, allow=allow)
-        texts = [t for t, _ in anonymizer.anonymize_batch(texts)] if texts else texts
+        texts = [t for t, _ in anonymizer.anonymize_batch(texts)]
     return [{**r, "record": t} for r, t in zip(rows, texts)]
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 from tailor.errors import TailorError
-from tailor.studio.app import LOOPBACK, Studio, create_app
+from tailor.serve.server import is_loopback
+from tailor.studio.app import Studio, create_app
 from tailor.studio.queue import JobQueue
 from tailor.studio.workspace import Workspace
 
@@ -19,7 +19,7 @@ def build(workspace: str | Path, host: str = "127.0.0.1", token: str | None = No
           max_upload_mb: int = 200) -> tuple[Studio, object]:
     """(studio, app): the workspace opened and its queue started (jobs that ran when the studio
     stopped are reattached or marked interrupted)."""
-    if host not in LOOPBACK and not token:
+    if not is_loopback(host) and not token:
         raise StudioSettingsError(f"--host {host}: a studio that other machines can reach trains, reads and "
                                   "writes files on this one; give it a --token (or TAILOR_STUDIO_TOKEN), or keep "
                                   "the default --host 127.0.0.1")
@@ -45,6 +45,3 @@ def serve(workspace: str | Path, host: str, port: int, token: str | None, max_ru
     finally:
         studio.queue.stop()
 
-
-def new_token() -> str:
-    return secrets.token_urlsafe(18)

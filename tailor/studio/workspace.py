@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import yaml
+
 from tailor.errors import TailorError
+from tailor.files import write_atomic
 from tailor.runs import Run
 
 # What `tailor prepare` reads (docs/data.md), as uploaded files may be named.
@@ -38,15 +41,17 @@ class Workspace:
 
     def __post_init__(self):
         self.root = Path(self.root).resolve()
-        for folder in (self.data_dir, self.prepared_dir, self.jobs_dir, self.runs_dir, self.logs_dir):
+        for folder in (self.data_dir, self.prepared_dir, self.jobs_dir, self.runs_dir, self.logs_dir,
+                       self.notes_dir / "advice", self.notes_dir / "prepared"):
             folder.mkdir(parents=True, exist_ok=True)
 
     data_dir = property(lambda self: self.root / "data")
     prepared_dir = property(lambda self: self.root / "prepared")
     jobs_dir = property(lambda self: self.root / "jobs")
     runs_dir = property(lambda self: self.root / "runs")
-    logs_dir = property(lambda self: self.root / ".studio" / "logs")
-    queue_db = property(lambda self: self.root / ".studio" / "queue.db")
+    notes_dir = property(lambda self: self.root / ".studio")
+    logs_dir = property(lambda self: self.notes_dir / "logs")
+    queue_db = property(lambda self: self.notes_dir / "queue.db")
     feedback_url = property(lambda self: f"sqlite:///{self.root / 'feedback.db'}")
 
     # --- names and paths from pages -------------------------------------------------------------
@@ -85,6 +90,22 @@ class Workspace:
     def job_file(self, name: str) -> Path:
         path = self.inside(self.jobs_dir, self.check_name(name, "job") + ("" if name.endswith(".yaml") else ".yaml"))
         return path
+
+    def write_job(self, name: str, job: dict, header: str = "") -> Path:
+        """jobs/NAME.yaml, written whole or not at all, its runs going to the workspace's runs/."""
+        path = self.job_file(name)
+        job = {**job, "output": {**(job.get("output") or {}), "dir": str(self.runs_dir)}}
+        write_atomic(path, header + yaml.safe_dump(job, sort_keys=False, allow_unicode=True))
+        return path
+
+    # What the studio remembers beside a job or a prepared set, for its pages: the advisor's training
+    # time for a job it wrote (the run page shows it), the allow-list a set was prepared with (the
+    # card page anonymizes its rejects the same way).
+    def advice_file(self, job_name: str) -> Path:
+        return self.notes_dir / "advice" / f"{self.check_name(job_name, 'job')}.json"
+
+    def prepared_settings_file(self, name: str) -> Path:
+        return self.notes_dir / "prepared" / f"{self.check_name(name, 'dataset name')}.json"
 
     def run(self, name: str, run_id: str) -> Run:
         run = Run(self.inside(self.runs_dir, f"{self.check_name(name, 'run name')}/{self.check_name(run_id, 'run')}"))
