@@ -602,6 +602,32 @@ def studio(
     run_studio(workspace, host, port, token, max_running, max_upload_mb, say=_print_out)
 
 
+@app.command()
+def sweep(
+    job_file: Path = typer.Argument(..., help="The job YAML file whose settings are searched."),
+    space: Path = typer.Option(..., "--space", help="space.yaml: job keys and their distributions (docs/sweeps.md); "
+                               "tailor advise writes one around its starting point."),
+    trials: int = typer.Option(12, "--trials", min=1, help="Trials to finish (pruned ones count)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", metavar="HOURS", help="Start no trial after this "
+                                            "many hours; the same command later goes on."),
+    pruner: str = typer.Option("median", "--pruner", help="median, asha or none: stop hopeless trials at a "
+                               "validation (never within their warm-up steps)."),
+    keep: str = typer.Option("best", "--keep", help="best: delete every other trial's weights (their metrics and "
+                             "reports stay); all: keep them."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="The sweep folder [default: output.dir/sweeps/NAME]; "
+                                           "running the command again there resumes it."),
+):
+    """Search the settings (learning rate, epochs, LoRA rank, trained blocks …) for the best validation gain
+    on the gate's metric without breaking its retention limits; writes best.yaml and sweep.html."""
+    from tailor.sweep.study import sweep as run_sweep
+
+    _quiet_libraries()
+    result = run_sweep(job_file, space, out_dir, trials, timeout, pruner, keep,
+                       say=lambda line, **kw: out.print(line, soft_wrap=True, **kw))
+    if result["best"] is None and result["trials"] >= trials:
+        raise typer.Exit(1)
+
+
 @app.command(name="export")
 def export_(
     run_dir: Path = typer.Argument(..., help="A finished run folder (runs/NAME/RUN-ID)."),

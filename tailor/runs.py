@@ -397,6 +397,16 @@ class Run:
             tokenizer.save_pretrained(tmp)
         return final
 
+    def remove_weights(self) -> int:
+        """Delete the run's weights (result, checkpoints, a merged export) and keep its record (job,
+        metrics, evaluation, report): a sweep keeps only its best trial's. Returns the bytes freed."""
+        freed = 0
+        for folder in (self.adapter_dir, self.model_dir, self.checkpoints_dir, self.export_dir):
+            if folder.is_dir():
+                freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                shutil.rmtree(folder)
+        return freed
+
     def copy_result_of(self, other: Run) -> None:
         """Another run's result (a staged run keeps its last good stage's) and its layer change."""
         source = other.require_result()

@@ -38,6 +38,7 @@ from tailor.models.catalog import CatalogError, find_model, load_catalog
 from tailor.models.local import LocalModels
 from tailor.runs import Run
 from tailor.spec import Job, SpecError, load_job
+from tailor.sweep.space import read_space
 from tailor.train import auto
 
 SMOLLM2 = Arch("smollm2-135m", layers=30, hidden_size=576, intermediate_size=1536, attention_heads=9, kv_heads=3,
@@ -466,6 +467,11 @@ def test_the_starter_job_fits_the_devices_and_says_how_to_launch_it(name, tmp_pa
     assert plan.fits and not first.fits and first.method == ("full" if a.method == "full" else "lora")
     files = write(adv, tmp_path / "advice")
     job = load_job(files["job.yaml"])  # the spec takes the file as written
+    # space.yaml: a sweep's space around the advised settings, valid for this job, holding them
+    params = read_space(files["space.yaml"], files["job.yaml"])
+    advised = {s.key: s.value for s in adv.settings}
+    assert {"training.learning_rate", "training.epochs"} <= {p.key for p in params}
+    assert all(p.holds(advised[p.key]) for p in params), params
     for key, value in expected.items():
         section, field = key.split(".")
         assert getattr(getattr(job, section), field) == value, key

@@ -184,8 +184,10 @@ def _spread(items: list, n: int) -> list:
 
 
 def write(adv: Advice, out: Path) -> dict[str, Path]:
-    """advice.md, advice.json and (when a model fits) job.yaml in `out`, each written whole or not at all."""
+    """advice.md, advice.json and (when a model fits) job.yaml and space.yaml (a sweep's search space
+    around the advised settings) in `out`, each written whole or not at all."""
     from tailor.files import write_atomic
+    from tailor.sweep.space import around, space_yaml
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"advice.md": out / "advice.md", "advice.json": out / "advice.json"}
@@ -200,6 +202,12 @@ def write(adv: Advice, out: Path) -> dict[str, Path]:
             header += f"# {_on_each_machine(adv.answers)}\n"
         job = _paths_from(adv.job, out)
         write_atomic(files["job.yaml"], header + yaml.safe_dump(job, sort_keys=False))
+        space = around({s.key: s.value for s in adv.settings})
+        if space:
+            files["space.yaml"] = out / "space.yaml"
+            write_atomic(files["space.yaml"], "# Written by tailor advise: a search space around the advised settings "
+                         "(docs/sweeps.md).\n# Search it: tailor sweep " + str(files["job.yaml"]) + " --space "
+                         + str(files["space.yaml"]) + "\n" + space_yaml(space))
     return files
 
 

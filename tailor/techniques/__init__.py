@@ -12,11 +12,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The recipes that train one run from start to end: a sweep can watch their validations and stop
+# them early. A staged recipe validates each stage from step 1 again, so it is not pruned.
+WATCHABLE = ("task", "multitask", "preference")
 
-def run(job, resume: bool = False, console=None, show_progress: bool = True) -> Path:
-    """Train `job` with the recipe its `technique:` names."""
+
+def run(job, resume: bool = False, console=None, show_progress: bool = True, watch=None) -> Path:
+    """Train `job` with the recipe its `technique:` names. watch: a tracker that gets every metrics
+    row (tailor/sweep), for a recipe in WATCHABLE or transfer without domain text."""
     from tailor.techniques import behavioral, multitask, preference, sequential, task, transfer
 
+    if watch is not None:
+        if not watchable(job):
+            raise ValueError(f"technique {job.technique} runs in stages: it cannot be watched")
+        recipe = {"task": task.run, "transfer": task.run, "multitask": multitask.run,
+                  "preference": preference.run}[job.technique]
+        return recipe(job, resume=resume, console=console, show_progress=show_progress, watch=watch)
     recipe = {"task": task.run, "transfer": transfer.run, "multitask": multitask.run, "sequential": sequential.run,
               "behavioral": behavioral.run, "preference": preference.run}[job.technique]
     return recipe(job, resume=resume, console=console, show_progress=show_progress)
+
+
+def watchable(job) -> bool:
+    """Whether the job trains as one run (not in stages), so its validations can be watched."""
+    return job.technique in WATCHABLE or (job.technique == "transfer" and not job.transfer.domain_text)

@@ -156,14 +156,17 @@ def finished(r: Recipe) -> bool:
     return False
 
 
-def open_run_trackers(r: Recipe) -> None:
-    """The job's trackers (TensorBoard, MLflow), on the main process."""
+def open_run_trackers(r: Recipe, watch=None) -> None:
+    """The job's trackers (TensorBoard, MLflow), on the main process. watch: one more, given by the
+    caller (a sweep's trial, which reports each validation to its study and may stop the run)."""
     from tailor.track.runs import flatten
 
     job = r.job
     if r.is_main:
         uri = job.output.mlflow_uri or f"sqlite:///{Path(job.output.dir).resolve() / 'mlflow.db'}"
         r.trackers = open_trackers(job.tracking, r.run, job.name, flatten(job.model_dump(mode="json")), uri)
+        if watch is not None:
+            r.trackers.append(watch)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -574,12 +577,17 @@ def sample_scorer(r: Recipe, val_raw: list):
     """model -> generation metrics on the first training.val_generate validation conversations
     (greedy answers to all but their last turn, scored against it), prefixed val_; None when
     val_generate is 0 or nothing is left."""
+    return validation_scorer(r.tokenizer, val_raw, r.job.training.val_generate, r.job.training.val_generate_tokens,
+                             r.bf16)
+
+
+def validation_scorer(tokenizer, val_raw: list, n: int, max_new_tokens: int, bf16: bool):
+    """sample_scorer's function for any model and tokenizer: a sweep scores the base model with it,
+    exactly as training scores the model it trains."""
     from tailor.evaluate.metrics import text_scores
     from tailor.evaluate.run import answered
     from tailor.models.generate import answer
 
-    n, max_new_tokens, tokenizer, bf16 = (r.job.training.val_generate, r.job.training.val_generate_tokens,
-                                          r.tokenizer, r.bf16)
     samples = answered(val_raw)[:n] if n else []
     if not samples:
         return None

@@ -24,7 +24,7 @@ from tailor.train.packing import make_rows
 
 
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True,
-        run_dir: Run | None = None, start_from: Run | None = None) -> Path:
+        run_dir: Run | None = None, start_from: Run | None = None, watch=None) -> Path:
     r = common.start(job, console)
     r.start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
 
@@ -37,7 +37,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
     val_raw = with_instructions(val_raw, job.multitask.instructions)
     if common.finished(r):
         return r.run.path
-    common.open_run_trackers(r)
+    common.open_run_trackers(r, watch)
 
     # 2. Each task encoded and packed on its own.
     common.base_model(r)

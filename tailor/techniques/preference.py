@@ -24,7 +24,7 @@ from tailor.train.preference import PreferenceLoss, encode_pairs, pair_rows, ref
 
 
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True,
-        run_dir: Run | None = None, start_from: Run | None = None) -> Path:
+        run_dir: Run | None = None, start_from: Run | None = None, watch=None) -> Path:
     r = common.start(job, console)
     r.start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
 
@@ -37,7 +37,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
                          "with prompt, chosen and rejected (or OpenAI's preference format)"])
     if common.finished(r):
         return r.run.path
-    common.open_run_trackers(r)
+    common.open_run_trackers(r, watch)
 
     # 2. Each pair as two examples side by side in a row.
     common.base_model(r)

@@ -20,11 +20,13 @@ from tailor.train.packing import make_rows
 
 
 def run(job: Job, resume: bool = False, console: Console | None = None, show_progress: bool = True,
-        run_dir: Run | None = None, start_from: Run | None = None, demonstrations: bool | None = None) -> Path:
+        run_dir: Run | None = None, start_from: Run | None = None, demonstrations: bool | None = None,
+        watch=None) -> Path:
     """run_dir and start_from are for stages (tailor/techniques/stages.py): the stage's fixed
     folder, and the finished stage whose weights this one continues. demonstrations (behavioral's
     first stage): True, preference pairs count as their chosen conversations; False, they are left
-    to the preference stage; None (technique task), they are an error."""
+    to the preference stage; None (technique task), they are an error. watch: a tracker of the
+    caller's that gets every metrics row (a sweep's trial: tailor/sweep)."""
     r = common.start(job, console)
     r.start_from = common.continued_from(job, start_from)  # an earlier stage, or model.from_run
 
@@ -36,7 +38,7 @@ def run(job: Job, resume: bool = False, console: Console | None = None, show_pro
                       "Train preference pairs with technique behavioral, or convert them to conversations.")
     if common.finished(r):
         return r.run.path
-    common.open_run_trackers(r)
+    common.open_run_trackers(r, watch)
 
     # 2. The base model's tokenizer turns the records into examples packed into rows; its own answers
     # to general prompts join them (training.replay), so that the task does not cost its general skills.
