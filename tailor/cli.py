@@ -522,6 +522,8 @@ def quickstart(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the bundled job's epochs)."),
     technique: str = typer.Option("task", "--technique", help="task, transfer, multitask, sequential or behavioral: "
                                   "the bundled example trained with that technique."),
+    sweep_: bool = typer.Option(False, "--sweep", help="Add step 9: a short sweep of the learning rate and LoRA rank "
+                                "(4 trials, a few minutes more)."),
 ):
     """The whole chain on the bundled example: prepare the data, train on the embedded model, show
     the base and tuned answers to held-out questions side by side, and evaluate."""
@@ -530,7 +532,7 @@ def quickstart(
     if technique not in TECHNIQUES:
         _fail(ValueError(f"--technique {technique}: unknown; use one of {', '.join(TECHNIQUES)}"))
     _quiet_libraries()
-    run_quickstart(out_dir, steps, out, err, technique)
+    run_quickstart(out_dir, steps, out, err, technique, sweep=sweep_)
 
 
 

@@ -176,3 +176,21 @@ def test_a_sweep_folder_refuses_another_job(tmp_path, sweep_job):
                                                        "space": {}}))
     with pytest.raises(SweepError, match="holds a sweep of another job file"):
         sweep(sweep_job, space, out, trials=1, say=lambda *a, **k: None)
+
+
+def test_the_quickstart_sweep_step_runs_its_trials_and_names_the_best(tmp_path, sweep_job):
+    """`tailor quickstart --sweep`'s step 9 on the tiny model (the quickstart test runs the real
+    model without it: it is not part of make demo's path)."""
+    import io
+
+    from rich.console import Console
+
+    from tailor.quickstart import SWEEP_TRIALS, sweep_demo
+
+    job = load_job(sweep_job)
+    buffer = io.StringIO()
+    sweep_demo(job, tmp_path / "qs-sweep", 2, Console(file=buffer, width=200))
+    text = buffer.getvalue()
+    assert text.count("\ntrial ") + text.startswith("trial ") >= SWEEP_TRIALS, text
+    assert "best: trial" in text and "--trials 12" in text
+    assert (tmp_path / "qs-sweep" / "study" / "best.yaml").is_file()

@@ -29,7 +29,8 @@ def held_out_questions() -> list[str]:
     return [json.loads(line)["question"] for line in HELD_OUT.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console, technique: str = "task") -> Path:
+def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console, technique: str = "task",
+                   sweep: bool = False) -> Path:
     from tailor.data.card import summary_lines
     from tailor.data.prepare import prepare
     from tailor.evaluate.report import gate_lines, summary_table
@@ -128,6 +129,9 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
 
     out.rule("[bold]8 · All of it in a browser: Tailor Studio")
     studio_demo(out_dir / "studio", out)
+    if sweep:
+        out.rule("[bold]9 · Find the settings: a short sweep")
+        sweep_demo(job, out_dir.resolve() / "sweep", steps, out)
     out.print(f"Done in {time.perf_counter() - started:.0f} s. Run folder: {run_dir}")
     out.print(f"Ask it yourself: tailor chat --run {run_dir} \"How do I pair my Ember?\"")
     return run_dir
@@ -328,6 +332,38 @@ def _task_lines(summary: dict) -> list[str]:
         lines.append(f"task {task} ({v['examples']} test examples): " + ", ".join(
             f"{k} {v['base'][k]:.3f} → {v['tuned'][k]:.3f}" for k in keys))
     return lines
+
+
+SWEEP_TRIALS = 4
+SWEEP_STEPS = 16
+SWEEP_SPACE = {"training.learning_rate": {"log_uniform": [3.0e-4, 3.0e-3]},
+               "adapter.rank": {"categorical": [8, 16, 32]}}
+
+
+def sweep_demo(job, folder: Path, steps: int | None, out) -> None:
+    """`tailor quickstart --sweep`: a few short trials of the quickstart job on its prepared data,
+    the learning rate and LoRA rank searched, the best kept (docs/sweeps.md)."""
+    from tailor.spec import dump_job
+    from tailor.sweep.space import space_yaml
+    from tailor.sweep.study import sweep
+
+    folder.mkdir(parents=True, exist_ok=True)
+    short = job.model_copy(deep=True)
+    short.training.max_steps = min(steps or SWEEP_STEPS, SWEEP_STEPS)
+    short.eval.enabled = True
+    short.eval.max_examples = 6
+    short.output.dir = str(folder / "runs")
+    job_file, space_file = folder / "job.yaml", folder / "space.yaml"
+    write_atomic(job_file, dump_job(short))
+    write_atomic(space_file, space_yaml(SWEEP_SPACE))
+    out.print(f"{SWEEP_TRIALS} trials of {short.training.max_steps} steps: the learning rate and the LoRA rank "
+              "searched by Optuna (TPE), each trial a run folder, hopeless ones pruned at a validation; ranked by "
+              "the validation ROUGE-L gain, a trial that forgets general questions below every one that does not.",
+              highlight=False)
+    result = sweep(job_file, space_file, folder / "study", trials=SWEEP_TRIALS, say=lambda m, **k: out.print(
+        m, highlight=False, soft_wrap=True))
+    out.print(f"A longer one: tailor sweep {job_file} --space {space_file} --trials 12 --out "
+              f"{folder / 'study'} (it goes on from these {result['trials']}); docs/sweeps.md", highlight=False)
 
 
 def studio_demo(workspace: Path, out) -> None:

@@ -28,7 +28,7 @@ def sweep_html(study, objective, params: list, folder) -> str:
             + html.escape(folder.path.name) + "</title>"
             "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;width:100%;font-size:0.85em}td,th{border:1px solid #ccc;padding:4px 6px;"
-            "text-align:left}th{background:#f4f4f4}.pass{color:#1a7f37}.fail{color:#cf222e}"
+            "text-align:left;white-space:nowrap}th{background:#f4f4f4}.pass{color:#1a7f37}.fail{color:#cf222e}"
             ".num{text-align:right;font-variant-numeric:tabular-nums}tr.best{background:#eaf7ee}</style></head><body>"
             + head + _table(trials, objective, params, best) + "".join(charts) + "</body></html>")
 
@@ -49,7 +49,7 @@ def _table(trials, objective, params: list, best) -> str:
             state += f": {html.escape(a['error'][:200])}"
         if a.get("resumes") is not None:
             state += f" (continues {a['resumes']})"
-        cells = [str(t.number), state] + [html.escape(_fmt(t.params.get(p.key))) for p in params] + [
+        cells = [str(t.number), state] + [html.escape(_fmt(t.params[p.key]) if p.key in t.params else "") for p in params] + [
             _num(a.get("val"), "{:.3f}"), _num(a.get("gain"), "{:+.3f}"),
             _num(-a["qa_drop"] * 100 if a.get("qa_drop") is not None else None, "{:+.1f} pts"), retention,
             str(a.get("steps") or (max(t.intermediate_values) if t.intermediate_values else "")),
@@ -91,6 +91,6 @@ def _num(value, pattern: str) -> str:
 
 def _fmt(value) -> str:
     if value is None:
-        return ""
+        return "null"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
