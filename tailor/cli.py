@@ -641,11 +641,21 @@ def export_(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts for the parity check: JSONL of "
                                            "{messages} or {prompt} [default: the run's test questions]."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Tokens generated per prompt in the parity check."),
+    format_: str = typer.Option("folder", "--format", help="folder: a merged transformers folder; gguf: one GGUF "
+                                "file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile [in RUN/gguf]."),
+    quant: str = typer.Option("f16", "--quant", help="--format gguf: f16, bf16, q8_0 (half of f16) or q4_0 (a "
+                              "third; the embedding kept at q8_0)."),
 ):
-    """A standalone merged model folder for transformers and vLLM, checked token for token against the run."""
+    """A standalone merged model folder for transformers and vLLM, or a GGUF file and an Ollama Modelfile,
+    checked token for token against the run."""
     from tailor.serve.export import export_run, parity, parity_lines, read_prompts, write_parity
 
     _quiet_libraries()
+    if format_ not in ("folder", "gguf"):
+        _fail(ValueError(f"--format {format_}: use folder or gguf"))
+    if format_ == "gguf":
+        _export_gguf(run_dir, out_dir, quant, check, read_prompts(prompts) if prompts else None, max_new_tokens)
+        return
     folder = export_run(run_dir, out_dir, dtype, say=_print_out)
     if not check:
         return
@@ -655,6 +665,26 @@ def export_(
         _print_out(line)
     _print_out(f"→ {written}")
     if result["agree"] < result["prompts"]:
+        raise typer.Exit(1)
+
+
+def _export_gguf(run_dir: Path, out_dir: Optional[Path], quant: str, check: bool, prompts, max_new_tokens: int):
+    from tailor.files import write_json
+    from tailor.serve.to_gguf import export_gguf, gguf_parity, gguf_parity_lines
+
+    gguf_file = export_gguf(run_dir, quant, out_dir, say=_print_out)
+    if not check:
+        return
+    result = gguf_parity(run_dir, gguf_file, prompts, max_new_tokens)
+    written = gguf_file.parent / f"gguf-parity-{quant}.json"
+    write_json(written, result, ensure_ascii=False)
+    for line in gguf_parity_lines(result):
+        _print_out(line)
+    _print_out(f"→ {written}")
+    # The file must hold exactly the rounded weights and render the prompts as the run does; at
+    # f16/bf16 its answers must also be the run's (q8_0 and q4_0 change some: reported, not failed).
+    if not result["weights"]["exact"] or result["same_prompts"] < result["prompts"] or (
+            quant in ("f16", "bf16") and result["agree"] < result["prompts"]):
         raise typer.Exit(1)
 
 

@@ -8,6 +8,7 @@ None, a JSONL line cut short is skipped.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -100,3 +101,20 @@ def path_sha256(path: str | Path) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
+
+
+def take_lock(path: str | Path) -> tuple[int | None, str]:
+    """An exclusive flock on `path` (created if missing), held until its descriptor is closed or
+    the process ends (the system lets go of a killed process's lock, so a stale one never blocks).
+    Returns (descriptor, "") when taken, with this process's id written in the file, or (None, the
+    holder's process id as the file says it) when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd, ""

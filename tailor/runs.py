@@ -10,7 +10,6 @@ tailor.models.generate.load_run.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tailor.errors import TailorError
-from tailor.files import building, read_json, read_jsonl, write_atomic, write_json, write_jsonl
+from tailor.files import building, read_json, read_jsonl, take_lock, write_atomic, write_json, write_jsonl
 
 
 class RunError(TailorError):
@@ -182,6 +181,8 @@ class Run:
     done_file = _Entry("DONE", "written last: the run is complete; without it, `--resume` continues it")
     quickstart_file = _Entry("quickstart.md", "`tailor quickstart`: base and tuned answers side by side")
     export_dir = _Entry("export/", "`tailor export`'s default output: a merged model folder and parity.json")
+    gguf_dir = _Entry("gguf/", "`tailor export --format gguf`: NAME-QUANT.gguf per quantization, the Ollama "
+                               "Modelfile and gguf-parity-QUANT.json")
 
     @classmethod
     def layout(cls) -> list[tuple[str, str]]:
@@ -348,17 +349,11 @@ class Run:
         key = self.path.resolve()
         if _LOCKS.get(key, (None,))[0] == os.getpid():
             return
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+        fd, holder = take_lock(self.lock_file)
+        if fd is None:
             raise RunLocked(f"{self.path}: run {self.name}/{self.id} is being written by another process (pid "
                             f"{holder}); wait for it to finish or stop it, then `tailor train JOB --resume` continues "
-                            "the run") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+                            "the run")
         _LOCKS[key] = (os.getpid(), fd)
 
     def unlock(self) -> None:
@@ -401,7 +396,7 @@ class Run:
         """Delete the run's weights (result, checkpoints, a merged export) and keep its record (job,
         metrics, evaluation, report): a sweep keeps only its best trial's. Returns the bytes freed."""
         freed = 0
-        for folder in (self.adapter_dir, self.model_dir, self.checkpoints_dir, self.export_dir):
+        for folder in (self.adapter_dir, self.model_dir, self.checkpoints_dir, self.export_dir, self.gguf_dir):
             if folder.is_dir():
                 freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
                 shutil.rmtree(folder)

@@ -49,7 +49,8 @@ def _table(trials, objective, params: list, best) -> str:
             state += f": {html.escape(a['error'][:200])}"
         if a.get("resumes") is not None:
             state += f" (continues {a['resumes']})"
-        cells = [str(t.number), state] + [html.escape(_fmt(t.params[p.key]) if p.key in t.params else "") for p in params] + [
+        settings = [html.escape(_fmt(t.params[p.key]) if p.key in t.params else "") for p in params]
+        cells = [str(t.number), state] + settings + [
             _num(a.get("val"), "{:.3f}"), _num(a.get("gain"), "{:+.3f}"),
             _num(-a["qa_drop"] * 100 if a.get("qa_drop") is not None else None, "{:+.1f} pts"), retention,
             str(a.get("steps") or (max(t.intermediate_values) if t.intermediate_values else "")),

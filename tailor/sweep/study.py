@@ -14,10 +14,8 @@ trial that keeps them: its objective is its gain minus RETENTION_PENALTY, more t
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from tailor.errors import TailorError
-from tailor.files import file_sha256, read_json, write_atomic, write_json
+from tailor.files import file_sha256, read_json, take_lock, write_atomic, write_json
 from tailor.runs import Run
 from tailor.spec import Job, dump_job, load_job
 from tailor.sweep.space import Param, read_space
@@ -377,16 +375,10 @@ def _state(folder: SweepFolder, job_file: Path, space: dict) -> dict:
 
 def _lock(folder: SweepFolder) -> None:
     """One sweep per folder: a second `tailor sweep` there stops, naming the first one's process."""
-    fd = os.open(folder.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+    fd, holder = take_lock(folder.lock_file)
+    if fd is None:
         raise SweepError(f"{folder.path}: another tailor sweep (pid {holder}) is running there; wait for it, or stop "
-                         "it and run the command again to resume") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+                         "it and run the command again to resume")
     _LOCKED.append(fd)  # held until this process ends
 
 

@@ -1,4 +1,5 @@
-"""Draft for issue 25: `tailor export RUN --format gguf [--quant f16|bf16|q8_0|q4_0]`.
+"""`tailor export RUN --format gguf [--quant f16|bf16|q8_0|q4_0]`: one GGUF file for llama.cpp,
+Ollama and LM Studio, with the parity check `tailor export` gives a merged folder.
 
 `write_gguf` turns a merged transformers folder (what `export_run` writes: config.json, safetensors,
 tokenizer files) into one GGUF file with the `gguf` package's writer and tensor-name map, never
@@ -12,25 +13,27 @@ Ollama and transformers (`from_pretrained(folder, gguf_file=...)`) all read it:
   tokenizer  byte-level BPE ("gpt2"): every token, its type (control / user-defined / normal), the
              merges, the pre-tokenizer name, bos/eos/pad/unk ids, add_bos, the chat template
 
-`ollama_modelfile` writes the Ollama Modelfile beside it: a ChatML Jinja template as an Ollama Go
-TEMPLATE, the default system prompt as SYSTEM, and the stop tokens.
-
-Checked on tiny random Llama / Mistral / Qwen2 / Qwen3 models (/work/notes/gguf_findings.md): read
-back by transformers, every weight equals the original rounded as the file stores it, so logits are
-identical to that rounded model's; llama.cpp (the xllamacpp wheel) gives the same greedy tokens
-from the f16 files and renders and tokenizes the chat prompts exactly as transformers does.
+`export_gguf` merges a run as `tailor export` does (float32), writes RUN/gguf/MODEL-QUANT.gguf and
+an Ollama Modelfile beside it (tailor/serve/modelfile.py). `gguf_parity` then loads the file back
+with transformers (which reads GGUF) and checks three things: every weight equals the run's merged
+weight rounded exactly as the file type rounds it (the file holds what was meant: names, Q/K order,
+blocks); the greedy answers to the parity prompts, against the run's own; and the perplexity on the
+retention probe's general text, against the run's (what q8_0 and q4_0 cost).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from tailor.errors import TailorError
+from tailor.files import write_atomic
+from tailor.runs import Run
 
 
 class GGUFExportError(TailorError, ValueError):
@@ -172,8 +175,10 @@ def _add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
     if spec["model"]["type"] != "BPE" or spec["model"].get("byte_fallback") or \
             (spec.get("decoder") or {}).get("type") != "ByteLevel":
         # SentencePiece-style vocabularies (Mistral v0.x, Llama 2) are tokenizer model "llama" with
-        # scores and byte tokens: gguf.vocab.LlamaHfVocab reads them; not done in this draft.
-        raise GGUFExportError(f"{model_dir}: only byte-level BPE tokenizers are written to GGUF yet")
+        # scores and byte tokens (gguf.vocab.LlamaHfVocab reads them): not written yet.
+        raise GGUFExportError(f"{model_dir}: its tokenizer is not byte-level BPE ({spec['model']['type']}); only "
+                              "byte-level BPE tokenizers (SmolLM2, Qwen, Llama 3) are written to GGUF yet; "
+                              "tailor export without --format gguf writes a merged folder for any tokenizer")
     vocab = tokenizer.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
@@ -238,97 +243,139 @@ def _pre_tokenizer(spec: dict, model_dir: Path) -> str:
                           f"({', '.join(map(str, kinds))})")
 
 
-# ChatML in Ollama's Go template language. Ollama puts system messages, and SYSTEM when the
-# conversation has none, into .Messages; a last assistant message is a prefill and stays open.
-OLLAMA_CHATML = """{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 -}}
-<|im_start|>{{ .Role }}
-{{ .Content }}
-{{- if or (ne .Role "assistant") (not $last) }}<|im_end|>
-{{ end }}
-{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
-{{ end }}
-{{- end }}"""
-
-
-def ollama_modelfile(chat_template: str, stop_tokens: Sequence[str] = (), system: str | None = None, *,
-                     gguf_file: str = "model.gguf", template_name: str = "chat template") -> str:
-    """An Ollama Modelfile for a ChatML chat template (SmolLM2's, Qwen2.5's, Qwen3's without
-    thinking, Tailor's default). The Jinja is not translated: it is rendered on probe conversations
-    and must give exactly what the Go TEMPLATE gives, else GGUFExportError names the template. A
-    default system prompt that the Jinja inserts becomes SYSTEM (`system` overrides it)."""
-    default = _chatml_default_system(chat_template, template_name)
-    system = default if system is None else system
-    stops = list(dict.fromkeys([*stop_tokens, "<|im_end|>", "<|im_start|>"]))
-    if any('"' in s for s in stops) or '"""' in (system or ""):
-        raise GGUFExportError(f"{template_name}: a stop token or the system prompt contains a quote")
-    lines = [f"FROM ./{gguf_file}", f'TEMPLATE """{OLLAMA_CHATML}"""']
-    if system:
-        lines.append(f'SYSTEM """{system}"""')
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
-    return "\n".join(lines) + "\n"
-
-
-def chatml(messages: list[dict], system: str | None) -> str:
-    """What OLLAMA_CHATML renders (with Ollama adding SYSTEM when no system message is given)."""
-    if system and (not messages or messages[0]["role"] != "system"):
-        messages = [{"role": "system", "content": system}, *messages]
-    out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    if messages and messages[-1]["role"] == "assistant":
-        return out[:-len("<|im_end|>\n")]
-    return out + "<|im_start|>assistant\n"
-
-
-PROBES = [
-    [{"role": "user", "content": "Hi there"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
-    [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "Two."},
-     {"role": "user", "content": "Three?"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "A\nB"}, {"role": "assistant", "content": "C"},
-     {"role": "user", "content": "D"}],
-]
-
-
-def _chatml_default_system(chat_template: str, template_name: str) -> str | None:
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    def render(messages):
-        try:
-            return render_jinja_template([messages], chat_template=chat_template, add_generation_prompt=True,
-                                         bos_token="", eos_token="<|im_end|>")[0][0]
-        except Exception as error:  # raise_exception() in the template, a missing variable...
-            raise GGUFExportError(f"{template_name}: rendering it failed ({error})") from None
-
-    first = render(PROBES[0])
-    head = "<|im_start|>system\n"
-    default = first[len(head):first.index("<|im_end|>")] if first.startswith(head) and "<|im_end|>" in first else None
-    for messages in PROBES:
-        got, want = render(messages), chatml(messages, default)
-        if got != want:
-            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            raise GGUFExportError(
-                f"{template_name} is not ChatML (<|im_start|>role\\n...<|im_end|>), so it has no Ollama TEMPLATE "
-                f"here; for {[m['role'] for m in messages]} it renders {got[max(0, at - 20):at + 40]!r} where ChatML "
-                f"has {want[max(0, at - 20):at + 40]!r}. Template begins {chat_template[:80]!r}")
-    return default
-
-
-def export_run_gguf(run_dir: Path, out_file: Path, quant: str = "f16") -> Path:
-    """Sketch of the CLI path (not run in the draft's checks): merge as `tailor export` does, in
-    float32, then write the GGUF and an Ollama Modelfile beside it."""
+def export_gguf(run_dir: str | Path, quant: str = "f16", out: str | Path | None = None, say=print) -> Path:
+    """The run merged (float32, as `tailor export` merges it), written as OUT/MODEL-QUANT.gguf with
+    an Ollama Modelfile beside it (OUT: RUN/gguf by default). Returns the GGUF file."""
     import tempfile
 
     from transformers import AutoTokenizer
 
     from tailor.serve.export import export_run
+    from tailor.serve.modelfile import ollama_modelfile
 
-    out_file = Path(out_file)
-    with tempfile.TemporaryDirectory() as tmp:
-        merged = export_run(run_dir, Path(tmp) / "merged", dtype="float32", say=lambda *_: None)
-        write_gguf(merged, out_file, quant)
+    if quant not in QUANTS:
+        raise GGUFExportError(f"--quant {quant}: use one of {', '.join(QUANTS)}")
+    run = Run(Path(run_dir).resolve())
+    out = Path(out) if out else run.gguf_dir
+    gguf_file = out / f"{run.name}-{quant}.gguf"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tailor-gguf-") as tmp:
+        merged = export_run(run, Path(tmp) / "merged", dtype="float32", say=lambda *_: None)
+        _supported(merged)  # before the minutes of writing: an architecture we cannot write says so at once
         tokenizer = AutoTokenizer.from_pretrained(str(merged))
         end_ids = json.loads((merged / "tailor_export.json").read_text(encoding="utf-8"))["eos_token_id"]
-        modelfile = ollama_modelfile(tokenizer.chat_template, tokenizer.convert_ids_to_tokens(end_ids),
-                                     gguf_file=out_file.name, template_name=f"the chat template of {run_dir}")
-    out_file.with_name("Modelfile").write_text(modelfile, encoding="utf-8")
-    return out_file
+        modelfile = ollama_modelfile(tokenizer.chat_template or "", tokenizer.convert_ids_to_tokens(end_ids),
+                                     gguf_file=gguf_file.name, template_name=f"the chat template of {run.path}")
+        write_gguf(merged, gguf_file, quant)
+    write_atomic(out / "Modelfile", modelfile)
+    say(f"exported {run.id} → {gguf_file} ({quant}, {gguf_file.stat().st_size / 2 ** 20:,.1f} MB, "
+        f"{time.perf_counter() - started:.0f} s) and {out / 'Modelfile'} (ollama create NAME -f {out / 'Modelfile'})")
+    return gguf_file
+
+
+def gguf_parity(run_dir: str | Path, gguf_file: str | Path, prompts: list[list[dict]] | None = None,
+                max_new_tokens: int = 48) -> dict:
+    """The GGUF read back by transformers against the run: its weights against the run's merged
+    weights rounded as the file type rounds them, its greedy answers against the run's (base +
+    adapter, float32) on the parity prompts, its perplexity on the probe's general text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tailor.evaluate.probe import general_text
+    from tailor.serve.export import _generate, _merged, answer_end_ids, run_prompts, same_until, token_agreement
+    from tailor.train.loss import text_loss
+
+    run, gguf_file = Run(Path(run_dir).resolve()), Path(gguf_file)
+    prompts = prompts or run_prompts(run)
+    quant = gguf_file.stem.rsplit("-", 1)[-1]
+    folder, name = str(gguf_file.parent), gguf_file.name
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own progress bar
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        loaded_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE")
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
+    model, tokenizer = _merged(run)  # the run's weights, base + adapter, float32
+    weights = _weights_check(model, loaded, quant)
+    end_ids = answer_end_ids(model, tokenizer)
+
+    results = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+        file_ids = loaded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True)["input_ids"]
+        ran = _generate(model, ids, end_ids, tokenizer.pad_token_id, max_new_tokens)
+        got = _generate(loaded, list(file_ids), end_ids, tokenizer.pad_token_id, max_new_tokens)
+        same_prompt = list(file_ids) == list(ids)
+        results.append({"prompt": messages[-1]["content"], "same_prompt": same_prompt,
+                        "agree": got == ran and same_prompt,
+                        "token_agreement": token_agreement(got, ran), "same_until": same_until(got, ran),
+                        "run_answer": tokenizer.decode(ran, skip_special_tokens=True),
+                        "gguf_answer": tokenizer.decode(got, skip_special_tokens=True),
+                        # for a check in another runtime (bench/gguf_llamacpp.py): the prompt as the
+                        # run renders it, its ids, and both answers' token ids
+                        "prompt_text": tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                     tokenize=False),
+                        "messages": messages, "prompt_ids": list(ids), "run_tokens": ran, "gguf_tokens": got})
+    text = general_text()
+    perplexity = {name: math.exp(text_loss(m, tokenizer, text, 512, bf16=False).mean)
+                  for name, m in (("run", model), ("gguf", loaded))}
+    return {"file": str(gguf_file), "quant": quant, "bytes": gguf_file.stat().st_size, "prompts": len(results),
+            "agree": sum(r["agree"] for r in results), "max_new_tokens": max_new_tokens,
+            "token_agreement": sum(r["token_agreement"] for r in results) / len(results),
+            "same_prompts": sum(r["same_prompt"] for r in results), "weights": weights,
+            "perplexity": {**perplexity, "change": perplexity["gguf"] / perplexity["run"] - 1},
+            "results": results}
+
+
+def gguf_parity_lines(result: dict) -> list[str]:
+    w, p = result["weights"], result["perplexity"]
+    lines = [f"weights: {w['tensors']} tensors read back by transformers; each equals the run's merged weight rounded "
+             f"to its type in the file ({', '.join(f'{k} {v}' for k, v in w['types'].items())}): "
+             + ("yes" if w["exact"] else f"NO, {w['worst']} differs by {w['max_diff']:.3g}"),
+             f"answers: {result['agree']}/{result['prompts']} prompts give the run's greedy tokens "
+             f"({result['token_agreement']:.0%} of tokens agree, {result['max_new_tokens']} new tokens each); the "
+             f"file's tokenizer renders {result['same_prompts']}/{result['prompts']} prompts to the run's ids",
+             f"perplexity on the probe's general text: run {p['run']:.3f}, gguf {p['gguf']:.3f} ({p['change']:+.2%})"]
+    lines += [f"  differs from token {r['same_until']}: {r['prompt'][:60]!r}" for r in result["results"]
+              if not r["agree"]]
+    return lines
+
+
+def _weights_check(model, loaded, quant: str) -> dict:
+    """Every tensor transformers read back from the file against the run's, rounded through
+    gguf.quants exactly as write_gguf rounds it: a wrong name, Q/K order or block would differ."""
+    import gguf
+
+    config = model.config
+    arch = gguf.MODEL_ARCH[ARCHS[config.architectures[0]]]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    file_state = loaded.state_dict()
+    worst, max_diff, types = None, 0.0, {}
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings or hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        data = tensor.float().numpy()
+        qtype = _tensor_type(name, data.shape, quant)
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+        expected = gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype).reshape(data.shape)
+        diff = float(np.abs(file_state[hf_name].float().numpy() - expected).max())
+        if diff > max_diff:
+            worst, max_diff = hf_name, diff
+    return {"tensors": sum(types.values()), "types": types, "exact": max_diff == 0.0, "max_diff": max_diff,
+            "worst": worst}
+
+
+def _supported(model_dir: Path) -> None:
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture not in ARCHS:
+        raise GGUFExportError(f"{model_dir}: {architecture} cannot be written as GGUF yet; supported: "
+                              + ", ".join(sorted(ARCHS)) + " (tailor export without --format gguf writes a "
+                              "merged transformers folder for any architecture)")
