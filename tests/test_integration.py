@@ -145,6 +145,9 @@ def test_quickstart_runs_every_step(embedded_path, calibrated, tmp_path):
     assert "seed 2**70 → 400 seed:" in result.output
     assert "8 · All of it in a browser" in result.output and "The studio answered on http://127.0.0.1:" in result.output
     assert "tailor studio --workspace" in result.output
+    # The run as GGUF with its Modelfile, beside the run's other results.
+    assert "Elsewhere: " in result.output and (Run(run_dir).gguf_dir / "quickstart-q8_0.gguf").stat().st_size > 1e8
+    assert (Run(run_dir).gguf_dir / "Modelfile").read_text().startswith("FROM ./quickstart-q8_0.gguf")
 
 
 def test_quickstart_sequential_runs_three_gated_stages(embedded_path, calibrated, tmp_path):
@@ -155,6 +158,9 @@ def test_quickstart_sequential_runs_three_gated_stages(embedded_path, calibrated
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "after stage routing: validation loss handbook" in result.output
+    # step 6 does not train the three stages again in 4-bit
+    assert "trains every stage of a sequential job with the base in 4-bit" in result.output
+    assert not (tmp_path / "quickstart-sequential-qlora").exists()
     assert {p.name for p in tmp_path.iterdir()} >= {"prepared-support", "prepared-routing", "quickstart-sequential"}
     run_dir = next((tmp_path / "quickstart-sequential").iterdir())
     record = Run(run_dir).stages_record()

@@ -22,8 +22,8 @@ def _sources():
 def test_only_the_run_object_spells_the_run_folder_names():
     # job.yaml and data/ also name the advisor's and the quickstart's own files, gguf the format; the
     # rest are the run folder's alone
-    names = {name.rstrip("/") for name, _ in Run.layout()} - {"job.yaml", "data", "model", "adapter", "eval",
-                                                                "export", "checkpoints", "tensorboard", "stages", "gguf"}
+    names = {name.rstrip("/") for name, _ in Run.layout()} - {"job.yaml", "data", "model", "adapter", "eval", "export",
+                                                                "checkpoints", "tensorboard", "stages", "gguf"}
     spelled = [f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}" for path, tree in _sources()
                if path.name != "runs.py" for node in ast.walk(tree)
                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names]

@@ -126,6 +126,7 @@ def run_quickstart(out_dir: Path, steps: int | None, out: Console, err: Console,
 
     out.rule("[bold]7 · Serve it: an OpenAI-compatible API that collects feedback")
     serve_demo(run_dir, job.name, out_dir.resolve() / "feedback.db", out)
+    gguf_demo(run_dir, out)
 
     out.rule("[bold]8 · All of it in a browser: Tailor Studio")
     studio_demo(out_dir / "studio", out)
@@ -190,15 +191,8 @@ def advise_demo(job, out_dir: Path, out: Console, err: Console) -> float:
 QLORA_STEPS = 10
 
 
-def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Console) -> None:
-    """The same job with the base in 4-bit (QLoRA) for a few steps beside step 3's LoRA run, read
-    from both run folders; then what the advisor would run for this data on GPUs it does not have
-    here: one L4, and a full fine-tune on 4 A100s, with the command that launches it."""
-    from tailor.advise import advise, pick_hardware
-    from tailor.advise.answers import load_answers
-    from tailor.advise.choose import way_of
-    from tailor.advise.estimate import GB, fmt_duration
-    from tailor.advise.report import launch_command
+def qlora_demo(job, lora_run, steps: int | None, out: Console, err: Console) -> None:
+    """The same job with the base in 4-bit (QLoRA) for a few steps, read beside step 3's LoRA run."""
     from tailor.runs import Run
     from tailor.techniques import run as run_technique
 
@@ -221,6 +215,24 @@ def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Con
               "it more than it costs a large one: QLoRA is for models that do not fit with LoRA (docs/scaling.md).",
               highlight=False, markup=False)
 
+
+def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Console) -> None:
+    """The same job with the base in 4-bit (QLoRA) beside step 3's LoRA run (a job that trains in
+    stages only says so); then what the advisor would run for this data on GPUs it does not have
+    here: one L4, and a full fine-tune on 4 A100s, with the command that launches it."""
+    from tailor.advise import advise, pick_hardware
+    from tailor.advise.answers import load_answers
+    from tailor.advise.choose import way_of
+    from tailor.advise.estimate import GB, fmt_duration
+    from tailor.advise.report import launch_command
+    from tailor.techniques import watchable
+
+    if watchable(job):
+        qlora_demo(job, lora_run, steps, out, err)
+    else:  # every stage again in 4-bit would take as long as step 3 and show nothing new
+        out.print(f"QLoRA (adapter.kind: qlora) trains every stage of a {job.technique} job with the base in 4-bit; "
+                  "`tailor quickstart` shows it beside LoRA on the single-run job.", highlight=False)
+
     a = load_answers(ANSWERS)
     for target, count, method in (("l4", 1, "auto"), ("a100-80gb", 4, "full")):
         asked = a.model_copy(update={"compute": a.compute.model_copy(update={"target": target, "count": count}),
@@ -234,6 +246,17 @@ def scale_demo(job, lora_run, profile, steps: int | None, out: Console, err: Con
                   f"{top.model.name}, {way_of(plan)}, {plan.memory.total / GB:.1f} GB per device, "
                   f"training {fmt_duration(plan.seconds)}:", highlight=False, markup=False)
         out.print(f"  {launch_command(asked)}", highlight=False, markup=False, soft_wrap=True)  # copyable: one line
+
+
+def gguf_demo(run_dir: Path, out: Console) -> None:
+    """The run as one GGUF file (q8_0) with an Ollama Modelfile: llama.cpp, Ollama, LM Studio."""
+    from tailor.serve.to_gguf import export_gguf
+
+    gguf_file = export_gguf(run_dir, "q8_0", say=lambda m: None)
+    out.print(f"Elsewhere: {gguf_file} ({gguf_file.stat().st_size / 2 ** 20:.0f} MB, q8_0) and its Modelfile run in "
+              f"llama.cpp, LM Studio and Ollama (ollama create quickstart -f {gguf_file.parent / 'Modelfile'}). "
+              f"tailor export {run_dir} --format gguf --quant q8_0 also reads it back against the run (weights, "
+              "answers, perplexity; about a minute): docs/deploy.md", highlight=False)
 
 
 def serve_demo(run_dir: Path, name: str, db: Path, out: Console) -> None:
