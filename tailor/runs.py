@@ -393,7 +393,7 @@ class Run:
         return final
 
     def remove_weights(self) -> int:
-        """Delete the run's weights (result, checkpoints, a merged export) and keep its record (job,
+        """Delete the run's weights (result, checkpoints, a merged export, GGUF files) and keep its record (job,
         metrics, evaluation, report): a sweep keeps only its best trial's. Returns the bytes freed."""
         freed = 0
         for folder in (self.adapter_dir, self.model_dir, self.checkpoints_dir, self.export_dir, self.gguf_dir):
