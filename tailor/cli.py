@@ -633,7 +633,8 @@ def sweep(
 @app.command(name="export")
 def export_(
     run_dir: Path = typer.Argument(..., help="A finished run folder (runs/NAME/RUN-ID)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="The model folder to write [default: RUN/export]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="The folder to write [default: RUN/export; with "
+                                           "--format gguf RUN/gguf]."),
     dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32 (answers exactly as the run does), "
                               "bfloat16 or float16 (half the size; a token near a tie may change), auto (the base's)."),
     check: bool = typer.Option(True, "--parity/--no-parity", help="Check that adapter, merged model and server "
