@@ -52,6 +52,8 @@ def test_the_space_is_checked_against_the_job_schema(tmp_path, sweep_job):
         read_space(_space(tmp_path, "training.learnig_rate: {log_uniform: [1.0e-4, 1.0e-2]}\n"), sweep_job)
     with pytest.raises(SpaceError, match=r"adapter.rank = 0 is not a valid value"):  # the schema's own rule
         read_space(_space(tmp_path, "adapter.rank: {categorical: [0, 4]}\n"), sweep_job)
+    with pytest.raises(SpaceError, match=r"did you mean 'adapter.rank'\?; adapter.alpha = 0 is not"):  # all at once
+        read_space(_space(tmp_path, "adapter.rnk: {int: [2, 8]}\nadapter.alpha: {categorical: [0, 8]}\n"), sweep_job)
     with pytest.raises(SpaceError, match=r"expected one of log_uniform, uniform, int, categorical"):
         read_space(_space(tmp_path, "training.epochs: {normal: [1, 3]}\n"), sweep_job)
     with pytest.raises(SpaceError, match=r"low 3 must be below high 1"):

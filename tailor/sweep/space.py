@@ -94,9 +94,7 @@ def read_space(path: str | Path, job_file: str | Path) -> list[Param]:
             params.append(_param(key, dist))
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
-    if problems:
-        raise SpaceError(f"{path}: " + "; ".join(problems))
-    problems = [p for param in params for p in _invalid_values(param, job_file)]
+    problems += [p for param in params for p in _invalid_values(param, job_file)]  # every problem at once
     if problems:
         raise SpaceError(f"{path}: " + "; ".join(problems))
     return params
