@@ -56,11 +56,7 @@ def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16") -> Path:
     model_dir, out_file = Path(model_dir), Path(out_file)
     if quant not in QUANTS:
         raise GGUFExportError(f"--quant {quant}: use one of {', '.join(QUANTS)}")
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    architecture = (config.get("architectures") or ["?"])[0]
-    if architecture not in ARCHS:
-        raise GGUFExportError(f"{model_dir}: {architecture} cannot be written as GGUF yet; supported: "
-                              + ", ".join(sorted(ARCHS)))
+    config, architecture = _supported(model_dir)
     arch = gguf.MODEL_ARCH[ARCHS[architecture]]
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -372,10 +368,12 @@ def _weights_check(model, loaded, quant: str) -> dict:
             "worst": worst}
 
 
-def _supported(model_dir: Path) -> None:
+def _supported(model_dir: Path) -> tuple[dict, str]:
+    """(config.json, its architecture) of a model folder whose architecture the writer knows."""
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     architecture = (config.get("architectures") or ["?"])[0]
     if architecture not in ARCHS:
         raise GGUFExportError(f"{model_dir}: {architecture} cannot be written as GGUF yet; supported: "
                               + ", ".join(sorted(ARCHS)) + " (tailor export without --format gguf writes a "
                               "merged transformers folder for any architecture)")
+    return config, architecture
