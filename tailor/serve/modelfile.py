@@ -37,7 +37,9 @@ def ollama_modelfile(chat_template: str, stop_tokens: Sequence[str] = (), system
     system = default if system is None else system
     stops = list(dict.fromkeys([*stop_tokens, "<|im_end|>", "<|im_start|>"]))
     if any('"' in s for s in stops) or '"""' in (system or ""):
-        raise GGUFExportError(f"{template_name}: a stop token or the system prompt contains a quote")
+        raise GGUFExportError(f"{template_name}: a stop token or the default system prompt contains a quote, which a "
+                              "Modelfile's PARAMETER/SYSTEM line cannot hold; the GGUF file is fine, write its "
+                              "Modelfile by hand (docs/deploy.md shows one)")
     lines = [f"FROM ./{gguf_file}", f'TEMPLATE """{OLLAMA_CHATML}"""']
     if system:
         lines.append(f'SYSTEM """{system}"""')
