@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 
-from tailor.sweep.study import SweepFolder, _best
+from tailor.sweep.study import SweepFolder, best_trial
 
 
 def main(path: Path) -> None:
@@ -25,7 +25,7 @@ def main(path: Path) -> None:
     print(f"{len(study.trials)} trials: {states.count('COMPLETE')} finished, {states.count('PRUNED')} pruned, "
           f"{states.count('FAIL')} failed; {seconds / 60:.1f} min of trials; base validation "
           f"{state.get('base', float('nan')):.3f}")
-    best = _best(study)
+    best = best_trial(study)
     print("| trial | settings | val gain | test ROUGE-L base → tuned | general questions base → tuned | gate | steps "
           "| seconds |")
     print("|---|---|---:|---|---|---|---:|---:|")

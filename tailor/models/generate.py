@@ -28,10 +28,11 @@ def load_run(run: Run | str | Path, dtype: str = "auto"):
     return model, load_tokenizer(str(result))
 
 
-def load_base(source: str, dtype: str = "auto"):
+def load_base(source: str, dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False):
     device = default_device()
-    resolved = resolve_model(source)
-    return load_model(resolved.path, best_dtype(dtype, device), device), load_tokenizer(resolved.path)
+    resolved = resolve_model(source, revision)
+    return (load_model(resolved.path, best_dtype(dtype, device), device, trust_remote_code),
+            load_tokenizer(resolved.path))
 
 
 def answer(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,

@@ -11,6 +11,8 @@ STATE_WORDS = {"COMPLETE": "finished", "PRUNED": "pruned", "FAIL": "failed", "RU
 
 
 def sweep_html(study, objective, params: list, folder) -> str:
+    from tailor.sweep.study import best_trial
+
     trials = study.trials
     figures = _figures(study, objective, params)
     from plotly.io import to_html
@@ -18,7 +20,7 @@ def sweep_html(study, objective, params: list, folder) -> str:
     charts = [f"<section class='chart' id='{name}'>" + to_html(fig, full_html=False, include_plotlyjs=(i == 0),
                                                               config={"displaylogo": False}) + "</section>"
               for i, (name, fig) in enumerate(figures)]
-    best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: (t.value, -t.number), default=None)
+    best = best_trial(study)
     head = (f"<h1>Sweep {html.escape(folder.path.name)}</h1><p>{len(trials)} trial(s); objective: the validation "
             f"<b>{html.escape(objective.metric)}</b> gain over the base model ({objective.base:.3f}); a trial over a "
             "retention limit of the gate ranks below every trial within them.</p>"

@@ -102,7 +102,8 @@ class Objective:
         the best checkpoint's under early stopping) and eval/summary.json (retention)."""
         from tailor.evaluate.gate import verdict
 
-        final = (run.summary() or {}).get("final_val") or {}
+        summary = run.summary() or {}
+        final = summary.get("final_val") or {}
         if final.get(self.key) is None:
             raise SweepError(f"{run.path}: its validation has no {self.key} (is training.val_generate 0, or the "
                              "validation split empty?)")
@@ -117,7 +118,7 @@ class Objective:
                 "qa_drop": retention["qa_drop"] if retention else None,
                 "perplexity_increase": retention["perplexity_increase"] if retention else None,
                 "retention_reasons": kept["reasons"] if kept else [],
-                "test_gain": test_gain, "steps": (run.summary() or {}).get("steps"),
+                "test_gain": test_gain, "steps": summary.get("steps"),
                 "value": gain - (RETENTION_PENALTY if passed is False else 0.0)}
 
 
@@ -228,8 +229,8 @@ def sweep(job_file: str | Path, space_file: str | Path, out: str | Path | None =
     # 5. The study: resumed from study.db; a trial the last sweep left running continues its run.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="sweep", storage=folder.storage_url, direction="maximize",
-                                load_if_exists=True, sampler=_sampler(job, trials, folder),
-                                pruner=_pruner(pruner))
+                                load_if_exists=True, pruner=_pruner(pruner))
+    study.sampler = _sampler(job, trials, len(study.trials))
     _resume_interrupted(study, folder, say)
     if not study.trials:
         start = {p.key: _job_value(job, p.key) for p in params}
@@ -256,8 +257,8 @@ def sweep(job_file: str | Path, space_file: str | Path, out: str | Path | None =
 
     # 7. The best trial: its job as best.yaml, and (--keep best) only its weights kept.
     result = {"folder": folder.path, "best": None, "trials": _finished(study)}
-    if _finished(study) >= trials:
-        best = _best(study)
+    if result["trials"] >= trials:
+        best = best_trial(study)
         if best is not None:
             result["best"] = best.number
             _write_best_job(folder, job_file, best, objective, params, say)
@@ -333,7 +334,7 @@ def base_validation(job: Job, metric: str) -> float:
 
     from tailor.data.chat import with_instructions
     from tailor.evaluate.run import answered
-    from tailor.models import best_dtype, default_device, load_model, load_tokenizer, resolve_model
+    from tailor.models.generate import load_base
     from tailor.techniques.common import read_data, validation_scorer
     from tailor.train.loss import answer_loss
 
@@ -344,13 +345,9 @@ def base_validation(job: Job, metric: str) -> float:
         raise SweepError(f"{', '.join(map(str, job.data.train))}: no validation conversations to score trials on; "
                          "give data.validation, a prepared folder with a validation split, or "
                          "data.validation_fraction above 0")
-    resolved = resolve_model(job.model.base, job.model.revision)
-    tokenizer = load_tokenizer(resolved.path)
-    device = default_device()
-    dtype = best_dtype(job.model.dtype, device)
-    model = load_model(resolved.path, dtype, device, job.model.trust_remote_code)
+    model, tokenizer = load_base(job.model.base, job.model.dtype, job.model.revision, job.model.trust_remote_code)
     model.eval()
-    bf16 = dtype == torch.bfloat16
+    bf16 = next(model.parameters()).dtype == torch.bfloat16  # as training chooses it: best_dtype(model.dtype)
     if metric == "token_accuracy":
         return answer_loss(model, tokenizer, [t["messages"] for t in answered(val_raw)], job.training.max_seq_len,
                            bf16=bf16).token_accuracy
@@ -397,17 +394,11 @@ def _prepare_once(job: Job, folder: SweepFolder, say) -> None:
             say=lambda m: None, review=review)
 
 
-def _sampler(job: Job, trials: int, folder: SweepFolder):
-    """TPE, seeded from the job's seed and how many trials the study already has: a resumed sweep
-    draws new settings instead of the ones its first start drew."""
+def _sampler(job: Job, trials: int, done: int):
+    """TPE, seeded from the job's seed and how many trials the study already has (`done`): a
+    resumed sweep draws new settings instead of the ones its first start drew."""
     import optuna
 
-    done = 0
-    if folder.study_db.exists():
-        try:
-            done = len(optuna.load_study(study_name="sweep", storage=folder.storage_url).trials)
-        except KeyError:  # the file exists, the study not yet
-            done = 0
     return optuna.samplers.TPESampler(seed=job.training.seed + done,
                                       n_startup_trials=max(3, min(10, trials // 3)))
 
@@ -450,7 +441,8 @@ def _finished(study) -> int:
                for t in study.trials)
 
 
-def _best(study):
+def best_trial(study):
+    """The finished trial with the highest objective (the earliest among equals), or None."""
     import optuna
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -22,15 +22,15 @@ def run(job, resume: bool = False, console=None, show_progress: bool = True, wat
     row (tailor/sweep), for a recipe in WATCHABLE or transfer without domain text."""
     from tailor.techniques import behavioral, multitask, preference, sequential, task, transfer
 
-    if watch is not None:
-        if not watchable(job):
-            raise ValueError(f"technique {job.technique} runs in stages: it cannot be watched")
-        recipe = {"task": task.run, "transfer": task.run, "multitask": multitask.run,
-                  "preference": preference.run}[job.technique]
-        return recipe(job, resume=resume, console=console, show_progress=show_progress, watch=watch)
     recipe = {"task": task.run, "transfer": transfer.run, "multitask": multitask.run, "sequential": sequential.run,
               "behavioral": behavioral.run, "preference": preference.run}[job.technique]
-    return recipe(job, resume=resume, console=console, show_progress=show_progress)
+    if watch is None:
+        return recipe(job, resume=resume, console=console, show_progress=show_progress)
+    if not watchable(job):
+        raise ValueError(f"technique {job.technique} runs in stages: it cannot be watched")
+    if job.technique == "transfer":
+        recipe = task.run  # without domain text, transfer is one run of the task recipe
+    return recipe(job, resume=resume, console=console, show_progress=show_progress, watch=watch)
 
 
 def watchable(job) -> bool:
